@@ -1,0 +1,13 @@
+"""lightning_align: see and control feature learning while a model trains.
+
+Measurement callbacks (alignment, sharpness, NTK, effective learning rates, rank) and parametrizations
+(μP, depth-μP, CompleteP, branch scaling, orthogonal init) for PyTorch Lightning. The pure math lives in
+:mod:`lightning_align.measure` and works without Lightning.
+"""
+
+from lightning_align import measure
+from lightning_align.callbacks import MeasurementCallback, RankMonitor
+
+__version__ = "0.1.0"
+
+__all__ = ["MeasurementCallback", "RankMonitor", "measure", "__version__"]

@@ -1,0 +1,6 @@
+"""Lightning callbacks: one public class per file, all configurable from LightningCLI YAML."""
+
+from lightning_align.callbacks.base import MeasurementCallback
+from lightning_align.callbacks.rank import RankMonitor
+
+__all__ = ["MeasurementCallback", "RankMonitor"]

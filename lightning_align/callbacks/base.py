@@ -1,0 +1,242 @@
+"""MeasurementCallback: the one place that holds probe hygiene for every measurement callback.
+
+A subclass says *what* to measure by implementing :meth:`MeasurementCallback.measure`; this base
+decides *when* (a :class:`~lightning_align.schedules.StepSchedule` on ``trainer.global_step``), *on what*
+(a fixed probe batch drawn once, seeded, detached, fp32), *how safely* (:meth:`probe_context`: the
+unwrapped module, original forward of a compiled module, autocast off, grad on, train/eval flags,
+BatchNorm buffers, ``.grad`` and every RNG stream restored), and *where results go* (every attached
+logger; TensorBoard histograms/figures).
+
+Hook order used (see ``reference/lightning-conventions.md``):
+
+- ``on_fit_start``: :meth:`validate` (bad module names etc. fail here, before any optimizer step);
+- ``on_train_start``: probe batch drawn; measurement at step 0 (before training);
+- ``on_before_optimizer_step``: :meth:`before_step` when the step about to happen is scheduled
+  (to snapshot weights before the update);
+- ``on_train_batch_end``: :meth:`measure` after each scheduled optimizer step (once per step, also
+  under gradient accumulation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_align.callbacks.probe import ProbeLoss, ProbeOutputs, draw_probe_batch, prepare_probe_batch
+from lightning_align.logging import log_scalars
+from lightning_align.measure.state import preserved_state
+from lightning_align.schedules import ScheduleName, StepSchedule
+
+BatchNormMode = Literal["train", "eval"]
+_NORM_WITH_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+class MeasurementCallback(Callback):
+    """Base class of the measurement callbacks.
+
+    Subclasses implement :meth:`measure` (and optionally :meth:`validate`, :meth:`before_step`,
+    :meth:`extra_state` / :meth:`load_extra_state`). Inside :meth:`measure` the model is in the probe
+    state: dropout off, BatchNorm in batch-statistics mode (``bn_mode="train"``) or running-statistics
+    mode (``bn_mode="eval"``), autocast off, gradients enabled; everything is restored afterwards.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps, and once before training (step 0).
+        schedule: ``"linear"`` (multiples of ``every_n_steps``) or ``"log"`` (also 1, 2, 4, ... below it).
+        probe_size: number of training samples in the fixed probe batch (split over ranks under DDP).
+        probe_seed: seed that picks the probe samples.
+        bn_mode: BatchNorm during probes: ``"train"`` uses batch statistics (the objective being
+            optimized; running buffers are restored), ``"eval"`` uses running statistics.
+        dropout: keep dropout active during probes (off by default, so the probed function is deterministic).
+
+    Example::
+
+        class WeightNorm(MeasurementCallback):
+            family = "norm"
+
+            def measure(self, trainer, pl_module, batch):
+                return {"norm/weights": sum(p.norm() ** 2 for p in pl_module.parameters()) ** 0.5}
+    """
+
+    family: ClassVar[str] = "measure"
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        schedule: ScheduleName = "linear",
+        probe_size: int = 256,
+        probe_seed: int = 0,
+        bn_mode: BatchNormMode = "train",
+        dropout: bool = False,
+    ) -> None:
+        self.schedule = StepSchedule(every_n_steps=every_n_steps, schedule=schedule)
+        if not isinstance(probe_size, int) or probe_size < 1:
+            raise ValueError(f"{type(self).__name__}: probe_size must be a positive int, got {probe_size!r}")
+        if bn_mode not in ("train", "eval"):
+            raise ValueError(f"{type(self).__name__}: bn_mode must be 'train' or 'eval', got {bn_mode!r}")
+        self.every_n_steps = every_n_steps
+        self.probe_size = probe_size
+        self.probe_seed = probe_seed
+        self.bn_mode = bn_mode
+        self.dropout = dropout
+        self.probe_batch: Any = None
+        self._explicit_probe: Any = None
+        self.last_step = -1
+
+    # ----------------------------------------------------------------------------------------------
+    # What subclasses implement
+    # ----------------------------------------------------------------------------------------------
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check arguments against the model; raise a clear error naming the culprit. Runs at fit start."""
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
+        """Measure on the probe batch and return scalars ``{tag: value}`` to log (may log more itself)."""
+        raise NotImplementedError
+
+    def before_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called just before a scheduled optimizer step (e.g. to snapshot weights). No probe context."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """State beyond the step counter that must survive a resume."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    # ----------------------------------------------------------------------------------------------
+    # Probe protocol
+    # ----------------------------------------------------------------------------------------------
+    def set_probe_batch(self, batch: Any) -> None:
+        """Use this batch as the probe instead of drawing one from the training data."""
+        self._explicit_probe = batch
+
+    @contextlib.contextmanager
+    def probe_context(self, pl_module: nn.Module) -> Iterator[None]:
+        """Run a probe on ``pl_module`` with no side effect on training.
+
+        Inside: grad enabled (also under ``trainer.validate``'s inference mode), autocast off, dropout off
+        (unless ``dropout=True``), BatchNorm per ``bn_mode``, the original (uncompiled) ``forward`` and
+        ``training_step``. On exit: flags, buffers, ``.grad``, RNG streams and methods restored.
+        """
+        device_type = _device_type(pl_module)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(preserved_state(pl_module))
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            stack.enter_context(_uncompiled(pl_module))
+            self._set_probe_modes(pl_module)
+            yield
+
+    def _set_probe_modes(self, pl_module: nn.Module) -> None:
+        for m in pl_module.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.train(self.dropout)
+            elif isinstance(m, _NORM_WITH_STATS):
+                m.train(self.bn_mode == "train")
+
+    def probe_loss_model(self, pl_module: pl.LightningModule) -> ProbeLoss:
+        """``nn.Module`` with ``forward(batch) -> loss`` (see :mod:`lightning_align.callbacks.probe`)."""
+        return ProbeLoss(pl_module)
+
+    def probe_outputs_model(self, pl_module: pl.LightningModule) -> ProbeOutputs:
+        """``nn.Module`` with ``forward(batch) -> outputs``."""
+        return ProbeOutputs(pl_module)
+
+    def all_reduce_mean(self, trainer: pl.Trainer, value: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (identity in a single process); a copy, the input is not changed."""
+        if trainer.world_size == 1:
+            return value
+        return trainer.strategy.reduce(value.clone(), reduce_op="mean")
+
+    # ----------------------------------------------------------------------------------------------
+    # Lightning hooks
+    # ----------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validate(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._capture_probe(trainer, pl_module)
+        step = trainer.global_step
+        if step > self.last_step and self.schedule.is_due(step):
+            self._run(trainer, pl_module)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.schedule.is_due(trainer.global_step + 1):
+            self.before_step(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step > self.last_step and self.schedule.is_due(step):
+            self._run(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, **self.extra_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        self.last_step = int(state.pop("last_step", -1))
+        self.load_extra_state(state)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, probe_size=self.probe_size)
+
+    # ----------------------------------------------------------------------------------------------
+    # Internals
+    # ----------------------------------------------------------------------------------------------
+    def _capture_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe_batch is not None:
+            return
+        if self._explicit_probe is not None:
+            raw = self._explicit_probe
+        else:
+            raw = draw_probe_batch(
+                trainer.train_dataloader, self.probe_size, self.probe_seed, trainer.global_rank, trainer.world_size
+            )
+        self.probe_batch = prepare_probe_batch(raw, pl_module.device)
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe_batch is None:
+            self._capture_probe(trainer, pl_module)
+        # Lightning hands callbacks the LightningModule itself, never the DDP/FSDP wrapper.
+        with self.probe_context(pl_module):
+            metrics = self.measure(trainer, pl_module, self.probe_batch)
+        if metrics:
+            log_scalars(trainer, metrics)
+        self.last_step = trainer.global_step
+
+
+def _device_type(module: nn.Module) -> str:
+    for p in module.parameters():
+        return p.device.type
+    return "cpu"
+
+
+@contextlib.contextmanager
+def _uncompiled(pl_module: nn.Module) -> Iterator[None]:
+    """Swap in the original ``forward``/``training_step`` of a module compiled by ``torch.compile``."""
+    ctx = getattr(pl_module, "_compiler_ctx", None)
+    if not ctx:
+        yield
+        return
+    saved = {name: pl_module.__dict__.get(name) for name in ("forward", "training_step")}
+    pl_module.forward = ctx["original_forward"]
+    pl_module.training_step = ctx["original_training_step"]
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                pl_module.__dict__.pop(name, None)
+            else:
+                setattr(pl_module, name, value)

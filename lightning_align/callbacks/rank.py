@@ -1,0 +1,126 @@
+"""RankMonitor: weight spectra and representation rank during training (bottleneck structure, seed 002)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
+from lightning_align.logging import log_histogram, tag
+from lightning_align.measure.modules import WEIGHT_LAYER_TYPES, captured_outputs, select_modules
+from lightning_align.measure.rank import jacobian_rank, representation_ranks, weight_spectrum
+from lightning_align.schedules import ScheduleName
+from lightning_align.callbacks.probe import batch_inputs
+
+
+class RankMonitor(MeasurementCallback):
+    """Singular values, stable rank and near-one counts of weights; effective rank of representations.
+
+    Deep L2-regularized nets develop a *bottleneck*: middle weights get a few singular values near 1
+    and middle representations become low-dimensional (Jacot 2023). This callback shows it per layer.
+
+    Logged, per weight (``<layer>`` is the module name; conv weights are reshaped to ``(out, in·k·k)``):
+    ``rank/weight_stable/<layer>``, ``rank/weight_above/<layer>`` (singular values > ``threshold``),
+    ``rank/weight_near_one/<layer>`` (``|s-1| <= near_one_tol``), ``rank/weight_fro_sq/<layer>``, and the
+    spectrum as the TensorBoard histogram ``rank/singular_values/<layer>``. Per representation layer, on
+    the probe batch (centred): ``rank/repr_effective/<layer>`` (entropy rank),
+    ``rank/repr_participation/<layer>``, ``rank/repr_numerical/<layer>``. With ``jacobian_points > 0``:
+    ``rank/jacobian_numerical`` and ``rank/jacobian_logdet`` (mean over points).
+
+    Cost: one SVD per weight and one forward plus one SVD per representation layer, every ``every_n_steps``.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (and at step 0).
+        weights: module names or regexes whose ``weight`` is analysed (default: every Linear/Conv/Embedding).
+        layers: module names or regexes whose outputs are the representations (default: same as weights).
+        threshold: singular values above it count in ``weight_above``.
+        near_one_tol: tolerance of ``weight_near_one``.
+        repr_tol: relative tolerance of the numerical rank.
+        jacobian_points: number of probe inputs for the input-output Jacobian rank (0 = off).
+        histograms: log singular-value histograms to TensorBoard.
+        schedule, probe_size, probe_seed, bn_mode: see :class:`MeasurementCallback`.
+
+    Example::
+
+        trainer = Trainer(callbacks=[RankMonitor(every_n_steps=50, layers=[r"hidden\\.\\d+"])])
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_align.RankMonitor
+              init_args: {every_n_steps: 50}
+    """
+
+    family = "rank"
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        weights: list[str] | None = None,
+        layers: list[str] | None = None,
+        threshold: float = 0.5,
+        near_one_tol: float = 0.25,
+        repr_tol: float = 1e-3,
+        jacobian_points: int = 0,
+        histograms: bool = True,
+        schedule: ScheduleName = "linear",
+        probe_size: int = 256,
+        probe_seed: int = 0,
+        bn_mode: BatchNormMode = "eval",
+    ) -> None:
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode)
+        if threshold <= 0 or near_one_tol <= 0 or repr_tol <= 0:
+            raise ValueError("RankMonitor: threshold, near_one_tol and repr_tol must be positive")
+        if jacobian_points < 0:
+            raise ValueError(f"RankMonitor: jacobian_points must be >= 0, got {jacobian_points}")
+        self.weights = weights
+        self.layers = layers
+        self.threshold = threshold
+        self.near_one_tol = near_one_tol
+        self.repr_tol = repr_tol
+        self.jacobian_points = jacobian_points
+        self.histograms = histograms
+        self._weight_modules: dict[str, torch.nn.Module] = {}
+        self._repr_modules: dict[str, torch.nn.Module] = {}
+
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        weights = select_modules(pl_module, self.weights, WEIGHT_LAYER_TYPES, owner="RankMonitor(weights=...)")
+        missing = [n for n, m in weights.items() if not _has_matrix_weight(m)]
+        if missing:
+            raise ValueError(f"RankMonitor(weights=...): modules {missing} have no 2-D or higher `weight` to analyse")
+        self._weight_modules = weights
+        self._repr_modules = select_modules(pl_module, self.layers, WEIGHT_LAYER_TYPES, owner="RankMonitor(layers=...)")
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
+        metrics: dict[str, float] = {}
+        for name, module in self._weight_modules.items():
+            spec = weight_spectrum(module.weight, threshold=self.threshold, near_one_tol=self.near_one_tol)
+            metrics[tag("rank", "weight_stable", name)] = spec.stable_rank
+            metrics[tag("rank", "weight_above", name)] = spec.count_above
+            metrics[tag("rank", "weight_near_one", name)] = spec.count_near_one
+            metrics[tag("rank", "weight_fro_sq", name)] = spec.frobenius_sq
+            if self.histograms:
+                log_histogram(trainer, tag("rank", "singular_values", name), spec.singular_values)
+        model = self.probe_outputs_model(pl_module)
+        with torch.no_grad(), captured_outputs(self._repr_modules) as features:
+            model(batch)
+        for name in self._repr_modules:
+            ranks = representation_ranks(features[name].float(), tol=self.repr_tol)
+            metrics[tag("rank", "repr_effective", name)] = ranks.effective_rank
+            metrics[tag("rank", "repr_participation", name)] = ranks.participation_ratio
+            metrics[tag("rank", "repr_numerical", name)] = ranks.numerical_rank
+        if self.jacobian_points:
+            points = batch_inputs(batch)[: self.jacobian_points]
+            ranks_j, logdets = jacobian_rank(pl_module, points, tol=self.repr_tol)
+            metrics["rank/jacobian_numerical"] = sum(ranks_j) / len(ranks_j)
+            metrics["rank/jacobian_logdet"] = sum(logdets) / len(logdets)
+        return metrics
+
+
+def _has_matrix_weight(module: torch.nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and w.ndim >= 2

@@ -1,0 +1,32 @@
+"""Pure-PyTorch measurements (no Lightning import): the math behind every callback.
+
+Each function takes ``(model, loss_fn, batch)`` or ``(model, inputs)`` and leaves the model exactly as it
+found it (parameters, buffers, ``.grad``, flags, RNG).
+"""
+
+from lightning_align.measure.rank import (
+    effective_rank,
+    jacobian_rank,
+    numerical_rank,
+    participation_ratio,
+    representation_ranks,
+    singular_values,
+    stable_rank,
+    weight_matrix,
+    weight_spectrum,
+)
+from lightning_align.measure.state import preserved_rng, preserved_state
+
+__all__ = [
+    "effective_rank",
+    "jacobian_rank",
+    "numerical_rank",
+    "participation_ratio",
+    "preserved_rng",
+    "preserved_state",
+    "representation_ranks",
+    "singular_values",
+    "stable_rank",
+    "weight_matrix",
+    "weight_spectrum",
+]

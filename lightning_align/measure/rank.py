@@ -1,0 +1,170 @@
+"""Rank of weights and representations (seed 002, bottleneck structure).
+
+Deep L2-regularized networks learn low-dimensional inner representations: middle-layer weights get a
+few singular values near 1 and the rest near 0, and the representations there become nearly
+latent-dimensional (Jacot, arXiv 2305.19008). These functions summarise spectra for that picture.
+
+Definitions (``s`` are singular values, largest first):
+
+- stable rank ``‖W‖_F² / ‖W‖_2² = Σ s² / s_1²``;
+- effective rank ``exp(H(p))`` with ``p = s / Σ s`` (Roy & Vetterli's entropy rank);
+- participation ratio ``(Σ s²)² / Σ s⁴``;
+- numerical rank ``#{s_i > tol · s_1}``.
+
+Representations are centred over samples before their SVD (a constant offset is not a direction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A weight as a matrix: ``(out, in)`` for linear, ``(out, in·kernel)`` for conv, as is for 2-D."""
+    if weight.ndim < 2:
+        raise ValueError(f"a weight matrix needs at least 2 dimensions, got shape {tuple(weight.shape)}")
+    return weight.detach().reshape(weight.shape[0], -1)
+
+
+def singular_values(x: torch.Tensor) -> torch.Tensor:
+    """Singular values (float64 for accuracy, largest first) of a matrix or a reshaped weight."""
+    return torch.linalg.svdvals(weight_matrix(x).double())
+
+
+def stable_rank(w: torch.Tensor) -> float:
+    """Stable rank ``‖W‖_F² / ‖W‖_2²`` (0 for a zero matrix).
+
+    Example:
+        >>> stable_rank(torch.eye(4))
+        4.0
+    """
+    s = singular_values(w)
+    top = s[0] ** 2
+    return float((s**2).sum() / top) if top > 0 else 0.0
+
+
+def effective_rank(x: torch.Tensor, *, center: bool = False) -> float:
+    """Entropy effective rank ``exp(-Σ p log p)``, ``p = s / Σ s`` (0 for a zero matrix).
+
+    Args:
+        x: a matrix (rows = samples for representations) or a weight tensor.
+        center: subtract the mean row first (use for representations).
+
+    Example:
+        >>> round(effective_rank(torch.diag(torch.tensor([1.0, 1.0, 0.0]))), 6)
+        2.0
+    """
+    s = singular_values(_centered(x) if center else x)
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def participation_ratio(x: torch.Tensor, *, center: bool = False) -> float:
+    """Participation ratio ``(Σ s²)² / Σ s⁴`` of the spectrum (0 for a zero matrix)."""
+    s2 = singular_values(_centered(x) if center else x) ** 2
+    denom = (s2**2).sum()
+    return float(s2.sum() ** 2 / denom) if denom > 0 else 0.0
+
+
+def numerical_rank(x: torch.Tensor, *, tol: float = 1e-3, center: bool = False) -> int:
+    """Number of singular values above ``tol`` times the largest."""
+    s = singular_values(_centered(x) if center else x)
+    if s.numel() == 0 or s[0] <= 0:
+        return 0
+    return int((s > tol * s[0]).sum())
+
+
+def _centered(x: torch.Tensor) -> torch.Tensor:
+    m = weight_matrix(x)
+    return m - m.mean(dim=0, keepdim=True)
+
+
+@dataclass(frozen=True)
+class WeightSpectrum:
+    """Summary of one weight's singular values."""
+
+    singular_values: torch.Tensor
+    stable_rank: float
+    count_above: int
+    count_near_one: int
+    frobenius_sq: float
+
+
+def weight_spectrum(weight: torch.Tensor, *, threshold: float = 0.5, near_one_tol: float = 0.25) -> WeightSpectrum:
+    """Singular values of a weight and the bottleneck summaries of Jacot's theorem.
+
+    Args:
+        weight: a linear or conv weight.
+        threshold: count singular values above this (≈0.5 separates the O(1) from the O(L^-1/2) ones).
+        near_one_tol: count singular values with ``|s - 1| <= near_one_tol``.
+    """
+    s = singular_values(weight)
+    fro_sq = float((s**2).sum())
+    top = float(s[0] ** 2) if s.numel() else 0.0
+    return WeightSpectrum(
+        singular_values=s,
+        stable_rank=fro_sq / top if top > 0 else 0.0,
+        count_above=int((s > threshold).sum()),
+        count_near_one=int(((s - 1).abs() <= near_one_tol).sum()),
+        frobenius_sq=fro_sq,
+    )
+
+
+@dataclass(frozen=True)
+class RepresentationRanks:
+    """Rank estimators of one representation matrix (samples × features, centred)."""
+
+    effective_rank: float
+    participation_ratio: float
+    numerical_rank: int
+    singular_values: torch.Tensor
+
+
+def representation_ranks(features: torch.Tensor, *, tol: float = 1e-3) -> RepresentationRanks:
+    """Effective rank, participation ratio and numerical rank of centred features ``(n, ...)``.
+
+    Example:
+        >>> z = torch.randn(100, 2) @ torch.randn(2, 16)  # 2-dimensional data in 16 dimensions
+        >>> representation_ranks(z).numerical_rank
+        2
+    """
+    if features.ndim < 2 or features.shape[0] < 2:
+        raise ValueError(f"representations need at least 2 samples, got shape {tuple(features.shape)}")
+    z = _centered(features.reshape(features.shape[0], -1))
+    s = singular_values(z)
+    total, s2 = s.sum(), s**2
+    p = (s / total)[s > 0] if total > 0 else s[:0]
+    return RepresentationRanks(
+        effective_rank=float(torch.exp(-(p * p.log()).sum())) if p.numel() else 0.0,
+        participation_ratio=float(s2.sum() ** 2 / (s2**2).sum()) if total > 0 else 0.0,
+        numerical_rank=int((s > tol * s[0]).sum()) if total > 0 else 0,
+        singular_values=s,
+    )
+
+
+def jacobian_rank(model: nn.Module, inputs: torch.Tensor, *, tol: float = 1e-3, k: int | None = None) -> tuple[list[int], list[float]]:
+    """Numerical rank of the input-output Jacobian at each input, and ``2·Σ_{i≤k} log s_i``.
+
+    The rank estimates the bottleneck rank ``R^(0)``; the log pseudo-determinant over the top ``k``
+    (default: the numerical rank) is the lower-bound proxy of ``R^(1)`` in seed 002.
+
+    Args:
+        model: maps a batch of inputs to outputs, sample-wise (no cross-sample operations).
+        inputs: a few probe inputs ``(n, ...)``.
+    """
+    ranks, logdets = [], []
+    for x in inputs:
+        jac = torch.func.jacrev(lambda z: model(z.unsqueeze(0)).squeeze(0))(x)
+        s = singular_values(jac.reshape(jac.shape[0] if jac.ndim > x.ndim else 1, -1))
+        rank = int((s > tol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+        top = s[: (k if k is not None else rank)]
+        ranks.append(rank)
+        logdets.append(float(2 * top.log().sum()) if top.numel() else 0.0)
+    return ranks, logdets
