@@ -64,6 +64,9 @@ class MeasurementCallback(Callback):
     """
 
     family: ClassVar[str] = "measure"
+    #: Split the probe over ranks under DDP (sum-decomposable quantities reduce their results with
+    #: :meth:`all_reduce_mean`). ``False``: every rank measures the whole probe (e.g. kernels).
+    shard_probe: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -200,9 +203,8 @@ class MeasurementCallback(Callback):
         if self._explicit_probe is not None:
             raw = self._explicit_probe
         else:
-            raw = draw_probe_batch(
-                trainer.train_dataloader, self.probe_size, self.probe_seed, trainer.global_rank, trainer.world_size
-            )
+            rank, world = (trainer.global_rank, trainer.world_size) if self.shard_probe else (0, 1)
+            raw = draw_probe_batch(trainer.train_dataloader, self.probe_size, self.probe_seed, rank, world)
         self.probe_batch = prepare_probe_batch(raw, pl_module.device)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
