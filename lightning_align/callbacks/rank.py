@@ -39,7 +39,8 @@ class RankMonitor(MeasurementCallback):
         threshold: singular values above it count in ``weight_above``.
         near_one_tol: tolerance of ``weight_near_one``.
         repr_tol: relative tolerance of the numerical rank.
-        jacobian_points: number of probe inputs for the input-output Jacobian rank (0 = off).
+        jacobian_points: number of probe inputs for the input-output Jacobian rank (0 = off); computed
+            with BatchNorm running statistics, since a per-sample Jacobian needs a sample-wise function.
         histograms: log singular-value histograms to TensorBoard.
         schedule, probe_size, probe_seed, bn_mode: see :class:`MeasurementCallback`.
 
@@ -114,6 +115,9 @@ class RankMonitor(MeasurementCallback):
             metrics[tag("rank", "repr_participation", name)] = ranks.participation_ratio
             metrics[tag("rank", "repr_numerical", name)] = ranks.numerical_rank
         if self.jacobian_points:
+            for m in pl_module.modules():  # per-sample Jacobians: running statistics (restored after the probe)
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
             points = batch_inputs(batch)[: self.jacobian_points]
             ranks_j, logdets = jacobian_rank(pl_module, points, tol=self.repr_tol)
             metrics["rank/jacobian_numerical"] = sum(ranks_j) / len(ranks_j)

@@ -69,6 +69,11 @@ def select_modules(
     return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
 
 
+def train_mode_batchnorms(model: nn.Module) -> list[str]:
+    """Names of BatchNorm layers in training mode (they mix samples and update buffers)."""
+    return [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+
 def first_tensor(output: object) -> torch.Tensor:
     """The tensor a module produced (the first one for tuple outputs, e.g. attention)."""
     if isinstance(output, torch.Tensor):

@@ -156,9 +156,18 @@ def jacobian_rank(model: nn.Module, inputs: torch.Tensor, *, tol: float = 1e-3, 
     (default: the numerical rank) is the lower-bound proxy of ``R^(1)`` in seed 002.
 
     Args:
-        model: maps a batch of inputs to outputs, sample-wise (no cross-sample operations).
+        model: maps a batch of inputs to outputs, sample-wise (no cross-sample operations: BatchNorm
+            must be in eval mode).
         inputs: a few probe inputs ``(n, ...)``.
     """
+    from lightning_align.measure.modules import train_mode_batchnorms
+
+    mixing = train_mode_batchnorms(model)
+    if mixing:
+        raise ValueError(
+            f"jacobian_rank needs a sample-wise model, but BatchNorm layers {mixing} are in training mode "
+            "(batch statistics mix samples): call model.eval() first to use running statistics."
+        )
     ranks, logdets = [], []
     for x in inputs:
         jac = torch.func.jacrev(lambda z: model(z.unsqueeze(0)).squeeze(0))(x)

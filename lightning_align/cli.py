@@ -1,0 +1,50 @@
+"""The ``lightning-align`` command: LightningCLI with every model, data module and callback of the suite.
+
+Usage::
+
+    lightning-align fit --config configs/quickstart.yaml
+    lightning-align fit --config configs/quickstart.yaml --trainer.max_epochs 5
+    lightning-align fit --model MLP --data DigitsDataModule --trainer.callbacks+=RankMonitor
+
+Models and data modules are chosen in subclass mode (``class_path`` in YAML, or a short class name);
+the config is saved next to the logs (``config.yaml``, overwritten on re-runs); the logger is
+TensorBoard (``lightning_logs/version_N``) unless the config says otherwise.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+import example_modules  # noqa: F401  (registers the example classes for short names)
+import lightning_align.callbacks  # noqa: F401  (registers the callbacks for short names)
+
+
+def _tensorboard_logger() -> dict:
+    return {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
+    }
+
+
+def build_cli(args: ArgsType = None, run: bool = True) -> LightningCLI:
+    """Parse ``args`` (a list of strings; ``None`` reads ``sys.argv``), build everything and run the subcommand."""
+    return LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"logger": _tensorboard_logger()},
+        args=args,
+        run=run,
+    )
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``lightning-align`` console script."""
+    build_cli(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
