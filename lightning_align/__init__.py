@@ -6,8 +6,15 @@ Measurement callbacks (alignment, sharpness, NTK, effective learning rates, rank
 """
 
 from lightning_align import measure
-from lightning_align.callbacks import MeasurementCallback, RankMonitor
+from lightning_align.callbacks import FeatureAlignment, FeatureSpeedControl, MeasurementCallback, RankMonitor
 
 __version__ = "0.1.0"
 
-__all__ = ["MeasurementCallback", "RankMonitor", "measure", "__version__"]
+__all__ = [
+    "FeatureAlignment",
+    "FeatureSpeedControl",
+    "MeasurementCallback",
+    "RankMonitor",
+    "measure",
+    "__version__",
+]

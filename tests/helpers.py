@@ -6,7 +6,7 @@ test states only what differs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -57,15 +57,23 @@ def tiny_loader(n: int = 64, in_features: int = 8, num_classes: int = 3, batch_s
 
 def fit(
     callbacks: Sequence[Callback] = (),
-    module: pl.LightningModule | None = None,
+    module: pl.LightningModule | Callable[[], pl.LightningModule] | None = None,
     loader: DataLoader | None = None,
     max_steps: int = 6,
     seed: int = 0,
+    ckpt_path: str | None = None,
     **trainer_kwargs: Any,
 ) -> tuple[pl.LightningModule, pl.Trainer]:
-    """Seeded fit on CPU with no logger, progress bar or checkpoints (unless given)."""
+    """Seeded fit on CPU with no logger, progress bar or checkpoints (unless given).
+
+    ``module`` may be a factory (e.g. a class): it is then built after seeding, so two runs start from
+    the same weights. A module instance is used as is.
+    """
     pl.seed_everything(seed, verbose=False)
-    module = module if module is not None else TinyClassifier()
+    if module is None:
+        module = TinyClassifier()
+    elif not isinstance(module, pl.LightningModule):
+        module = module()
     loader = loader if loader is not None else tiny_loader()
     kwargs: dict[str, Any] = dict(
         max_steps=max_steps,
@@ -79,7 +87,7 @@ def fit(
     )
     kwargs.update(trainer_kwargs)
     trainer = pl.Trainer(callbacks=list(callbacks), **kwargs)
-    trainer.fit(module, loader)
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
     return module, trainer
 
 

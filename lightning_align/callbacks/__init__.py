@@ -1,6 +1,8 @@
 """Lightning callbacks: one public class per file, all configurable from LightningCLI YAML."""
 
+from lightning_align.callbacks.alignment import FeatureAlignment
 from lightning_align.callbacks.base import MeasurementCallback
+from lightning_align.callbacks.feature_speed_control import FeatureSpeedControl
 from lightning_align.callbacks.rank import RankMonitor
 
-__all__ = ["MeasurementCallback", "RankMonitor"]
+__all__ = ["FeatureAlignment", "FeatureSpeedControl", "MeasurementCallback", "RankMonitor"]

@@ -26,48 +26,8 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_align.measure.batch import batch_inputs, batch_size_of, batch_targets
 from lightning_align.measure.state import floating_to, map_tensors, preserved_rng
-
-_INPUT_KEYS = ("x", "input", "inputs")
-_TARGET_KEYS = ("y", "target", "targets", "label", "labels")
-
-
-def batch_inputs(batch: Any) -> Any:
-    """The model inputs of a batch (``batch[0]`` or ``batch["x"]``-like)."""
-    return _batch_part(batch, 0, _INPUT_KEYS, "inputs")
-
-
-def batch_targets(batch: Any) -> Any:
-    """The targets of a batch (``batch[1]`` or ``batch["y"]``-like)."""
-    return _batch_part(batch, 1, _TARGET_KEYS, "targets")
-
-
-def _batch_part(batch: Any, index: int, keys: tuple[str, ...], what: str) -> Any:
-    if isinstance(batch, (tuple, list)) and len(batch) > index:
-        return batch[index]
-    if isinstance(batch, Mapping):
-        for k in keys:
-            if k in batch:
-                return batch[k]
-    raise TypeError(
-        f"cannot find the {what} in a probe batch of type {type(batch).__name__}: expected a tuple/list "
-        f"(inputs, targets, ...) or a mapping with one of the keys {list(keys)}; or define "
-        f"`probe_loss(batch)` / `probe_outputs(batch)` on your LightningModule."
-    )
-
-
-def batch_size_of(batch: Any) -> int:
-    """Number of samples in a batch (leading dimension of its first tensor)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.ndim else 1
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (tuple, list)):
-        for part in batch:
-            if isinstance(part, (torch.Tensor, tuple, list, Mapping)):
-                return batch_size_of(part)
-    raise TypeError(f"cannot find a tensor in a probe batch of type {type(batch).__name__}")
-
 
 def extract_loss(output: Any, where: str) -> torch.Tensor:
     """The scalar loss from what ``training_step`` returned."""

@@ -4,6 +4,8 @@ Each function takes ``(model, loss_fn, batch)`` or ``(model, inputs)`` and leave
 found it (parameters, buffers, ``.grad``, flags, RNG).
 """
 
+from lightning_align.measure.alignment import FeatureKernel, FeatureSpeed, FeatureSpeedResults, feature_kernel, feature_speed
+from lightning_align.measure.batch import batch_inputs, batch_targets
 from lightning_align.measure.rank import (
     effective_rank,
     jacobian_rank,
@@ -18,6 +20,13 @@ from lightning_align.measure.rank import (
 from lightning_align.measure.state import preserved_rng, preserved_state
 
 __all__ = [
+    "FeatureKernel",
+    "FeatureSpeed",
+    "FeatureSpeedResults",
+    "batch_inputs",
+    "batch_targets",
+    "feature_kernel",
+    "feature_speed",
     "effective_rank",
     "jacobian_rank",
     "numerical_rank",

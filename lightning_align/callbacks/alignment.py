@@ -1,0 +1,186 @@
+"""FeatureAlignment: backward-feature angle and feature speed per layer during training (seed 000).
+
+Chizat & Netrapalli, "The Feature Speed Formula" (NeurIPS 2024): after one optimizer step, a layer output
+``f`` moves by ``‖δf‖ = ΔL_{≤ℓ} / (‖b‖ cos θ)``, where ``b = dL/df`` is the backward pass, ``ΔL_{≤ℓ}``
+the loss decrease due to the parameters up to that layer and ``θ`` the angle between ``−b`` and ``δf``.
+When ``cos θ`` collapses (deep ReLU MLPs, ResNets with branch scale 1) features cannot move at a
+reasonable learning rate; ``1/√depth`` residual branches keep it. See
+:mod:`lightning_align.measure.alignment` for the math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
+from lightning_align.logging import log_figure, new_figure, tag, tensorboard_writers
+from lightning_align.measure.alignment import FeatureSpeedResults, feature_speed
+from lightning_align.measure.modules import WEIGHT_LAYER_TYPES, select_modules
+from lightning_align.schedules import ScheduleName
+
+PREFIX = "module."  # parameter names of ProbeLoss / ProbeOutputs carry it
+
+
+def is_attention(module: nn.Module) -> bool:
+    """An attention block: ``nn.MultiheadAttention`` or a module exposing ``attn_scale`` and ``head_dim``."""
+    return isinstance(module, nn.MultiheadAttention) or (hasattr(module, "attn_scale") and hasattr(module, "head_dim"))
+
+
+def default_feature_modules(model: nn.Module, patterns: list[str] | None, owner: str) -> dict[str, nn.Module]:
+    """The selected layers: ``patterns`` (names/regexes), or every Linear/Conv and attention block."""
+    if patterns is not None:
+        return select_modules(model, patterns, owner=owner)
+    layer_types = tuple(t for t in WEIGHT_LAYER_TYPES if t is not nn.Embedding)
+    chosen = {n: m for n, m in model.named_modules() if n and (isinstance(m, layer_types) or is_attention(m))}
+    if not chosen:
+        raise ValueError(f"{owner}: {type(model).__name__} has no Linear, Conv or attention layer; name the layers with `modules`")
+    return chosen
+
+
+def snapshot_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters (the weights before an optimizer step)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def real_update(model: nn.Module, before: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(Δθ, θ_before)`` keyed by ``ProbeLoss`` parameter names (prefix ``module.``)."""
+    params = dict(model.named_parameters())
+    update = {PREFIX + n: params[n].detach() - b for n, b in before.items()}
+    point = {PREFIX + n: b for n, b in before.items()}
+    return update, point
+
+
+def optimizer_lrs(trainer: pl.Trainer, model: nn.Module) -> dict[str, float]:
+    """``{ProbeLoss parameter name: lr of its optimizer group}``; 0 for parameters no optimizer holds."""
+    by_id = {}
+    for opt in trainer.optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                by_id[id(p)] = float(group["lr"])
+    return {PREFIX + n: by_id.get(id(p), 0.0) for n, p in model.named_parameters()}
+
+
+class FeatureAlignment(MeasurementCallback):
+    """Backward-feature angle, feature speed and the feature speed formula's prediction per layer.
+
+    After each scheduled optimizer step the callback takes the optimizer's **real** update
+    ``Δθ = θ_after − θ_before`` (SGD, momentum, Adam, weight decay included: the weights are copied just
+    before the step) and evaluates, at ``θ_before`` on the fixed probe batch, for every selected layer
+    output ``f``: the first-order feature change ``δf = J·Δθ`` (one jvp for all layers), ``b = dL/df``, and
+
+    - ``align/cos/<layer>``: ``cos θ = ⟨−b, δf⟩/(‖b‖‖δf‖)`` (1: the update moves ``f`` straight down the loss);
+    - ``align/speed/<layer>``: ``‖δf‖_rms/‖f‖_rms``, the relative feature speed of that step;
+    - ``align/predicted_speed/<layer>``: ``ΔL_{≤ℓ}/(‖b‖ cos θ)/‖f‖`` from the parameters' loss decrease
+      (equal to ``speed`` when the layer output is a cut of the network: sequential layers, residual-stream
+      outputs such as ``blocks.i``; not for the output of a residual *branch*);
+    - ``align/loss_decrease``: the first-order loss decrease of the step on the probe;
+    - a TensorBoard figure ``align/cos_vs_depth`` every ``figure_every`` measurements.
+
+    At step 0 (before training) there is no update yet: the step measured is the gradient step
+    ``Δθ = −lr·∇L`` with each parameter's optimizer-group learning rate (for Adam this is not the first
+    real step, so compare ``speed`` at step 0 with care; ``cos`` is the paper's alignment at init).
+    A step the optimizer skipped (``Δθ = 0``) logs NaN angles.
+
+    Cost per measurement: one copy of the trainable weights before the step, then one forward+backward and
+    one forward-mode (jvp) pass on the probe batch. Every rank measures the whole probe under DDP.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (and at step 0).
+        modules: layer names or regexes whose outputs are the features (default: every Linear/Conv and
+            attention block, i.e. ``nn.MultiheadAttention`` or modules with ``attn_scale``/``head_dim``).
+        figure_every: draw the cos-vs-depth figure every this many measurements (0: never).
+        schedule, probe_size, probe_seed, bn_mode: see :class:`MeasurementCallback`.
+
+    Raises:
+        ValueError: at fit start, for a module name or pattern that matches nothing (naming it).
+
+    Example::
+
+        trainer = Trainer(callbacks=[FeatureAlignment(every_n_steps=50, modules=[r"layers\\.\\d+", "readout"])])
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_align.FeatureAlignment
+              init_args: {every_n_steps: 50, modules: ["blocks\\\\.\\\\d+", readout]}
+    """
+
+    family = "align"
+    shard_probe = False
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        modules: list[str] | None = None,
+        figure_every: int = 10,
+        schedule: ScheduleName = "linear",
+        probe_size: int = 256,
+        probe_seed: int = 0,
+        bn_mode: BatchNormMode = "train",
+    ) -> None:
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode)
+        if isinstance(modules, str):
+            modules = [modules]
+        if not isinstance(figure_every, int) or figure_every < 0:
+            raise ValueError(f"FeatureAlignment: figure_every must be an int >= 0, got {figure_every!r}")
+        self.modules = modules
+        self.figure_every = figure_every
+        self.num_measurements = 0
+        self._layers: dict[str, nn.Module] = {}
+        self._before: dict[str, torch.Tensor] | None = None
+
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._layers = default_feature_modules(pl_module, self.modules, owner="FeatureAlignment(modules=...)")
+
+    def before_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._before = snapshot_trainable(pl_module)
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
+        if not self._layers:
+            self.validate(trainer, pl_module)
+        results = self.speeds(trainer, pl_module, batch)
+        metrics: dict[str, float] = {"align/loss_decrease": results.loss_decrease}
+        for name, r in results.items():
+            metrics[tag("align", "cos", name)] = r.cos_angle
+            metrics[tag("align", "speed", name)] = r.speed
+            metrics[tag("align", "predicted_speed", name)] = r.predicted_speed
+        if self.figure_every and self.num_measurements % self.figure_every == 0:
+            self._figure(trainer, results)
+        self.num_measurements += 1
+        return metrics
+
+    def speeds(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> FeatureSpeedResults:
+        """Feature speeds of the step just taken (or of the gradient step before training)."""
+        loss_model = self.probe_loss_model(pl_module)
+        if self._before is not None and trainer.global_step > 0:
+            update, point = real_update(pl_module, self._before)
+            self._before = None
+            return feature_speed(loss_model, None, batch, self._layers, update=update, params=point)
+        self._before = None
+        return feature_speed(loss_model, None, batch, self._layers, lr=1.0, lrs=optimizer_lrs(trainer, pl_module))
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"num_measurements": self.num_measurements}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.num_measurements = int(state.get("num_measurements", 0))
+
+    def _figure(self, trainer: pl.Trainer, results: FeatureSpeedResults) -> None:
+        if not tensorboard_writers(trainer):
+            return
+        names = list(results)
+        fig, ax = new_figure(max(5.0, 0.25 * len(names)), 3.5)
+        ax.plot(range(len(names)), [results[n].cos_angle for n in names], marker="o")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=90, fontsize=6)
+        ax.set_ylim(min(0.0, *[results[n].cos_angle for n in names if results[n].cos_angle == results[n].cos_angle]), 1.0)
+        ax.set_ylabel("cos θ (backward-feature angle)")
+        ax.set_title(f"step {trainer.global_step}")
+        fig.tight_layout()
+        log_figure(trainer, "align/cos_vs_depth", fig)

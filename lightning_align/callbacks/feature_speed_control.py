@@ -1,0 +1,315 @@
+"""FeatureSpeedControl: per-layer learning rates set from target feature speeds (seed 000).
+
+The feature speed formula ``‖δf_ℓ‖ = ΔL_{≤ℓ} / (‖b_ℓ‖ cos θ_ℓ)`` turns a wanted relative feature speed
+``s_ℓ = ‖δf_ℓ‖/‖f_ℓ‖`` into a wanted cumulative loss decrease ``C_ℓ = s_ℓ ‖f_ℓ‖ ‖b_ℓ‖ cos θ_ℓ`` (Chizat &
+Netrapalli 2024, "automatically adjust HPs throughout training"). The loss decrease is linear in the
+per-layer learning-rate multipliers, ``ΔL_{≤ℓ} = Σ_{k≤ℓ} m_k d_k`` (``d_k``: decrease due to layer ``k``'s
+parameters per unit multiplier), so layer by layer ``m_ℓ = (C_ℓ − Σ_{k<ℓ} m_k d_k) / d_ℓ``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_align.callbacks.alignment import PREFIX, default_feature_modules, real_update, snapshot_trainable
+from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
+from lightning_align.logging import tag
+from lightning_align.measure.alignment import FeatureSpeedResults, feature_speed
+from lightning_align.schedules import ScheduleName
+
+#: Per-group lists of LR schedulers that must follow a split of the optimizer's parameter groups.
+_SCHEDULER_GROUP_LISTS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs")
+
+
+class FeatureSpeedControl(MeasurementCallback):
+    """Set per-layer learning rates so that each layer's features move at a target relative speed.
+
+    **When to use it.** To get a chosen amount of feature learning per layer without tuning per-layer
+    learning rates by hand: e.g. to keep every hidden layer moving at the same relative speed in a deep
+    or wide network, to compare architectures at equal feature speed, or to probe what a parametrization
+    (μP, depth-μP) would give. It needs layer outputs that are *cuts* of the network (sequential layers;
+    for ResNets the residual stream, e.g. ``modules=["embed", r"blocks\\.\\d+"]``, not branch outputs), and
+    a layer whose backward-feature angle ``cos θ`` collapses (deep ReLU MLPs at init) needs very large
+    multipliers: ``max_multiplier`` caps them.
+
+    **What it does.** At fit start each optimizer parameter group is split into per-layer groups: layer
+    ``ℓ`` owns the parameters that first influence its output (those upstream of it and of no earlier
+    selected layer); the others form a group left alone. Every other hyper-parameter of the original group
+    is kept, LR schedulers' per-group lists (``base_lrs``, ...) and ``initial_lr`` follow. Each step, each
+    layer's learning rate is the *scheduled* learning rate times the layer's multiplier ``m_ℓ``: it is
+    scaled just before ``optimizer.step()`` and put back right after, so schedulers keep working on the
+    scheduled values. Every ``every_n_steps`` steps, the last real update (whatever the optimizer) is
+    measured on the probe batch with :func:`~lightning_align.measure.feature_speed`, and
+    ``m_ℓ = (C_ℓ − Σ_{k<ℓ} m_k d_k) / d_ℓ``, ``C_ℓ = s_ℓ‖f_ℓ‖‖b_ℓ‖cos θ_ℓ`` (see the module docstring),
+    clipped to ``[min_multiplier, max_multiplier]`` and smoothed geometrically:
+    ``m ← m_old^smoothing · m_new^(1−smoothing)``. A layer whose decrease per unit multiplier ``d_ℓ`` or
+    ``cos θ_ℓ`` is not positive keeps its multiplier. Multipliers start at 1 and change first after the
+    first scheduled step (the update of step 0 is not known before it is taken).
+
+    Logged: ``align/control_multiplier/<layer>``, ``align/control_lr/<layer>`` (scheduled lr × multiplier),
+    ``align/control_speed/<layer>`` (measured speed of the step just taken) and ``align/control_cos/<layer>``.
+
+    Cost per control step: a copy of the trainable weights, then one forward+backward and one jvp pass on
+    the probe batch (as :class:`FeatureAlignment`).
+
+    Args:
+        target_speed: wanted ``‖δf‖_rms/‖f‖_rms`` per step: one value for every layer, or one per selected
+            layer (in model order).
+        every_n_steps: update the multipliers every this many optimizer steps.
+        modules: layer names or regexes (default: every Linear/Conv and attention block).
+        min_multiplier, max_multiplier: clipping range of the multipliers (relative to the scheduled lr).
+        smoothing: in ``[0, 1)``: weight of the old multiplier (geometric EMA). 0 applies the formula's value
+            at once, which can oscillate in deep layers (their ``cos θ`` changes with the multipliers of the
+            layers below); 0.5 reaches the targets within a few control steps on the example MLPs.
+        schedule, probe_size, probe_seed, bn_mode: see :class:`MeasurementCallback`.
+
+    Example::
+
+        trainer = Trainer(callbacks=[FeatureSpeedControl(target_speed=0.05, every_n_steps=10)])
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_align.FeatureSpeedControl
+              init_args: {target_speed: 0.05, every_n_steps: 10, modules: ["layers\\\\.\\\\d+", readout]}
+    """
+
+    family = "align"
+    shard_probe = False
+
+    def __init__(
+        self,
+        target_speed: float | list[float],
+        every_n_steps: int = 10,
+        modules: list[str] | None = None,
+        min_multiplier: float = 0.01,
+        max_multiplier: float = 100.0,
+        smoothing: float = 0.5,
+        schedule: ScheduleName = "linear",
+        probe_size: int = 256,
+        probe_seed: int = 0,
+        bn_mode: BatchNormMode = "train",
+    ) -> None:
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode)
+        targets = [target_speed] if isinstance(target_speed, (int, float)) else list(target_speed)
+        if not targets or any(not isinstance(t, (int, float)) or not t > 0 or not math.isfinite(t) for t in targets):
+            raise ValueError(f"FeatureSpeedControl: target_speed must be a positive float or a list of them, got {target_speed!r}")
+        if not 0 < min_multiplier <= 1 <= max_multiplier < math.inf:
+            raise ValueError(
+                f"FeatureSpeedControl: need 0 < min_multiplier <= 1 <= max_multiplier < inf, got {min_multiplier}, {max_multiplier}"
+            )
+        if not 0 <= smoothing < 1:
+            raise ValueError(f"FeatureSpeedControl: smoothing must be in [0, 1), got {smoothing}")
+        self.target_speed = target_speed
+        self.modules = [modules] if isinstance(modules, str) else modules
+        self.min_multiplier = min_multiplier
+        self.max_multiplier = max_multiplier
+        self.smoothing = smoothing
+        self._targets = [float(t) for t in targets]
+        self._layers: dict[str, nn.Module] = {}
+        self.plan: list[list[str]] | None = None  # parameter names owned by each layer
+        self.multipliers: list[float] = []
+        self._group_layer: dict[int, list[int | None]] = {}  # id(optimizer) -> layer index of each group
+        self._saved_lrs: dict[int, list[float]] = {}
+        self._handles: list[Any] = []
+        self._before: dict[str, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Setup: layers, the per-layer plan, optimizer groups
+    # ----------------------------------------------------------------------------------------------
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._layers = default_feature_modules(pl_module, self.modules, owner="FeatureSpeedControl(modules=...)")
+        if len(self._targets) not in (1, len(self._layers)):
+            raise ValueError(
+                f"FeatureSpeedControl(target_speed=...): {len(self._targets)} targets for {len(self._layers)} layers "
+                f"{list(self._layers)}; give one value or one per layer"
+            )
+        if not trainer.optimizers:
+            raise ValueError("FeatureSpeedControl: the LightningModule configures no optimizer; there is no learning rate to set")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._group_layer = {}
+        if self.plan is not None:  # resumed: split now, before Lightning restores the optimizer state
+            self._check_plan(pl_module)
+            self._split_groups(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._group_layer:
+            self._capture_probe(trainer, pl_module)
+            with self.probe_context(pl_module):
+                res = feature_speed(self.probe_loss_model(pl_module), None, self.probe_batch, self._layers, lr=0.0)
+            self.plan = _ownership(res)
+            self.multipliers = [1.0] * len(self.plan)
+            self._split_groups(trainer, pl_module)
+        super().on_train_start(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def _check_plan(self, pl_module: nn.Module) -> None:
+        names = {n for n, _ in pl_module.named_parameters()}
+        missing = sorted({n for group in self.plan or [] for n in group} - names)
+        if missing or len(self.plan or []) != len(self._layers):
+            raise ValueError(
+                f"FeatureSpeedControl: the restored per-layer plan does not fit this model "
+                f"(unknown parameters {missing[:5]}, {len(self.plan or [])} layers saved, {len(self._layers)} selected)"
+            )
+        if len(self.multipliers) != len(self.plan or []):
+            self.multipliers = [1.0] * len(self.plan or [])
+
+    def _split_groups(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        owner = {id(pl_module.get_parameter(n)): i for i, names in enumerate(self.plan or []) for n in names}
+        self._remove_hooks()
+        self._group_layer = {}
+        for opt in trainer.optimizers:
+            new_groups, layer_of, origin = [], [], []
+            for gi, group in enumerate(opt.param_groups):
+                if not group["params"]:
+                    new_groups.append(group)
+                    layer_of.append(None)
+                    origin.append(gi)
+                    continue
+                buckets: dict[int | None, list[torch.Tensor]] = {}
+                for p in group["params"]:
+                    buckets.setdefault(owner.get(id(p)), []).append(p)
+                for layer, params in buckets.items():
+                    new_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+                    layer_of.append(layer)
+                    origin.append(gi)
+            opt.param_groups[:] = new_groups
+            for config in trainer.lr_scheduler_configs:
+                if getattr(config.scheduler, "optimizer", None) is opt:
+                    _expand_scheduler(config.scheduler, origin)
+            self._group_layer[id(opt)] = layer_of
+            self._handles.append(opt.register_step_pre_hook(self._scale_lrs))
+            self._handles.append(opt.register_step_post_hook(self._restore_lrs))
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ----------------------------------------------------------------------------------------------
+    # Scaling around each optimizer step
+    # ----------------------------------------------------------------------------------------------
+    def _scale_lrs(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+        layers = self._group_layer.get(id(opt))
+        if layers is None or len(layers) != len(opt.param_groups):
+            return
+        self._saved_lrs[id(opt)] = [g["lr"] for g in opt.param_groups]
+        for g, layer in zip(opt.param_groups, layers):
+            if layer is not None:
+                g["lr"] = g["lr"] * self.multipliers[layer]
+
+    def _restore_lrs(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+        saved = self._saved_lrs.pop(id(opt), None)
+        if saved is not None:
+            for g, lr in zip(opt.param_groups, saved):
+                g["lr"] = lr
+
+    # ----------------------------------------------------------------------------------------------
+    # Control
+    # ----------------------------------------------------------------------------------------------
+    def before_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._before = snapshot_trainable(pl_module)
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
+        metrics: dict[str, float] = {}
+        if self._before is not None and trainer.global_step > 0:
+            update, point = real_update(pl_module, self._before)
+            self._before = None
+            res = feature_speed(self.probe_loss_model(pl_module), None, batch, self._layers, update=update, params=point)
+            for name, r in res.items():
+                metrics[tag("align", "control_speed", name)] = r.speed
+                metrics[tag("align", "control_cos", name)] = r.cos_angle
+            self.multipliers = self._new_multipliers(res)
+        for i, name in enumerate(self._layers):
+            metrics[tag("align", "control_multiplier", name)] = self.multipliers[i]
+            metrics[tag("align", "control_lr", name)] = self._scheduled_lr(trainer, i) * self.multipliers[i]
+        return metrics
+
+    def _new_multipliers(self, res: FeatureSpeedResults) -> list[float]:
+        plan = [set(PREFIX + n for n in names) for names in self.plan or []]
+        old = list(self.multipliers)
+        unit = [sum(res.param_loss_decrease.get(p, 0.0) for p in group) / old[k] for k, group in enumerate(plan)]
+        new = list(old)
+        names = list(res)
+        done: list[int] = []
+        for layer in _depth_order(res):
+            name, r = names[layer], res[names[layer]]
+            target = self._targets[layer if len(self._targets) > 1 else 0]
+            upstream = set(r.upstream)
+            prior = sum(new[k] * sum(res.param_loss_decrease.get(p, 0.0) for p in plan[k] & upstream) / old[k] for k in done)
+            done.append(layer)
+            f_norm = r.feature_rms * math.sqrt(r.numel)
+            wanted = target * f_norm * r.backward_norm * r.cos_angle
+            d = unit[layer]
+            if not (math.isfinite(wanted) and r.cos_angle > 0 and d > 0):
+                rank_zero_warn(
+                    f"FeatureSpeedControl: layer {name!r} at this step has cos θ = {r.cos_angle:.3g} and loss decrease "
+                    f"per unit multiplier {d:.3g}; its multiplier stays {old[layer]:.3g}"
+                )
+                continue
+            proposal = min(max((wanted - prior) / d, self.min_multiplier), self.max_multiplier)
+            new[layer] = math.exp(self.smoothing * math.log(old[layer]) + (1 - self.smoothing) * math.log(proposal))
+        return new
+
+    def _scheduled_lr(self, trainer: pl.Trainer, layer: int) -> float:
+        for opt in trainer.optimizers:
+            for g, owner in zip(opt.param_groups, self._group_layer.get(id(opt), [])):
+                if owner == layer:
+                    return float(g["lr"])
+        return math.nan
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"plan": self.plan, "multipliers": list(self.multipliers)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.plan = state.get("plan")
+        self.multipliers = [float(m) for m in state.get("multipliers", [])]
+
+
+def _ownership(res: FeatureSpeedResults) -> list[list[str]]:
+    """Layer ``ℓ`` owns the parameters upstream of it and of no earlier layer (layers ordered by depth)."""
+    names = list(res)
+    order = _depth_order(res)
+    owned: list[list[str]] = [[] for _ in names]
+    taken: set[str] = set()
+    for i in order:
+        mine = [p for p in res[names[i]].upstream if p not in taken]
+        if not mine:
+            raise ValueError(
+                f"FeatureSpeedControl: layer {names[i]!r} has no parameters of its own (all its upstream parameters "
+                "belong to earlier layers), so its speed cannot be set; remove it from `modules`"
+            )
+        taken.update(mine)
+        owned[i] = [p[len(PREFIX):] for p in mine]
+    return owned
+
+
+def _depth_order(res: FeatureSpeedResults) -> list[int]:
+    """Layer indices from shallow to deep: by number of upstream parameters (model order on ties)."""
+    names = list(res)
+    return sorted(range(len(names)), key=lambda i: len(res[names[i]].upstream))
+
+
+def _expand_scheduler(scheduler: Any, origin: Sequence[int]) -> None:
+    """Repeat a scheduler's per-group lists to follow split groups (new group ``i`` came from ``origin[i]``)."""
+    for attr in _SCHEDULER_GROUP_LISTS:
+        value = getattr(scheduler, attr, None)
+        if isinstance(value, list) and len(value) == max(origin) + 1:
+            setattr(scheduler, attr, [value[o] for o in origin])
+    for child in getattr(scheduler, "_schedulers", []) or []:
+        _expand_scheduler(child, origin)

@@ -1,0 +1,466 @@
+"""Feature speed, backward-feature angle and the backward-to-feature kernel (Chizat & Netrapalli, 2024).
+
+For a layer output ("feature") ``f`` on a batch, with backward pass ``b = dL/df`` and a parameter update
+``Δθ``, the first-order feature change is ``δf = J·Δθ`` (``J = df/dθ``, computed with a jvp). The chain
+rule gives, exactly at first order,
+
+    ⟨b, δf⟩ = Σ_{k ≤ ℓ} ⟨∇_k L, Δθ_k⟩ = −ΔL_{≤ℓ},
+
+where ``k ≤ ℓ`` runs over the parameters *upstream* of ``f`` and ``ΔL_{≤ℓ}`` is the loss decrease they
+cause. With the backward-feature angle ``cos θ = ⟨−b, δf⟩ / (‖b‖‖δf‖)`` this is the feature speed formula
+
+    ‖δf‖ = ΔL_{≤ℓ} / (‖b‖ cos θ).
+
+**Which parameters are "up to ℓ".** Those in the autograd graph of ``f``: the parameters the forward pass
+used before producing ``f`` (found by walking ``f.grad_fn``; exact, whatever the architecture). The identity
+holds when ``f`` is a *cut* of the network: every path from those parameters to the loss goes through ``f``
+(a sequential net; the residual stream of a ResNet after the addition; the network output). For the
+output of a residual *branch* it does not (upstream parameters also reach the loss through the skip
+connection), and ``predicted_speed`` then differs from ``speed``: read ``feature_loss_decrease``
+(``−⟨b, δf⟩``, the part of the decrease transmitted through ``f``) for those.
+
+Speeds are relative: ``‖δf‖_rms / ‖f‖_rms`` (RMS over every entry of the batch's feature), which is
+``‖δf‖/‖f‖``. With a batch-mean loss, ``‖b‖`` scales like ``1/batch``; angles and speeds do not.
+
+The measure functions never change the model: no parameter is written, BatchNorm running statistics are
+neither used differently nor updated (batch statistics in train mode, running ones in eval mode, exactly
+as in the model's forward), ``.grad``, flags and RNG streams are restored. Dropout should be off (the
+callbacks turn it off): the functions run the model several times and compare the passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lightning_align.measure.batch import batch_inputs, batch_targets
+from lightning_align.measure.modules import first_tensor, select_modules
+from lightning_align.measure.state import preserved_state
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+ModuleSpec = Sequence[str] | str | Mapping[str, nn.Module] | None
+
+__all__ = [
+    "FeatureKernel",
+    "FeatureSpeed",
+    "FeatureSpeedResults",
+    "feature_kernel",
+    "feature_speed",
+    "resolve_modules",
+]
+
+
+@dataclass(frozen=True)
+class FeatureSpeed:
+    """Feature speed and backward-feature angle of one layer output for one update ``Δθ``.
+
+    Attributes:
+        cos_angle: ``⟨−b, δf⟩ / (‖b‖‖δf‖)``, the backward-feature angle (NaN if ``δf`` or ``b`` is zero).
+        speed: ``‖δf‖_rms / ‖f‖_rms``, the measured relative feature speed (first order, jvp).
+        predicted_speed: ``loss_decrease / (‖b‖ cos θ) / ‖f‖``, the feature speed formula's value.
+        loss_decrease: ``−Σ_{k≤ℓ} ⟨∇_k L, Δθ_k⟩``, first-order loss decrease due to the upstream parameters.
+        feature_loss_decrease: ``−⟨b, δf⟩``, the first-order decrease transmitted through ``f``
+            (equal to ``loss_decrease`` when ``f`` is a cut of the network).
+        feature_rms: ``‖f‖_rms``.
+        update_rms: ``‖δf‖_rms``.
+        backward_norm: ``‖b‖`` (Euclidean norm of ``dL/df`` over the whole batch).
+        numel: number of entries of ``f`` on the batch (the RMS denominator is its square root).
+        upstream: names of the parameters upstream of ``f`` (those counted in ``loss_decrease``).
+    """
+
+    cos_angle: float
+    speed: float
+    predicted_speed: float
+    loss_decrease: float
+    feature_loss_decrease: float
+    feature_rms: float
+    update_rms: float
+    backward_norm: float
+    numel: int
+    upstream: tuple[str, ...] = field(repr=False)
+
+
+class FeatureSpeedResults(dict):
+    """``{module name: FeatureSpeed}`` in forward order, plus whole-model quantities.
+
+    Attributes:
+        loss: the loss on the batch at the evaluation point.
+        loss_decrease: ``−⟨∇L, Δθ⟩`` over all parameters (first order).
+        param_loss_decrease: ``{parameter name: −⟨∇_k L, Δθ_k⟩}`` for every trainable parameter.
+    """
+
+    loss: float = math.nan
+    loss_decrease: float = math.nan
+    param_loss_decrease: dict[str, float]
+
+
+@dataclass(frozen=True)
+class FeatureKernel:
+    """Backward-to-feature kernel ``K = Σ_k η_k J_k J_kᵀ`` of a layer output on a small probe.
+
+    Attributes:
+        matrix: ``K`` of shape ``(D, D)``, ``D`` = entries of the feature on the batch (flattened
+            sample-major); ``δf = −K·b`` for the gradient step ``Δθ_k = −η_k ∇_k L``.
+        eigenvalues: eigenvalues of ``K``, largest first.
+        mean_rms_ratio: ``mean(λ) / rms(λ)``, the alignment ``cos θ`` a generic backward vector gets.
+    """
+
+    matrix: torch.Tensor
+    eigenvalues: torch.Tensor
+    mean_rms_ratio: float
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------
+def feature_speed(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    batch: Any,
+    modules: ModuleSpec,
+    lr: float = 1.0,
+    update: Mapping[str, torch.Tensor] | None = None,
+    *,
+    lrs: Mapping[str, float] | None = None,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> FeatureSpeedResults:
+    """Backward-feature angle, feature speed and the feature speed formula per layer.
+
+    Args:
+        model: the network. With ``loss_fn`` it is called as ``model(batch[0])``; with ``loss_fn=None``
+            as ``model(batch)`` and must return the scalar loss (e.g. a ``ProbeLoss``).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar mean loss``, or ``None`` (see ``model``).
+        batch: ``(inputs, targets)`` (or whatever ``model`` takes when ``loss_fn`` is ``None``).
+        modules: names or regular expressions of submodules of ``model`` (``None``: every Linear/Conv),
+            or a mapping ``{name: submodule}``; their outputs (first tensor of a tuple) are the features.
+        lr: learning rate of the gradient step ``Δθ = −lr·∇θL`` used when ``update`` is not given.
+        update: the parameter update ``{parameter name: Δθ}`` (e.g. an optimizer's real step, the
+            difference of weights after and before it). Trainable parameters it omits do not move.
+        lrs: per-parameter multipliers of ``lr`` for the gradient step (missing names: 1.0; 0 freezes).
+        params: evaluate at these parameter values (``{name: tensor}``, e.g. the weights before a step)
+            instead of the model's own; missing names keep the model's values.
+
+    Returns:
+        :class:`FeatureSpeedResults`: ``{name: FeatureSpeed}`` in forward order.
+
+    Raises:
+        ValueError: a module pattern matching nothing, a module not run by the forward pass or whose
+            output does not reach the loss, unknown parameter names in ``update``/``params``/``lrs``,
+            or an update of the wrong shape.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> batch = (torch.randn(16, 4), torch.randn(16, 2))
+        >>> res = feature_speed(net, nn.functional.mse_loss, batch, ["0", "2"], lr=0.1)
+        >>> 0.0 < res["2"].cos_angle <= 1.0 and abs(res["2"].predicted_speed / res["2"].speed - 1) < 1e-4
+        True
+    """
+    mods = resolve_modules(model, modules, owner="feature_speed(modules=...)")
+    names = _param_names(model)
+    _check_names(update, names, "update")
+    _check_names(params, names, "params")
+    _check_names(lrs, names, "lrs")
+    with preserved_state(model), _frozen_norm_stats(model), torch.enable_grad():
+        point = _evaluation_point(model, params)
+        trainable = [n for n in point if _trainable(model, n)]
+        leaves = {n: (point[n].detach().requires_grad_(True) if n in trainable else point[n].detach()) for n in point}
+        buffers = dict(model.named_buffers())
+        with _capture(mods) as feats:
+            loss = _loss(functional_call(model, {**leaves, **buffers}, (_model_input(loss_fn, batch),)), loss_fn, batch)
+        _check_captured(mods, feats)
+        f = [feats[n] for n in mods]
+        grads = torch.autograd.grad(loss, f + [leaves[n] for n in trainable], allow_unused=True)
+        backs, pgrads = grads[: len(f)], dict(zip(trainable, grads[len(f):]))
+        for name, b in zip(mods, backs):
+            if b is None:
+                raise ValueError(f"feature_speed: the output of module {name!r} does not reach the loss; remove it from `modules`")
+        upstream = _upstream_params(f, {id(leaves[n]): n for n in trainable})
+        delta = _update(update, pgrads, leaves, trainable, lr, lrs)
+        param_dec = {
+            n: -float(torch.vdot(pgrads[n].flatten(), delta[n].flatten())) if pgrads[n] is not None else 0.0
+            for n in trainable
+        }
+        dfs = _feature_jvp(model, loss_fn, batch, mods, leaves, buffers, delta)
+    results = FeatureSpeedResults()
+    results.loss = float(loss.detach())
+    results.loss_decrease = float(sum(param_dec.values()))
+    results.param_loss_decrease = param_dec
+    for name, fi, bi, dfi, up in zip(mods, f, backs, dfs, upstream):
+        results[name] = _speed(fi.detach(), bi, dfi, sum(param_dec[n] for n in up), tuple(up))
+    return results
+
+
+def feature_kernel(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    batch: Any,
+    module: str | nn.Module,
+    lr: float = 1.0,
+    *,
+    lrs: Mapping[str, float] | None = None,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> FeatureKernel:
+    """The backward-to-feature kernel of one layer output, its spectrum and ``mean(λ)/rms(λ)``.
+
+    ``K = Σ_k η_k (∂f/∂θ_k)(∂f/∂θ_k)ᵀ`` over the trainable parameters (only those upstream of ``f``
+    contribute), ``η_k = lr·lrs[k]``. A gradient step moves the feature by ``δf = −K·b``; at random
+    initialization ``b`` is generic and ``cos θ ≈ mean(λ)/rms(λ)``: a flat spectrum (dynamical isometry)
+    means alignment. Built column by column (a ``vjp`` then a ``jvp`` each), so it costs ``D`` vjps and
+    jvps and ``D²`` memory: for small probes (``D`` = feature entries on the batch, a few thousand at most).
+
+    Args:
+        model, loss_fn, batch, lrs, params: as in :func:`feature_speed` (the loss itself is not used).
+        module: the layer: a name of a submodule of ``model`` or the submodule itself.
+        lr: base learning rate ``η``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4))
+        >>> k = feature_kernel(net, nn.functional.mse_loss, (torch.randn(2, 3), torch.randn(2, 4)), "2")
+        >>> k.matrix.shape, bool(0 < k.mean_rms_ratio <= 1)
+        (torch.Size([8, 8]), True)
+    """
+    mods = resolve_modules(model, module if not isinstance(module, nn.Module) else {"feature": module}, owner="feature_kernel(module=...)")
+    if len(mods) != 1:
+        raise ValueError(f"feature_kernel: `module` must name exactly one module, {module!r} matches {list(mods)}")
+    (name,) = mods
+    names = _param_names(model)
+    _check_names(params, names, "params")
+    _check_names(lrs, names, "lrs")
+    with preserved_state(model), _frozen_norm_stats(model), torch.enable_grad():
+        point = {n: t.detach() for n, t in _evaluation_point(model, params).items()}
+        trainable = [n for n in point if _trainable(model, n)]
+        frozen = {n: t for n, t in point.items() if n not in trainable}
+        buffers = dict(model.named_buffers())
+        x = _model_input(loss_fn, batch)
+
+        def feature(theta: dict[str, torch.Tensor]) -> torch.Tensor:
+            with _capture(mods) as feats:
+                functional_call(model, {**theta, **frozen, **buffers}, (x,))
+            _check_captured(mods, feats)
+            return feats[name].flatten()
+
+        theta = {n: point[n] for n in trainable}
+        scale = {n: lr * (lrs or {}).get(n, 1.0) for n in trainable}
+        cols = []
+        with _forward_ad_attention():
+            f0, pullback = vjp(feature, theta)
+            for e in torch.eye(f0.numel(), dtype=f0.dtype, device=f0.device):
+                (g,) = pullback(e)
+                tangent = {n: g[n] * scale[n] for n in trainable}
+                cols.append(jvp(feature, (theta,), (tangent,))[1].detach())
+        matrix = torch.stack(cols, dim=1)
+    matrix = 0.5 * (matrix + matrix.T)
+    eig = torch.linalg.eigvalsh(matrix).flip(0)
+    rms = eig.square().mean().sqrt()
+    ratio = float(eig.mean() / rms) if rms > 0 else math.nan
+    return FeatureKernel(matrix=matrix, eigenvalues=eig, mean_rms_ratio=ratio)
+
+
+def resolve_modules(model: nn.Module, modules: ModuleSpec, *, owner: str = "lightning_align") -> dict[str, nn.Module]:
+    """``{name: module}`` from names/regexes (via ``select_modules``) or a mapping, with clear errors.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+        >>> list(resolve_modules(net, ["0"]))
+        ['0']
+    """
+    if isinstance(modules, Mapping):
+        if not modules:
+            raise ValueError(f"{owner}: the mapping of modules is empty")
+        bad = [n for n, m in modules.items() if not isinstance(m, nn.Module)]
+        if bad:
+            raise TypeError(f"{owner}: entries {bad} are not nn.Module instances")
+        return dict(modules)
+    return select_modules(model, modules, owner=owner)
+
+
+# --------------------------------------------------------------------------------------------------
+# Internals
+# --------------------------------------------------------------------------------------------------
+def _param_names(model: nn.Module) -> set[str]:
+    return {n for n, _ in model.named_parameters()}
+
+
+def _trainable(model: nn.Module, name: str) -> bool:
+    return model.get_parameter(name).requires_grad
+
+
+def _check_names(mapping: Mapping[str, Any] | None, names: set[str], what: str) -> None:
+    if mapping is None:
+        return
+    unknown = sorted(set(mapping) - names)
+    if unknown:
+        some = ", ".join(sorted(names)[:8])
+        raise ValueError(
+            f"feature_speed: `{what}` names parameters the model does not have: {unknown[:5]}"
+            f"{' ...' if len(unknown) > 5 else ''}. Model parameters include: {some}"
+        )
+
+
+def _evaluation_point(model: nn.Module, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    point = dict(model.named_parameters())
+    for name, value in (params or {}).items():
+        if value.shape != point[name].shape:
+            raise ValueError(f"feature_speed: `params[{name!r}]` has shape {tuple(value.shape)}, the parameter {tuple(point[name].shape)}")
+        point[name] = value.to(point[name])
+    return point
+
+
+def _model_input(loss_fn: LossFn | None, batch: Any) -> Any:
+    return batch if loss_fn is None else batch_inputs(batch, "feature_speed")
+
+
+def _loss(outputs: Any, loss_fn: LossFn | None, batch: Any) -> torch.Tensor:
+    if loss_fn is None:
+        loss = outputs
+    else:
+        loss = loss_fn(outputs, batch_targets(batch, "feature_speed"))
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError("feature_speed: the loss must be a scalar tensor (a mean over the batch)")
+    return loss.reshape(())
+
+
+@contextlib.contextmanager
+def _capture(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record each module's output; downstream code gets a copy, so in-place ops cannot alter it."""
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in modules.items():
+
+        def hook(_m: nn.Module, _inp: Any, out: Any, name: str = name) -> Any:
+            t = first_tensor(out)
+            store[name] = t
+            copy = t.clone()
+            if isinstance(out, torch.Tensor):
+                return copy
+            return type(out)([copy, *out[1:]]) if isinstance(out, (tuple, list)) else out
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_captured(modules: Mapping[str, nn.Module], feats: Mapping[str, torch.Tensor]) -> None:
+    missing = [n for n in modules if n not in feats]
+    if missing:
+        raise ValueError(f"feature_speed: modules {missing} were not called by the model's forward pass; remove them from `modules`")
+
+
+def _forward_ad_attention() -> contextlib.AbstractContextManager:
+    """``scaled_dot_product_attention`` through its math backend: the fused kernels lack forward-mode AD."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+@contextlib.contextmanager
+def _frozen_norm_stats(model: nn.Module) -> Iterator[None]:
+    """BatchNorm computes as in the forward (batch stats in train mode) but neither reads nor updates buffers
+    in train mode; functional transforms (jvp, vjp) cannot write running statistics."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def _upstream_params(features: list[torch.Tensor], by_id: dict[int, str]) -> list[list[str]]:
+    """For each feature, the trainable parameters in its autograd graph, in model order."""
+    order = {n: i for i, n in enumerate(by_id.values())}
+    out = []
+    for f in features:
+        found: set[str] = set()
+        seen: set[Any] = set()
+        stack = [f.grad_fn] if f.grad_fn is not None else []
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            var = getattr(node, "variable", None)
+            if var is not None and id(var) in by_id:
+                found.add(by_id[id(var)])
+            stack.extend(nxt for nxt, _ in node.next_functions)
+        out.append(sorted(found, key=order.__getitem__))
+    return out
+
+
+def _update(
+    update: Mapping[str, torch.Tensor] | None,
+    grads: Mapping[str, torch.Tensor | None],
+    leaves: Mapping[str, torch.Tensor],
+    trainable: list[str],
+    lr: float,
+    lrs: Mapping[str, float] | None,
+) -> dict[str, torch.Tensor]:
+    delta = {}
+    for n in trainable:
+        p = leaves[n]
+        if update is not None:
+            d = update.get(n)
+            if d is not None and d.shape != p.shape:
+                raise ValueError(f"feature_speed: `update[{n!r}]` has shape {tuple(d.shape)}, the parameter {tuple(p.shape)}")
+            delta[n] = torch.zeros_like(p) if d is None else d.detach().to(p)
+        else:
+            g = grads[n]
+            delta[n] = torch.zeros_like(p) if g is None else -lr * (lrs or {}).get(n, 1.0) * g.detach()
+    return delta
+
+
+def _feature_jvp(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    batch: Any,
+    mods: Mapping[str, nn.Module],
+    leaves: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+) -> list[torch.Tensor]:
+    """``δf = J·Δθ`` for every feature at once (one forward-mode pass)."""
+    theta = {n: leaves[n].detach() for n in delta}
+    frozen = {n: t.detach() for n, t in leaves.items() if n not in delta}
+    x = _model_input(loss_fn, batch)
+
+    def features(th: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        with _capture(mods) as feats:
+            functional_call(model, {**th, **frozen, **buffers}, (x,))
+        return tuple(feats[n] for n in mods)
+
+    with _forward_ad_attention():
+        _, tangents = jvp(features, (theta,), (dict(delta),))
+    return [t.detach() for t in tangents]
+
+
+def _speed(f: torch.Tensor, b: torch.Tensor, df: torch.Tensor, loss_decrease: float, upstream: tuple[str, ...]) -> FeatureSpeed:
+    numel = f.numel()
+    f_norm = float(torch.linalg.vector_norm(f))
+    b_norm = float(torch.linalg.vector_norm(b))
+    df_norm = float(torch.linalg.vector_norm(df))
+    inner = float(torch.vdot(b.flatten(), df.flatten().to(b)))
+    cos = -inner / (b_norm * df_norm) if b_norm > 0 and df_norm > 0 else math.nan
+    denom = b_norm * cos * f_norm
+    predicted = loss_decrease / denom if denom != 0 and math.isfinite(denom) else math.nan
+    return FeatureSpeed(
+        cos_angle=cos,
+        speed=df_norm / f_norm if f_norm > 0 else math.nan,
+        predicted_speed=predicted,
+        loss_decrease=loss_decrease,
+        feature_loss_decrease=-inner,
+        feature_rms=f_norm / math.sqrt(numel),
+        update_rms=df_norm / math.sqrt(numel),
+        backward_norm=b_norm,
+        numel=numel,
+        upstream=upstream,
+    )
