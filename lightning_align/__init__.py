@@ -6,7 +6,7 @@ Measurement callbacks (alignment, sharpness, NTK, effective learning rates, rank
 """
 
 from lightning_align import measure
-from lightning_align.callbacks import FeatureAlignment, FeatureSpeedControl, MeasurementCallback, RankMonitor
+from lightning_align.callbacks import FeatureAlignment, FeatureSpeedControl, MeasurementCallback, NTKSpectrum, RankMonitor
 
 __version__ = "0.1.0"
 
@@ -14,6 +14,7 @@ __all__ = [
     "FeatureAlignment",
     "FeatureSpeedControl",
     "MeasurementCallback",
+    "NTKSpectrum",
     "RankMonitor",
     "measure",
     "__version__",

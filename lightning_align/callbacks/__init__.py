@@ -3,6 +3,7 @@
 from lightning_align.callbacks.alignment import FeatureAlignment
 from lightning_align.callbacks.base import MeasurementCallback
 from lightning_align.callbacks.feature_speed_control import FeatureSpeedControl
+from lightning_align.callbacks.ntk import NTKSpectrum
 from lightning_align.callbacks.rank import RankMonitor
 
-__all__ = ["FeatureAlignment", "FeatureSpeedControl", "MeasurementCallback", "RankMonitor"]
+__all__ = ["FeatureAlignment", "FeatureSpeedControl", "MeasurementCallback", "NTKSpectrum", "RankMonitor"]

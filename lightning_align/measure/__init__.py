@@ -6,6 +6,21 @@ found it (parameters, buffers, ``.grad``, flags, RNG).
 
 from lightning_align.measure.alignment import FeatureKernel, FeatureSpeed, FeatureSpeedResults, feature_kernel, feature_speed
 from lightning_align.measure.batch import batch_inputs, batch_targets
+from lightning_align.measure.ntk import (
+    NTKSpectrumResult,
+    NTKSummary,
+    check_sample_independent,
+    empirical_ntk,
+    flatten_kernel,
+    kernel_distance,
+    kernel_target_alignment,
+    ntk_eigs,
+    ntk_matvec,
+    ntk_spectrum,
+    ntk_summary,
+    ntk_trace,
+)
+from lightning_align.measure.ntk_fluctuation import NTKFluctuation, ntk_fluctuation
 from lightning_align.measure.rank import (
     effective_rank,
     jacobian_rank,
@@ -20,6 +35,20 @@ from lightning_align.measure.rank import (
 from lightning_align.measure.state import preserved_rng, preserved_state
 
 __all__ = [
+    "NTKSpectrumResult",
+    "NTKSummary",
+    "check_sample_independent",
+    "empirical_ntk",
+    "flatten_kernel",
+    "kernel_distance",
+    "kernel_target_alignment",
+    "ntk_eigs",
+    "ntk_matvec",
+    "ntk_spectrum",
+    "ntk_summary",
+    "ntk_trace",
+    "NTKFluctuation",
+    "ntk_fluctuation",
     "FeatureKernel",
     "FeatureSpeed",
     "FeatureSpeedResults",

@@ -1,0 +1,262 @@
+"""NTKSpectrum: the empirical NTK on a fixed probe batch during training (seeds 001, 003)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
+from lightning_align.callbacks.probe import ProbeOutputs, batch_inputs, batch_targets
+from lightning_align.logging import log_figure, log_histogram, new_figure
+from lightning_align.measure.ntk import (
+    check_sample_independent,
+    kernel_distance,
+    kernel_target_alignment,
+    ntk_spectrum,
+    ntk_summary,
+    ntk_trace,
+)
+from lightning_align.schedules import ScheduleName
+
+NTKMethod = Literal["auto", "exact", "lanczos"]
+
+
+class NTKSpectrum(MeasurementCallback):
+    """Top eigenvalues, trace, condition number and kernel-target alignment of the empirical NTK.
+
+    The NTK ``K = J Jᵀ`` (``J`` the Jacobian of the outputs on a fixed probe batch with respect to the
+    parameters) governs how gradient descent moves the function; its top eigenvalue bounds the stable
+    learning rate (with MSE, the GGN's ``λ_max`` is ``λ_max(K)/n``). Under μP its top eigenvalues keep
+    gaining width dependence during training while the sharpness does not (Noci et al. 2024, seed 003);
+    how far the kernel moves from its value at the start (``distance_from_init``) is the feature-learning
+    indicator (0 in the lazy/NTK regime).
+
+    Logged every ``every_n_steps`` optimizer steps and at step 0 (the kernel is ``(n·c) × (n·c)``, ``n`` the
+    probe size, ``c`` the outputs per sample; ``(n × n)`` with ``trace_outputs=True``):
+
+    - ``ntk/max_eig``, ``ntk/trace``, and the top-``k`` spectrum as the TensorBoard histogram
+      ``ntk/eigenvalues`` (plus a figure ``ntk/spectrum`` with ``figures=True``);
+    - exact path only (the kernel is built when its size is at most ``max_exact_size``, or with
+      ``method="exact"``): ``ntk/cond`` (``inf`` when numerically singular), ``ntk/effective_rank``,
+      ``ntk/alignment`` (``yᵀKy/(‖K‖_F‖y‖²)``, class labels one-hot; off with ``alignment=False``) and
+      ``ntk/distance_from_init`` (``1 − <K₀,K>/(‖K₀‖‖K‖)``, ``K₀`` the kernel at the first measurement)
+      and ``ntk/velocity`` (the same distance to the previous measurement's kernel; from the second
+      measurement on). Both reference kernels are kept across a resume. On the matrix-free path (Lanczos on ``J(Jᵀv)``) these need the whole kernel
+      and are not logged; a warning says so once.
+
+    BatchNorm in train mode mixes samples, so the per-sample kernel is undefined: probes use running
+    statistics (``bn_mode="eval"``, the default; ``"train"`` is refused). Dropout is off during probes.
+    Every rank measures the whole probe (no collective), so all ranks log the same values.
+
+    Cost: exact path, one ``vmap(jacrev)`` pass over the probe with respect to the layer outputs plus a
+    Gram contraction (``≈ n²c²`` times the summed layer widths for MLPs), then one ``eigh`` of the kernel;
+    matrix-free, about ``max_matvecs`` VJP+JVP pairs on the probe batch (warm-started from the previous
+    eigenvectors).
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (and at step 0).
+        k: number of top eigenvalues to compute and log as a spectrum.
+        trace_outputs: use the ``(n, n)`` kernel summed over outputs.
+        method: ``"auto"`` (exact up to ``max_exact_size``), ``"exact"`` or ``"lanczos"``.
+        max_exact_size: largest kernel size built by ``"auto"``.
+        params: names or regexes (full match) of the parameters of the LightningModule to differentiate;
+            default all trainable ones.
+        alignment: log the kernel-target alignment (needs targets matching the outputs).
+        histograms: log the spectrum as a TensorBoard histogram.
+        figures: log a log-scale plot of the top-``k`` spectrum to TensorBoard.
+        tol, max_matvecs: Lanczos settings of the matrix-free path.
+        schedule, probe_size, probe_seed, bn_mode: see :class:`MeasurementCallback` (``probe_size``
+            defaults to 64 here: the kernel grows as its square).
+
+    Example::
+
+        trainer = Trainer(callbacks=[NTKSpectrum(every_n_steps=50, k=10, probe_size=64)])
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_align.NTKSpectrum
+              init_args: {every_n_steps: 50, k: 10, probe_size: 64}
+    """
+
+    family = "ntk"
+    shard_probe = False
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        k: int = 10,
+        trace_outputs: bool = False,
+        method: NTKMethod = "auto",
+        max_exact_size: int = 2048,
+        params: list[str] | None = None,
+        alignment: bool = True,
+        histograms: bool = True,
+        figures: bool = False,
+        tol: float = 1e-4,
+        max_matvecs: int = 100,
+        schedule: ScheduleName = "linear",
+        probe_size: int = 64,
+        probe_seed: int = 0,
+        bn_mode: BatchNormMode = "eval",
+    ) -> None:
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"NTKSpectrum: k must be a positive int, got {k!r}")
+        if method not in ("auto", "exact", "lanczos"):
+            raise ValueError(f"NTKSpectrum: method must be 'auto', 'exact' or 'lanczos', got {method!r}")
+        if max_exact_size < 1 or max_matvecs < 1 or not tol >= 0:
+            raise ValueError("NTKSpectrum: max_exact_size and max_matvecs must be >= 1 and tol >= 0")
+        if bn_mode != "eval":
+            raise ValueError(
+                "NTKSpectrum(bn_mode='train'): BatchNorm with batch statistics mixes samples, so the per-sample "
+                "NTK is undefined; use bn_mode='eval' (running statistics, the default)"
+            )
+        self.k = k
+        self.trace_outputs = trace_outputs
+        self.method = method
+        self.max_exact_size = max_exact_size
+        self.params = params
+        self.alignment = alignment
+        self.histograms = histograms
+        self.figures = figures
+        self.tol = tol
+        self.max_matvecs = max_matvecs
+        self._param_names: list[str] | None = None
+        self._k0: torch.Tensor | None = None
+        self._k_prev: torch.Tensor | None = None
+        self._warm: torch.Tensor | None = None
+        self._warned_matrix_free = False
+
+    # ----------------------------------------------------------------------------------------------
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainable = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"NTKSpectrum: {type(pl_module).__name__} has no trainable parameter")
+        if self.params is None:
+            self._param_names = None
+            return
+        chosen: set[str] = set()
+        for pattern in self.params:
+            try:
+                regex = re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"NTKSpectrum(params=...): {pattern!r} is not a valid regular expression: {err}") from err
+            hits = [n for n in trainable if n == pattern or regex.fullmatch(n)]
+            if not hits:
+                raise ValueError(
+                    f"NTKSpectrum(params=...): {pattern!r} matches no trainable parameter of {type(pl_module).__name__}. "
+                    f"Trainable names include: {', '.join(trainable[:20])}{' ...' if len(trainable) > 20 else ''}"
+                )
+            chosen.update(hits)
+        self._param_names = [n for n in trainable if n in chosen]
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
+        model, inputs, prefix = _outputs_model(pl_module, batch)
+        check_sample_independent(model, owner="NTKSpectrum")
+        params = None if self._param_names is None else [re.escape(prefix + n) for n in self._param_names]
+        try:
+            res = ntk_spectrum(
+                model, inputs, self.k, self.trace_outputs, method=self.method, max_exact_size=self.max_exact_size,
+                tol=self.tol, max_matvecs=self.max_matvecs, init=self._warm, params=params,
+                generator=torch.Generator().manual_seed(self.probe_seed), return_vectors=False,
+            )
+        except ValueError as err:
+            raise ValueError(f"NTKSpectrum (probe_size={self.probe_size}, k={self.k}): {err}") from err
+        values = res.values
+        metrics: dict[str, float] = {"ntk/max_eig": float(values[0])}
+        if res.kernel is not None:
+            kernel = res.kernel
+            summary = ntk_summary(kernel, eigenvalues=res.eigenvalues)
+            metrics.update({"ntk/trace": summary.trace, "ntk/cond": summary.cond, "ntk/effective_rank": summary.effective_rank})
+            if self.alignment:
+                metrics["ntk/alignment"] = kernel_target_alignment(kernel, self._targets(batch, kernel.shape[0]))
+            metrics.update(self._distances(kernel))
+        else:
+            self._warm = res.vectors.detach()
+            metrics["ntk/trace"] = ntk_trace(model, inputs, params=params)
+            if not self._warned_matrix_free:
+                self._warned_matrix_free = True
+                rank_zero_warn(
+                    f"NTKSpectrum: the kernel ({res.vectors.shape[0]} rows) is larger than max_exact_size="
+                    f"{self.max_exact_size} (or method='lanczos'), so only ntk/max_eig, ntk/trace and the top-{self.k} "
+                    "spectrum are logged; ntk/cond, ntk/effective_rank, ntk/alignment and ntk/distance_from_init need "
+                    "the whole kernel (raise max_exact_size or lower probe_size to get them)."
+                )
+        if self.histograms:
+            log_histogram(trainer, "ntk/eigenvalues", values)
+        if self.figures:
+            fig, ax = new_figure()
+            ax.semilogy(range(1, len(values) + 1), values.clamp_min(1e-30).tolist(), marker="o")
+            ax.set_xlabel("index")
+            ax.set_ylabel("NTK eigenvalue")
+            ax.set_title(f"NTK spectrum, step {trainer.global_step}")
+            log_figure(trainer, "ntk/spectrum", fig)
+        return metrics
+
+    # ----------------------------------------------------------------------------------------------
+    def _targets(self, batch: Any, size: int) -> torch.Tensor:
+        """Targets as an ``(n, c)`` real matrix matching the kernel (class labels one-hot)."""
+        try:
+            y = batch_targets(batch)
+        except TypeError as err:
+            raise ValueError(f"NTKSpectrum(alignment=True): {err}; or set alignment=False") from err
+        if not isinstance(y, torch.Tensor):
+            raise ValueError(f"NTKSpectrum(alignment=True): the probe targets are {type(y).__name__}, not a tensor; set alignment=False")
+        n = y.shape[0] if y.ndim else 0
+        c = size // n if n and not self.trace_outputs else None
+        if not y.is_floating_point():
+            classes = c if c is not None else int(y.max()) + 1
+            if y.ndim != 1 or (c is not None and int(y.max()) >= c):
+                raise ValueError(
+                    f"NTKSpectrum(alignment=True): integer targets of shape {tuple(y.shape)} cannot be one-hot encoded "
+                    f"to the model's {c} outputs; set alignment=False or define `probe_outputs`"
+                )
+            y = torch.nn.functional.one_hot(y.long(), classes).to(torch.float64)
+        y = y.reshape(y.shape[0], -1)
+        if self.trace_outputs:
+            if y.shape[0] != size:
+                raise ValueError(f"NTKSpectrum(alignment=True): {y.shape[0]} targets for a kernel over {size} samples")
+        elif y.numel() != size:
+            raise ValueError(
+                f"NTKSpectrum(alignment=True): targets of shape {tuple(y.shape)} do not match the {size} kernel rows "
+                "(n samples × c outputs); set alignment=False or make the targets match the outputs"
+            )
+        return y if self.trace_outputs else y.reshape(-1)
+
+    def _distances(self, kernel: torch.Tensor) -> dict[str, float]:
+        current = kernel.detach().float().cpu()
+        if self._k0 is None:
+            self._k0 = current
+        if self._k0.shape != current.shape:
+            raise ValueError(
+                f"NTKSpectrum: the kernel at the first measurement had shape {tuple(self._k0.shape)}, now "
+                f"{tuple(current.shape)}: the probe batch or the outputs changed (e.g. probe_size changed before a resume)"
+            )
+        out = {"ntk/distance_from_init": kernel_distance(self._k0, current)}
+        if self._k_prev is not None:
+            out["ntk/velocity"] = kernel_distance(self._k_prev, current)
+        self._k_prev = current
+        return out
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"k0": self._k0, "k_prev": self._k_prev}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._k0, self._k_prev = (
+            t.detach().float().cpu() if isinstance(t, torch.Tensor) else None for t in (state.get("k0"), state.get("k_prev"))
+        )
+
+
+def _outputs_model(pl_module: pl.LightningModule, batch: Any) -> tuple[nn.Module, Any, str]:
+    """The model to differentiate, its inputs and the prefix of its parameter names."""
+    if hasattr(pl_module, "probe_outputs"):
+        return ProbeOutputs(pl_module), batch, "module."
+    return pl_module, batch_inputs(batch), ""

@@ -1,0 +1,321 @@
+"""Lanczos eigensolver for symmetric linear operators given only as matrix-vector products.
+
+Used for Hessian spectra (:mod:`lightning_align.measure.hessian`) and matrix-free NTK eigenvalues.
+Why Lanczos and not power iteration (PyHessian, Cockpit): it needs ``O(log n / sqrt(eps))`` products
+instead of ``O(log n / eps)``, it finds the largest *algebraic* (not largest magnitude) eigenvalue,
+and it gives both ends of the spectrum from one Krylov space.
+
+The implementation keeps the whole Krylov basis and re-orthogonalises every new vector against it
+twice ("twice is enough"), so no ghost eigenvalues appear. It stops on the Ritz residual
+``‖A y - θ y‖ = β_m |s_m|``: an eigenvalue of ``A`` lies within that distance of every Ritz value
+``θ``, so the stopping rule ``residual <= tol · max|θ|`` bounds the eigenvalue error by
+``tol`` relative to the spectral scale (and in practice by far less: the error is ``O(residual²/gap)``).
+
+A warm start (``init``: previous eigenvector estimates) cuts the number of products from a random
+start's ``log n`` term to a few, which is what makes measuring sharpness during training cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Which = Literal["LA", "SA", "LM"]
+
+#: Relative norm of the random perturbation mixed into a warm start, so that a start vector that is
+#: (almost) an exact eigenvector cannot end the Krylov space at once and hide a larger eigenvalue.
+WARM_START_NOISE = 0.01
+
+
+@dataclass
+class LanczosResult:
+    """Eigenpairs from :func:`lanczos_eigs`.
+
+    Attributes:
+        values: ``(k,)`` Ritz values, ordered as asked (``"LA"``: largest first, ``"SA"``: smallest
+            first, ``"LM"``: largest magnitude first). NaN when the operator returned a non-finite vector.
+        vectors: ``(n, k)`` unit Ritz vectors, column ``i`` belongs to ``values[i]``.
+        num_matvecs: number of operator products used.
+        residuals: ``(k,)`` Ritz residual norms ``‖A y_i - θ_i y_i‖`` (each bounds the distance from
+            ``values[i]`` to the nearest eigenvalue of ``A``).
+    """
+
+    values: Tensor
+    vectors: Tensor
+    num_matvecs: int
+    residuals: Tensor
+
+    @property
+    def converged(self) -> bool:
+        """Whether every value is finite (the residual test itself is applied while iterating)."""
+        return bool(torch.isfinite(self.values).all())
+
+
+def lanczos_eigs(
+    matvec: Callable[[Tensor], Tensor],
+    dim: int,
+    k: int = 1,
+    which: Which = "LA",
+    tol: float = 1e-3,
+    max_matvecs: int = 100,
+    init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> LanczosResult:
+    """``k`` extreme eigenpairs of a symmetric operator by Lanczos with full re-orthogonalisation.
+
+    Args:
+        matvec: ``v -> A v`` on flat ``(dim,)`` vectors of ``dtype`` on ``device``; ``A`` must be symmetric.
+        dim: size of the vectors.
+        k: number of eigenpairs.
+        which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude.
+        tol: stop when every wanted Ritz residual is ``<= tol · max|θ|`` (``0`` runs ``max_matvecs``
+            products, or ``dim`` if smaller, where the result is exact).
+        max_matvecs: most operator products.
+        init: warm start: a ``(dim,)`` vector or ``(dim, j)`` columns (e.g. the previous ``vectors``);
+            the start vector is their normalised sum plus a small random perturbation.
+        generator: random stream of the start vector / perturbation (the global stream is not used
+            when given; pass the same seed on every DDP rank so all ranks run the same iteration).
+        dtype: dtype of the Krylov basis and of the vectors given to ``matvec``.
+        device: device of the vectors (default: that of ``init``, else CPU).
+
+    Returns:
+        A :class:`LanczosResult`.
+
+    Raises:
+        ValueError: on ``k < 1``, ``k > dim``, ``max_matvecs < k``, an unknown ``which``, a negative
+            ``tol`` or an ``init`` of the wrong shape.
+
+    Example:
+        >>> a = torch.diag(torch.arange(1.0, 11.0))
+        >>> res = lanczos_eigs(lambda v: a @ v, dim=10, k=2, tol=1e-6)
+        >>> [round(x, 4) for x in res.values.tolist()]
+        [10.0, 9.0]
+    """
+    _check_args(dim, k, which, tol, max_matvecs)
+    if device is None:
+        device = init.device if init is not None else torch.device("cpu")
+    device = torch.device(device)
+    start = _start_vector(dim, init, generator, dtype, device)
+    return _lanczos(matvec, start, [(k, which)], tol, min(max_matvecs, dim), generator)[0]
+
+
+def lanczos_extremes(
+    matvec: Callable[[Tensor], Tensor],
+    dim: int,
+    k_top: int = 1,
+    k_bottom: int = 1,
+    tol: float = 1e-3,
+    max_matvecs: int = 100,
+    init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[LanczosResult, LanczosResult]:
+    """The ``k_top`` largest and ``k_bottom`` smallest eigenpairs from one Krylov space.
+
+    Both ends converge in the same run, so this costs the products of the slower end only (instead of
+    the sum of two :func:`lanczos_eigs` runs). Arguments as in :func:`lanczos_eigs`; ``init`` may hold
+    the previous top and bottom vectors side by side.
+
+    Returns:
+        ``(top, bottom)``: top values largest first, bottom values smallest first. Both report the
+        shared ``num_matvecs``.
+
+    Example:
+        >>> a = torch.diag(torch.arange(-3.0, 7.0))
+        >>> top, bottom = lanczos_extremes(lambda v: a @ v, dim=10, tol=1e-6)
+        >>> round(float(top.values[0]), 4), round(float(bottom.values[0]), 4)
+        (6.0, -3.0)
+    """
+    _check_args(dim, max(k_top, k_bottom), "LA", tol, max_matvecs)
+    if k_top + k_bottom > dim:
+        raise ValueError(f"lanczos_extremes: k_top + k_bottom = {k_top + k_bottom} exceeds the dimension {dim}")
+    if device is None:
+        device = init.device if init is not None else torch.device("cpu")
+    device = torch.device(device)
+    start = _start_vector(dim, init, generator, dtype, device)
+    steps = max(min(max_matvecs, dim), k_top + k_bottom)
+    top, bottom = _lanczos(matvec, start, [(k_top, "LA"), (k_bottom, "SA")], tol, steps, generator)
+    return top, bottom
+
+
+def _check_args(dim: int, k: int, which: str, tol: float, max_matvecs: int) -> None:
+    if which not in ("LA", "SA", "LM"):
+        raise ValueError(f"lanczos_eigs: which must be 'LA', 'SA' or 'LM', got {which!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"lanczos_eigs: k must be a positive int, got {k!r}")
+    if k > dim:
+        raise ValueError(f"lanczos_eigs: k={k} eigenpairs asked of an operator of dimension {dim}; use k <= {dim}")
+    if max_matvecs < k:
+        raise ValueError(f"lanczos_eigs: max_matvecs={max_matvecs} is less than k={k}; allow at least k products")
+    if not tol >= 0:
+        raise ValueError(f"lanczos_eigs: tol must be >= 0, got {tol!r}")
+
+
+def _randn(dim: int, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device) -> Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(dim, generator=generator, dtype=dtype, device=gen_device).to(device)
+
+
+def _start_vector(
+    dim: int, init: Tensor | None, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    noise = _randn(dim, generator, dtype, device)
+    noise = noise / noise.norm()
+    if init is None:
+        return noise
+    cols = init.detach().to(device=device, dtype=dtype)
+    cols = cols.unsqueeze(1) if cols.ndim == 1 else cols
+    if cols.ndim != 2 or cols.shape[0] != dim:
+        raise ValueError(f"lanczos_eigs: init must have shape ({dim},) or ({dim}, j), got {tuple(init.shape)}")
+    norms = cols.norm(dim=0)
+    usable = torch.isfinite(cols).all(dim=0) & (norms > 0)
+    if not bool(usable.any()):
+        return noise
+    start = (cols[:, usable] / norms[usable]).sum(dim=1)
+    start_norm = start.norm()
+    if not start_norm > 0:
+        return noise
+    return start / start_norm + WARM_START_NOISE * noise
+
+
+def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
+    """Indices of the ``k`` wanted Ritz values among ``theta`` (ascending), in output order."""
+    if which == "LA":
+        return torch.arange(len(theta) - 1, len(theta) - 1 - k, -1)
+    if which == "SA":
+        return torch.arange(k)
+    return torch.argsort(theta.abs(), descending=True, stable=True)[:k]
+
+
+def _lanczos(
+    matvec: Callable[[Tensor], Tensor],
+    start: Tensor,
+    wants: list[tuple[int, str]],
+    tol: float,
+    max_steps: int,
+    generator: torch.Generator | None,
+) -> list[LanczosResult]:
+    """Run Lanczos until every ``(k, which)`` in ``wants`` has converged Ritz pairs; one result each."""
+    dim, dtype, device = start.numel(), start.dtype, start.device
+    need = max(k for k, _ in wants)
+    basis = torch.empty(max_steps, dim, dtype=dtype, device=device)
+    basis[0] = start / start.norm()
+    alphas: list[float] = []
+    betas: list[float] = []  # betas[j] couples basis j and j+1
+    for j in range(max_steps):
+        w = matvec(basis[j])
+        if w.shape != (dim,):
+            raise ValueError(f"lanczos_eigs: matvec returned shape {tuple(w.shape)}, expected ({dim},)")
+        w = w.to(dtype)
+        if not bool(torch.isfinite(w).all()):
+            return [_nan_result(k, dim, j + 1, dtype, device) for k, _ in wants]
+        alphas.append(float(torch.dot(w, basis[j])))
+        q = basis[: j + 1]
+        w = w - q.T @ (q @ w)
+        w = w - q.T @ (q @ w)  # second pass: full re-orthogonalisation to working precision
+        beta = float(w.norm())
+        theta, s = _tridiagonal_eigh(alphas, betas)
+        m = j + 1
+        scale = max(float(theta.abs().max()), 1e-30)
+        if m >= need:
+            picks = [_wanted(theta, k, which) for k, which in wants]
+            residuals = [beta * s[-1, idx].abs() for idx in picks]
+            if all(bool((r <= tol * scale).all()) for r in residuals) or m == max_steps:
+                return [_result(basis[:m], theta, s, idx, r, m) for idx, r in zip(picks, residuals)]
+        if beta <= 10 * torch.finfo(dtype).eps * scale * math.sqrt(m):
+            # invariant subspace found: continue in its orthogonal complement
+            w = _randn(dim, generator, dtype, device)
+            w = w - q.T @ (q @ w)
+            w = w - q.T @ (q @ w)
+            beta_next, w = 0.0, w / w.norm()
+        else:
+            beta_next, w = beta, w / beta
+        betas.append(beta_next)
+        basis[j + 1] = w
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition (float64, ascending) of the Lanczos tridiagonal matrix."""
+    m = len(alphas)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.linalg.eigh(t)
+
+
+def _result(basis: Tensor, theta: Tensor, s: Tensor, idx: Tensor, residuals: Tensor, m: int) -> LanczosResult:
+    coeffs = s[:, idx].to(device=basis.device, dtype=basis.dtype)
+    vectors = basis.T @ coeffs
+    vectors = vectors / vectors.norm(dim=0, keepdim=True)
+    return LanczosResult(values=theta[idx].clone(), vectors=vectors, num_matvecs=m, residuals=residuals.clone())
+
+
+def _nan_result(k: int, dim: int, num_matvecs: int, dtype: torch.dtype, device: torch.device) -> LanczosResult:
+    nan = torch.full((k,), float("nan"), dtype=torch.float64)
+    return LanczosResult(
+        values=nan,
+        vectors=torch.full((dim, k), float("nan"), dtype=dtype, device=device),
+        num_matvecs=num_matvecs,
+        residuals=nan.clone(),
+    )
+
+
+def lanczos_tridiagonal(
+    matvec: Callable[[Tensor], Tensor],
+    start: Tensor,
+    steps: int,
+    generator: torch.Generator | None = None,
+    restart_on_breakdown: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``steps`` Lanczos steps from ``start`` (no stopping test): for quadrature and trace estimates.
+
+    Returns:
+        ``(theta, weights, basis)``: the Ritz values (ascending, float64), the squared first components
+        of the Ritz vectors (the Gauss quadrature weights of the spectral measure seen from ``start``;
+        they sum to 1), and the orthonormal Krylov basis ``(m, n)``. ``m`` is ``steps`` (capped at the
+        dimension), or less when the Krylov space of ``start`` is invariant (the quadrature is then
+        exact), unless ``restart_on_breakdown`` continues with a random orthogonal vector (for a basis
+        of the asked size, e.g. for trace estimates). Non-finite operator output gives NaN ``theta``.
+    """
+    dim = start.numel()
+    res_steps = min(steps, dim)
+    basis = torch.empty(res_steps, dim, dtype=start.dtype, device=start.device)
+    basis[0] = start / start.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(res_steps):
+        w = matvec(basis[j]).to(start.dtype)
+        if not bool(torch.isfinite(w).all()):
+            nan = torch.full((j + 1,), float("nan"), dtype=torch.float64)
+            return nan, nan.clone(), basis[: j + 1]
+        alphas.append(float(torch.dot(w, basis[j])))
+        if j + 1 == res_steps:
+            break
+        q = basis[: j + 1]
+        w = w - q.T @ (q @ w)
+        w = w - q.T @ (q @ w)
+        beta = float(w.norm())
+        if beta <= 10 * torch.finfo(start.dtype).eps * max(max(abs(a) for a in alphas), 1e-30) * math.sqrt(j + 1):
+            if not restart_on_breakdown:  # invariant subspace: the quadrature is exact with these nodes
+                res_steps = j + 1
+                break
+            w = _randn(dim, generator, start.dtype, start.device)
+            w = w - q.T @ (q @ w)
+            w = w - q.T @ (q @ w)
+            betas.append(0.0)
+            basis[j + 1] = w / w.norm()
+            continue
+        betas.append(beta)
+        basis[j + 1] = w / beta
+    theta, s = _tridiagonal_eigh(alphas, betas)
+    return theta, s[0] ** 2, basis[:res_steps]
