@@ -6,11 +6,13 @@ Measurement callbacks (alignment, sharpness, NTK, effective learning rates, rank
 """
 
 from lightning_align import measure
-from lightning_align.callbacks import FeatureAlignment, FeatureSpeedControl, MeasurementCallback, NTKSpectrum, RankMonitor
+from lightning_align.callbacks import ELRWarmup, EffectiveLR, FeatureAlignment, FeatureSpeedControl, MeasurementCallback, NTKSpectrum, RankMonitor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ELRWarmup",
+    "EffectiveLR",
     "FeatureAlignment",
     "FeatureSpeedControl",
     "MeasurementCallback",

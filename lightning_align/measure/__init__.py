@@ -6,6 +6,19 @@ found it (parameters, buffers, ``.grad``, flags, RNG).
 
 from lightning_align.measure.alignment import FeatureKernel, FeatureSpeed, FeatureSpeedResults, feature_kernel, feature_speed
 from lightning_align.measure.batch import batch_inputs, batch_targets
+from lightning_align.measure.elr import (
+    ELRSpread,
+    ScaleInvariance,
+    critical_lr,
+    default_weight_modules,
+    detect_scale_invariance,
+    effective_lrs,
+    elr_spread,
+    grad_weight_ratios,
+    group_norm,
+    next_elr,
+    weight_group,
+)
 from lightning_align.measure.ntk import (
     NTKSpectrumResult,
     NTKSummary,
@@ -35,6 +48,17 @@ from lightning_align.measure.rank import (
 from lightning_align.measure.state import preserved_rng, preserved_state
 
 __all__ = [
+    "ELRSpread",
+    "ScaleInvariance",
+    "critical_lr",
+    "default_weight_modules",
+    "detect_scale_invariance",
+    "effective_lrs",
+    "elr_spread",
+    "grad_weight_ratios",
+    "group_norm",
+    "next_elr",
+    "weight_group",
     "NTKSpectrumResult",
     "NTKSummary",
     "check_sample_independent",

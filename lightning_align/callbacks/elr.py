@@ -1,0 +1,238 @@
+"""EffectiveLR: per-layer effective learning rates, their spread and the critical LR (seed 004)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_align.callbacks.base import MeasurementCallback
+from lightning_align.logging import log_figure, log_text, markdown_table, new_figure, tag, tensorboard_writers
+from lightning_align.measure.elr import (
+    ScaleInvariance,
+    critical_lr,
+    default_weight_modules,
+    detect_scale_invariance,
+    effective_lrs,
+    elr_spread,
+    grad_weight_ratios,
+    weight_group,
+)
+from lightning_align.measure.modules import WEIGHT_LAYER_TYPES, select_modules
+from lightning_align.schedules import ScheduleName
+
+
+class EffectiveLR(MeasurementCallback):
+    """Per-layer effective learning rates ``‖Δw‖/‖w‖`` from the actual updates, their spread and ``η*``.
+
+    In normalized networks, the weights feeding a BatchNorm/LayerNorm/GroupNorm are scale-invariant and
+    what matters for them is the *effective* learning rate ``E_ℓ = ‖Δw_ℓ‖/‖w_ℓ‖``. At initialization deep
+    BN nets have a large spread of ELRs over layers (gradient explosion in the lower layers); any
+    constant LR closes it over time, but an LR above the *critical* LR ``η* = 1/sqrt(e_max·e_min)``
+    (``e_ℓ = ‖g_ℓ‖/‖w_ℓ‖``) flips and widens it (Mehmeti-Göpel & Wand, ICML 2024). Scale-invariant weights
+    are found once, before the first step, by scaling each weight (and its bias) on the probe batch
+    with BatchNorm using batch statistics (:func:`~lightning_align.measure.elr.detect_scale_invariance`).
+
+    Logged after each scheduled optimizer step (weights are copied just before it):
+
+    - ``elr/<layer>``: ELR of each weight (for scale-invariant ones, of the group that is invariant,
+      e.g. weight and bias before a LayerNorm);
+    - over scale-invariant layers: ``elr/spread`` (max/min), ``elr/log_spread_std`` (std of log ELR),
+      ``elr/critical_lr`` (from the step's gradients, assuming one LR for all layers) and
+      ``elr/lr_over_critical`` (``sqrt(max·min)`` of ``η_ℓ e_ℓ`` with each layer's LR: above 1 the spread
+      widens);
+    - ``elr/skipped_step``: 1 when no weight moved (e.g. an AMP step skipped on inf gradients; no ELRs
+      are logged for it), else 0;
+    - once, before training: ``elr/si/<layer>`` (1 scale-invariant, 0 not) and a TensorBoard text table;
+    - at the first measured step and then every ``figure_every_n_steps`` or more: a TensorBoard figure of
+      ELR vs layer index (``elr/profile``).
+
+    The gradients are those the optimizer is about to use (AMP-unscaled, before clipping, accumulated).
+    Cost: a copy of the tracked weights and a few norms per measured step; one or two probe forwards per
+    weight, once. Under DDP every rank computes the same values (weights and gradients are in sync).
+
+    Args:
+        every_n_steps: measure every this many optimizer steps.
+        weights: module names or regexes whose ``weight`` is tracked (default: every Linear/Conv/Embedding
+            with a trainable weight).
+        figure_every_n_steps: how often to draw the ELR profile figure (0 = never).
+        scale_factor: factor used by the scale-invariance test.
+        invariance_rtol: largest relative output change that still counts as scale-invariant.
+        schedule, probe_size, probe_seed: see :class:`MeasurementCallback` (the probe batch is used only
+            by the scale-invariance test).
+
+    Example::
+
+        trainer = Trainer(callbacks=[EffectiveLR(every_n_steps=10)])
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_align.EffectiveLR
+              init_args: {every_n_steps: 10}
+    """
+
+    family = "elr"
+    #: Every rank tests scale invariance on the same whole probe, so all ranks track the same weights.
+    shard_probe = False
+
+    def __init__(
+        self,
+        every_n_steps: int = 1,
+        weights: list[str] | None = None,
+        figure_every_n_steps: int = 100,
+        scale_factor: float = 2.0,
+        invariance_rtol: float = 1e-3,
+        schedule: ScheduleName = "linear",
+        probe_size: int = 256,
+        probe_seed: int = 0,
+    ) -> None:
+        # Batch statistics: scale invariance is a property of the train-mode function (see the test).
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode="train")
+        if not isinstance(figure_every_n_steps, int) or figure_every_n_steps < 0:
+            raise ValueError(f"EffectiveLR: figure_every_n_steps must be an int >= 0, got {figure_every_n_steps!r}")
+        if not (scale_factor > 0 and scale_factor != 1):
+            raise ValueError(f"EffectiveLR: scale_factor must be positive and != 1, got {scale_factor}")
+        if not invariance_rtol > 0:
+            raise ValueError(f"EffectiveLR: invariance_rtol must be positive, got {invariance_rtol}")
+        self.weights = weights
+        self.figure_every_n_steps = figure_every_n_steps
+        self.scale_factor = scale_factor
+        self.invariance_rtol = invariance_rtol
+        self._modules: dict[str, nn.Module] = {}
+        self.invariance: dict[str, ScaleInvariance] | None = None
+        self._before: dict[str, list[torch.Tensor]] | None = None
+        self._ratios: dict[str, float] = {}
+        self._lrs: dict[str, float] = {}
+        self._last_figure = -1
+
+    # ----------------------------------------------------------------------------------------------
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._modules = tracked_modules(pl_module, self.weights, "EffectiveLR(weights=...)")
+        self.invariance = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.invariance is None:  # resumed mid-run: no step-0 measurement ran
+            with self.probe_context(pl_module):
+                self._detect(trainer, pl_module)
+
+    def before_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.invariance is None:
+            return
+        groups = self._groups()
+        self._before = {name: [t.detach().clone() for t in ts] for name, ts in groups.items()}
+        si = {n: ts for n, ts in groups.items() if self.invariance[n].scale_invariant}
+        grads = {n: [t.grad for t in ts] for n, ts in si.items()}
+        scale = grad_scale(trainer, trainer.optimizers[0]) if trainer.optimizers else 1.0
+        self._ratios = {k: v / scale for k, v in grad_weight_ratios(si, grads).items()}
+        self._lrs = layer_lrs(trainer.optimizers, si)
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
+        metrics: dict[str, float] = {}
+        if self.invariance is None:
+            metrics.update(self._detect(trainer, pl_module, batch))
+        before, self._before = self._before, None
+        if before is None:  # step 0, or a step whose weights were not copied
+            return metrics
+        after = {name: [t.detach() for t in ts] for name, ts in self._groups().items()}
+        elrs = effective_lrs(before, after)
+        skipped = all(v == 0 for v in elrs.values())
+        metrics["elr/skipped_step"] = float(skipped)
+        if skipped:
+            return metrics
+        metrics.update({tag("elr", name): v for name, v in elrs.items()})
+        si_elrs = {n: v for n, v in elrs.items() if self.invariance[n].scale_invariant}
+        if si_elrs:
+            spread = elr_spread(si_elrs)
+            metrics["elr/spread"] = spread.ratio
+            metrics["elr/log_spread_std"] = spread.log_std
+            metrics["elr/critical_lr"] = critical_lr(self._ratios)
+            factor = critical_lr(self._ratios, self._lrs) if self._lrs.keys() >= self._ratios.keys() else math.nan
+            metrics["elr/lr_over_critical"] = 1.0 / factor if factor > 0 else (math.inf if factor == 0 else math.nan)
+        step = trainer.global_step
+        if self.figure_every_n_steps and (self._last_figure < 0 or step - self._last_figure >= self.figure_every_n_steps):
+            self._figure(trainer, elrs)
+            self._last_figure = step
+        return metrics
+
+    # ----------------------------------------------------------------------------------------------
+    def _groups(self) -> dict[str, list[torch.Tensor]]:
+        assert self.invariance is not None
+        return {n: weight_group(self._modules[n], self.invariance[n]) for n in self._modules}
+
+    def _detect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> dict[str, float]:
+        batch = self.probe_batch if batch is None else batch
+        self.invariance = detect_scale_invariance(
+            self.probe_outputs_model(pl_module), batch, self._modules, factor=self.scale_factor, rtol=self.invariance_rtol
+        )
+        rows = [[n, "yes" if r.scale_invariant else "no", "+".join(r.params), f"{r.relative_change:.1e}"]
+                for n, r in self.invariance.items()]
+        log_text(trainer, "elr/scale_invariant", markdown_table(["layer", "scale-invariant", "weight", "output change"], rows))
+        count = sum(r.scale_invariant for r in self.invariance.values())
+        rank_zero_info(
+            f"EffectiveLR: {count} of {len(self.invariance)} tracked weights of {type(pl_module).__name__} are "
+            "scale-invariant" + ("" if count else "; elr/spread and elr/critical_lr will not be logged")
+        )
+        return {tag("elr", "si", n): float(r.scale_invariant) for n, r in self.invariance.items()}
+
+    def _figure(self, trainer: pl.Trainer, elrs: Mapping[str, float]) -> None:
+        if not tensorboard_writers(trainer):
+            return
+        assert self.invariance is not None
+        fig, ax = new_figure()
+        names = list(elrs)
+        xs = list(range(len(names)))
+        for invariant, marker, label in ((True, "o", "scale-invariant"), (False, "x", "other")):
+            pts = [(i, elrs[n]) for i, n in zip(xs, names) if self.invariance[n].scale_invariant == invariant]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("layer index")
+        ax.set_ylabel("‖Δw‖/‖w‖")
+        ax.set_title(f"effective learning rates, step {trainer.global_step}")
+        ax.legend()
+        log_figure(trainer, "elr/profile", fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers shared with ELRWarmup
+# --------------------------------------------------------------------------------------------------
+def tracked_modules(model: nn.Module, patterns: list[str] | None, owner: str) -> dict[str, nn.Module]:
+    """Modules whose weights are tracked: the named ones (each must have a trainable ``weight``) or the default."""
+    if patterns is None:
+        chosen = default_weight_modules(model)
+        if not chosen:
+            raise ValueError(f"{owner}: {type(model).__name__} has no Linear/Conv/Embedding layer with a trainable weight")
+        return chosen
+    chosen = select_modules(model, patterns, WEIGHT_LAYER_TYPES, owner=owner)
+    bad = [n for n, m in chosen.items() if not (isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.requires_grad)]
+    if bad:
+        raise ValueError(f"{owner}: modules {bad} of {type(model).__name__} have no trainable `weight` parameter")
+    return chosen
+
+
+def layer_lrs(optimizers: list[torch.optim.Optimizer], groups: Mapping[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Layer -> learning rate of the optimizer param group holding its weight (layers not found are left out)."""
+    lr_of = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                lr_of[id(p)] = float(group["lr"])
+    return {n: lr_of[id(ts[0])] for n, ts in groups.items() if id(ts[0]) in lr_of}
+
+
+def grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float:
+    """The AMP loss scale still in ``.grad`` at ``on_before_optimizer_step`` (fused optimizers unscale in ``step``)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None:
+        return 1.0
+    from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+
+    return float(scaler.get_scale()) if _optimizer_handles_unscaling(optimizer) else 1.0
