@@ -164,7 +164,7 @@ class MeasurementCallback(Callback):
         self.validate(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._capture_probe(trainer, pl_module)
+        self.ensure_probe_batch(trainer, pl_module)
         step = trainer.global_step
         if step > self.last_step and self.schedule.is_due(step):
             self._run(trainer, pl_module)
@@ -197,7 +197,8 @@ class MeasurementCallback(Callback):
     # ----------------------------------------------------------------------------------------------
     # Internals
     # ----------------------------------------------------------------------------------------------
-    def _capture_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def ensure_probe_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Draw the fixed probe batch if not done yet (also callable by subclasses before step 0)."""
         if self.probe_batch is not None:
             return
         if self._explicit_probe is not None:
@@ -209,7 +210,7 @@ class MeasurementCallback(Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe_batch is None:
-            self._capture_probe(trainer, pl_module)
+            self.ensure_probe_batch(trainer, pl_module)
         # Lightning hands callbacks the LightningModule itself, never the DDP/FSDP wrapper.
         with self.probe_context(pl_module):
             metrics = self.measure(trainer, pl_module, self.probe_batch)

@@ -144,7 +144,7 @@ class FeatureSpeedControl(MeasurementCallback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._group_layer:
-            self._capture_probe(trainer, pl_module)
+            self.ensure_probe_batch(trainer, pl_module)
             with self.probe_context(pl_module):
                 res = feature_speed(self.probe_loss_model(pl_module), None, self.probe_batch, self._layers, lr=0.0)
             self.plan = _ownership(res)

@@ -11,6 +11,9 @@ twice ("twice is enough"), so no ghost eigenvalues appear. It stops on the Ritz 
 ``θ``, so the stopping rule ``residual <= tol · max|θ|`` bounds the eigenvalue error by
 ``tol`` relative to the spectral scale (and in practice by far less: the error is ``O(residual²/gap)``).
 
+Memory: the basis holds up to ``max_matvecs`` vectors of the operator's size (e.g. 50 × 10M fp32
+parameters = 2 GB), on the device of the vectors; lower ``max_matvecs`` for very large models.
+
 A warm start (``init``: previous eigenvector estimates) cuts the number of products from a random
 start's ``log n`` term to a few, which is what makes measuring sharpness during training cheap.
 """
@@ -141,7 +144,7 @@ def lanczos_extremes(
         device = init.device if init is not None else torch.device("cpu")
     device = torch.device(device)
     start = _start_vector(dim, init, generator, dtype, device)
-    steps = max(min(max_matvecs, dim), k_top + k_bottom)
+    steps = min(max(max_matvecs, k_top + k_bottom), dim)
     top, bottom = _lanczos(matvec, start, [(k_top, "LA"), (k_bottom, "SA")], tol, steps, generator)
     return top, bottom
 
@@ -205,7 +208,7 @@ def _lanczos(
 ) -> list[LanczosResult]:
     """Run Lanczos until every ``(k, which)`` in ``wants`` has converged Ritz pairs; one result each."""
     dim, dtype, device = start.numel(), start.dtype, start.device
-    need = max(k for k, _ in wants)
+    need = sum(k for k, _ in wants)  # both ends wanted: as many distinct Ritz values as asked in all
     basis = torch.empty(max_steps, dim, dtype=dtype, device=device)
     basis[0] = start / start.norm()
     alphas: list[float] = []
