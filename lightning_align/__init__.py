@@ -5,12 +5,15 @@ Measurement callbacks (alignment, sharpness, NTK, effective learning rates, rank
 :mod:`lightning_align.measure` and works without Lightning.
 """
 
-from lightning_align import measure
-from lightning_align.callbacks import ELRWarmup, EffectiveLR, FeatureAlignment, FeatureSpeedControl, MeasurementCallback, NTKSpectrum, RankMonitor
+from lightning_align import measure, parametrize
+from lightning_align.callbacks import CoordCheck, ELRWarmup, EffectiveLR, FeatureAlignment, FeatureSpeedControl, MeasurementCallback, NTKSpectrum, Parametrization, RankMonitor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CoordCheck",
+    "Parametrization",
+    "parametrize",
     "ELRWarmup",
     "EffectiveLR",
     "FeatureAlignment",

@@ -1,0 +1,101 @@
+"""CoordCheck: the coordinate check during training (activation sizes and feature movement per layer)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
+from lightning_align.logging import tag
+from lightning_align.measure.modules import WEIGHT_LAYER_TYPES, captured_outputs, select_modules
+from lightning_align.schedules import ScheduleName
+
+
+class CoordCheck(MeasurementCallback):
+    """Per-layer activation RMS and relative feature movement ``‖h_t − h_0‖ / ‖h_0‖`` on the probe batch.
+
+    The in-training version of microsoft/mup's coordinate check: under μP (and its depth extensions)
+    both stay Θ(1) as the model is made wider or deeper, so comparing runs at several widths shows
+    whether a parametrization is right. ``coord/delta`` is the feature-learning ratio: ≈ 0 in the
+    kernel (NTK) regime, Θ(1) under μP; it growing with width means the learning rate will not transfer.
+
+    Logged per layer (``<layer>`` = qualified module name):
+
+    - ``coord/rms/<layer>``: ``sqrt(mean h_t²)`` of the layer's output on the probe batch;
+    - ``coord/l1/<layer>``: ``mean |h_t|`` (mup's statistic);
+    - ``coord/delta/<layer>``: ``‖h_t − h_0‖ / ‖h_0‖`` with ``h_0`` the output at the first measurement
+      (kept in the callback's state, so it survives a resume).
+
+    Cost: one forward pass on the probe batch every ``every_n_steps``; ``h_0`` is kept in memory
+    (probe size × layer width floats per layer).
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (and at step 0).
+        layers: module names or regexes whose outputs are recorded (default: every Linear/Conv/Embedding).
+        schedule, probe_size, probe_seed, bn_mode, dropout: see :class:`MeasurementCallback`.
+
+    Example::
+
+        trainer = Trainer(callbacks=[Parametrization("mup", base_width=64), CoordCheck(every_n_steps=50)])
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_align.CoordCheck
+              init_args: {every_n_steps: 50}
+    """
+
+    family = "coord"
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        layers: list[str] | None = None,
+        schedule: ScheduleName = "linear",
+        probe_size: int = 256,
+        probe_seed: int = 0,
+        bn_mode: BatchNormMode = "train",
+        dropout: bool = False,
+    ) -> None:
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, dropout)
+        self.layers = layers
+        self._modules: dict[str, torch.nn.Module] = {}
+        self._h0: dict[str, torch.Tensor] = {}
+
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._modules = select_modules(pl_module, self.layers, WEIGHT_LAYER_TYPES, owner="CoordCheck(layers=...)")
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
+        model = self.probe_outputs_model(pl_module)
+        with torch.no_grad(), captured_outputs(self._modules) as features:
+            model(batch)
+        metrics: dict[str, torch.Tensor] = {}
+        for name in self._modules:
+            if name not in features:
+                raise RuntimeError(f"CoordCheck: layer {name!r} did not run in the forward pass on the probe batch")
+            h = features[name].detach().float()
+            h0 = self._h0.get(name)
+            if h0 is None:
+                h0 = self._h0[name] = h.clone()
+            elif h0.shape != h.shape:
+                raise ValueError(
+                    f"CoordCheck: the output of {name!r} has shape {tuple(h.shape)}, but h_0 (first measurement or "
+                    f"checkpoint) has {tuple(h0.shape)}; keep probe_size and the layer unchanged across a resume."
+                )
+            h0 = h0.to(h.device)
+            stats = torch.stack([h.pow(2).mean(), h.abs().mean(), (h - h0).pow(2).sum(), h0.pow(2).sum()])
+            stats = self.all_reduce_mean(trainer, stats)
+            metrics[tag("coord", "rms", name)] = stats[0].sqrt()
+            metrics[tag("coord", "l1", name)] = stats[1]
+            metrics[tag("coord", "delta", name)] = (stats[2] / stats[3]).sqrt() if stats[3] > 0 else stats[2] * 0
+        return metrics
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"h0": {k: v.detach().cpu() for k, v in self._h0.items()}}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._h0 = dict(state.get("h0", {}))

@@ -1,0 +1,403 @@
+"""Applying a parametrization to a plain ``nn.Module``: init rewrite, forward multipliers, optimizer groups.
+
+Pure PyTorch (no Lightning): :class:`~lightning_align.callbacks.parametrization.Parametrization` is a
+thin layer over :func:`parametrize`, and offline users (e.g. :func:`~lightning_align.parametrize.coord_check`)
+call it directly.
+
+- **Init** (``mup`` family, as ``mup.set_base_shapes(rescale_params=True)`` leaves it): biases of
+  ``Linear``/``Conv`` layers are multiplied by ``√m_in`` (width-constant), the readout weight and bias by
+  ``√m`` (width-constant), optionally zero-initialised. ``init="normal"``/``"orthogonal"`` then re-draw
+  every weight matrix (Gaussian, or orthogonal directions) at the RMS it has after that rescale, i.e. at
+  its role's μP scale.
+- **Forward multipliers** are forward hooks holding plain floats (they trace under ``torch.compile`` and
+  cost one scalar multiply): the readout input ``× output_mult / m`` (a pre-hook, as ``MuReadout``), the
+  input layers' outputs ``× input_mult``, residual branches' outputs ``× m_L^-α``. Modules exposing
+  ``attn_scale`` and ``head_dim`` get ``attn_scale × √(d0/d)`` (``1/d`` logits, equal to SP at the base).
+- **Optimizer**: an optimizer's param groups are split by per-parameter factor in place (lr,
+  ``initial_lr``, ``max_lr``, ``min_lr``, weight decay, ``eps``), and LR schedulers built on it follow
+  (:func:`retarget_scheduler`).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> def build(width):
+    ...     return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, width), nn.Linear(width, 2))
+    >>> with torch.device("meta"):
+    ...     base, delta = build(8), build(16)
+    >>> model = build(32)
+    >>> p = parametrize(model, base, delta, scheme="mup")
+    >>> opt = p.rewrite_optimizer(torch.optim.Adam(model.parameters(), lr=1e-2))
+    >>> sorted({g["lr"] for g in opt.param_groups})
+    [0.0025, 0.01]
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_align.parametrize.roles import ParamInfo, branch_parameters, infer_roles
+from lightning_align.parametrize.rules import (
+    MUP_FAMILY,
+    SCHEMES,
+    ParamRule,
+    Scale,
+    branch_multiplier,
+    optimizer_rule,
+    readout_multiplier_divisor,
+)
+
+INITS: tuple[str, ...] = ("default", "normal", "orthogonal")
+_ADAM_LIKE = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+    torch.optim.Adagrad, torch.optim.RMSprop,
+)  # fmt: skip
+_SGD_LIKE = (torch.optim.SGD, torch.optim.ASGD)
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+_SCHED_LR_LISTS = ("base_lrs", "_last_lr", "min_lrs", "max_lrs")
+_SCHED_PLAIN_LISTS = ("lr_lambdas",)
+
+
+class ScaleOutput:
+    """Forward hook: multiply a module's output (or the first tensor of a tuple output) by a constant."""
+
+    def __init__(self, multiplier: float) -> None:
+        self.multiplier = float(multiplier)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return output * self.multiplier
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (output[0] * self.multiplier, *output[1:])
+        raise TypeError(f"cannot scale the output of {type(module).__name__}: not a tensor")
+
+
+class ScaleReadoutInput:
+    """Forward pre-hook: ``x -> output_mult * x / width_mult`` on the first input (``MuReadout.forward``)."""
+
+    def __init__(self, output_mult: float, width_mult: float) -> None:
+        self.output_mult = output_mult
+        self.width_mult = width_mult
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (self.output_mult * args[0] / self.width_mult, *args[1:])
+
+
+def optimizer_family(optimizer: torch.optim.Optimizer, override: str = "auto") -> str:
+    """``"adam"`` or ``"sgd"`` for an optimizer (its class, or ``override``), else a clear error.
+
+    Adam-like: Adam, AdamW, Adamax, NAdam, RAdam, Adagrad, RMSprop and any class whose name contains
+    "adam". SGD-like: SGD, ASGD.
+    """
+    if override in ("adam", "sgd"):
+        return override
+    if override != "auto":
+        raise ValueError(f"optimizer_family must be 'auto', 'adam' or 'sgd', got {override!r}")
+    if isinstance(optimizer, _ADAM_LIKE) or "adam" in type(optimizer).__name__.lower():
+        return "adam"
+    if isinstance(optimizer, _SGD_LIKE):
+        return "sgd"
+    raise ValueError(
+        f"Parametrization: optimizer {type(optimizer).__name__} is not supported: μP learning-rate rules are "
+        "defined for Adam-like (entry-wise normalised) and SGD-like optimizers. Use one of Adam, AdamW, Adamax, "
+        "NAdam, RAdam, Adagrad, RMSprop, SGD, ASGD, or set `optimizer_family='adam'` / `'sgd'` if yours "
+        "behaves like one of them."
+    )
+
+
+@dataclass
+class Parametrized:
+    """A model with a parametrization applied: the role table and what was done to the model.
+
+    Attributes:
+        infos: role table ``{parameter name: ParamInfo}``.
+        scheme: the scheme applied.
+        depth_mult: ``L / L0``.
+        branches: residual branch module names.
+        attention: ``{module name: factor applied to attn_scale}``.
+        handles: forward-hook handles of the multipliers.
+        widths / base_widths: width hyper-parameters (filled by ``auto_parametrize``).
+    """
+
+    model: nn.Module
+    infos: dict[str, ParamInfo]
+    scheme: str
+    depth_mult: float = 1.0
+    branches: list[str] = field(default_factory=list)
+    input_mult: float = 1.0
+    output_mult: float = 1.0
+    decoupled_wd: bool = False
+    attention: dict[str, float] = field(default_factory=dict)
+    handles: list[Any] = field(default_factory=list)
+    widths: dict[str, int] = field(default_factory=dict)
+    base_widths: dict[str, int] = field(default_factory=dict)
+    _rewritten: Any = field(default_factory=weakref.WeakSet)
+
+    # -- rules ------------------------------------------------------------------------------------
+    def rule(self, name: str, family: str) -> ParamRule:
+        """Optimizer factors of parameter ``name`` for an optimizer family."""
+        return optimizer_rule(self.infos[name], self.scheme, family, self.depth_mult, self.decoupled_wd)
+
+    @property
+    def readout_modules(self) -> dict[str, ParamInfo]:
+        """``{module name: info of its weight}`` for output-role weights."""
+        return {i.module: i for i in self.infos.values() if i.role == "output" and i.name.endswith("weight")}
+
+    @property
+    def input_modules(self) -> list[str]:
+        """Modules owning an input-role weight."""
+        return list(dict.fromkeys(i.module for i in self.infos.values() if i.role == "input"))
+
+    # -- model changes --------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_init(self, init: str = "default", readout_zero_init: bool = False) -> None:
+        """Rescale the init in place (μP family) and optionally re-draw weights; call once per model."""
+        if init not in INITS:
+            raise ValueError(f"Parametrization: init must be one of {list(INITS)}, got {init!r}")
+        modules = dict(self.model.named_modules())
+        readouts = self.readout_modules
+        if self.scheme in MUP_FAMILY:
+            for name, module in modules.items():
+                if name in readouts:
+                    mult = readouts[name].width_mult
+                    for p in (getattr(module, "weight", None), getattr(module, "bias", None)):
+                        if p is not None:
+                            p.mul_(mult**0.5)
+                elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and module.bias is not None:
+                    info = self.infos.get(f"{name}.weight")
+                    if info is not None:
+                        module.bias.mul_(info.fanin_mult**0.5)
+        if init != "default":
+            params = dict(self.model.named_parameters())
+            for name, info in self.infos.items():
+                p = params[name]
+                if p.ndim < 2:
+                    continue
+                rms = p.float().pow(2).mean().sqrt().item()
+                if rms == 0:
+                    continue
+                if init == "normal":
+                    p.normal_(0.0, rms)
+                else:
+                    nn.init.orthogonal_(p)
+                    p.mul_(rms / p.float().pow(2).mean().sqrt().item())
+        if readout_zero_init:
+            for name in readouts:
+                for p in (getattr(modules[name], "weight", None), getattr(modules[name], "bias", None)):
+                    if p is not None:
+                        p.zero_()
+
+    def apply_attention(self, base: nn.Module) -> None:
+        """Set ``attn_scale *= √(d0/d)`` on modules exposing ``attn_scale`` and ``head_dim`` (μP family)."""
+        if self.scheme not in MUP_FAMILY:
+            return
+        base_modules = dict(base.named_modules())
+        for name, module in self.model.named_modules():
+            if not (hasattr(module, "attn_scale") and hasattr(module, "head_dim")):
+                continue
+            d, d0 = int(module.head_dim), int(getattr(base_modules.get(name), "head_dim", module.head_dim))
+            if d != d0:
+                factor = math.sqrt(d0 / d)
+                module.attn_scale = float(module.attn_scale) * factor
+                self.attention[name] = factor
+
+    def register_hooks(self) -> None:
+        """Register the forward multipliers (readout, input, branches); multipliers equal to 1 are skipped."""
+        modules = dict(self.model.named_modules())
+        for name, info in self.readout_modules.items():
+            div = readout_multiplier_divisor(self.scheme, info)
+            if self.output_mult != 1 or div != 1:
+                _require_layer(modules[name], info.name, "readout multiplier", (nn.Linear, nn.modules.conv._ConvNd))
+                self.handles.append(modules[name].register_forward_pre_hook(ScaleReadoutInput(self.output_mult, div)))
+        if self.input_mult != 1:
+            for name in self.input_modules:
+                _require_layer(modules[name], name, "input_mult", _INPUT_LAYERS)
+                self.handles.append(modules[name].register_forward_hook(ScaleOutput(self.input_mult)))
+        mult = branch_multiplier(self.scheme, self.depth_mult)
+        if mult != 1:
+            for name in self.branches:
+                self.handles.append(modules[name].register_forward_hook(ScaleOutput(mult)))
+
+    def remove_hooks(self) -> None:
+        """Remove the forward multipliers (the model is then SP-shaped again)."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    # -- optimizer --------------------------------------------------------------------------------
+    def rewrite_optimizer(self, optimizer: torch.optim.Optimizer, family: str = "auto") -> torch.optim.Optimizer:
+        """Split ``optimizer``'s param groups by per-parameter factor, in place (once per optimizer).
+
+        Returns:
+            The same optimizer. Its ``param_groups`` now hold scaled ``lr`` (and ``initial_lr``,
+            ``max_lr``, ``min_lr``), ``weight_decay`` and ``eps``. Use :func:`retarget_scheduler` for
+            schedulers created before this call.
+        """
+        self.rewrite_optimizer_with_mapping(optimizer, family)
+        return optimizer
+
+    def rewrite_optimizer_with_mapping(
+        self, optimizer: torch.optim.Optimizer, family: str = "auto"
+    ) -> list[tuple[int, ParamRule]] | None:
+        """As :meth:`rewrite_optimizer`; returns ``[(old group index, rule)]`` per new group (``None`` if done before)."""
+        if optimizer in self._rewritten:
+            return None
+        fam = optimizer_family(optimizer, family)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        new_groups: list[dict[str, Any]] = []
+        mapping: list[tuple[int, ParamRule]] = []
+        for gi, group in enumerate(optimizer.param_groups):
+            buckets: dict[tuple[float, ...], tuple[ParamRule, list[torch.Tensor]]] = {}
+            for p in group["params"]:
+                if id(p) not in names:
+                    raise ValueError(
+                        f"Parametrization: the optimizer holds a tensor of shape {tuple(p.shape)} that is not a "
+                        f"parameter of {type(self.model).__name__}; cannot tell its μP role."
+                    )
+                rule = self.rule(names[id(p)], fam)
+                buckets.setdefault(rule.key, (rule, []))[1].append(p)
+            for rule, params in buckets.values():
+                new = {k: v for k, v in group.items() if k != "params"}
+                new["params"] = params
+                _scale_group(new, rule)
+                new_groups.append(new)
+                mapping.append((gi, rule))
+        optimizer.param_groups = new_groups
+        self._rewritten.add(optimizer)
+        return mapping
+
+    def lr_table_rows(self, optimizers: Sequence[torch.optim.Optimizer]) -> list[list[Any]]:
+        """Rows ``[parameter, role, lr, weight_decay, eps]`` of the final per-parameter settings."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        rows = []
+        for opt in optimizers:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    n = names.get(id(p), "?")
+                    role = self.infos[n].role if n in self.infos else "?"
+                    rows.append([n, role, f"{_as_float(g.get('lr', float('nan'))):.6g}",
+                                 f"{_as_float(g.get('weight_decay', 0.0)):.6g}", _fmt_eps(g.get("eps"))])  # fmt: skip
+        return rows
+
+
+_INPUT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
+
+
+def _require_layer(module: nn.Module, name: str, what: str, kinds: tuple[type[nn.Module], ...]) -> None:
+    """A forward multiplier needs a layer of its own; a raw parameter inside a larger module has none."""
+    if not isinstance(module, kinds):
+        raise ValueError(
+            f"Parametrization: cannot apply the {what} to {name!r}: it belongs to a {type(module).__name__}, "
+            f"not a {'/'.join(k.__name__ for k in kinds)} layer whose output can be scaled. Keep the multiplier at "
+            "1, or give the parameter another role with `role_overrides`."
+        )
+
+
+def _as_float(x: Any) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def _fmt_eps(eps: Any) -> str:
+    if eps is None:
+        return ""
+    if isinstance(eps, (tuple, list)):
+        return ", ".join(f"{_as_float(e):.3g}" for e in eps)
+    return f"{_as_float(eps):.3g}"
+
+
+def _scale_value(value: Any, scale: Scale) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value * scale.mul / scale.div
+    return scale.apply(value)
+
+
+def _scale_group(group: dict[str, Any], rule: ParamRule) -> None:
+    if not rule.lr.is_one:
+        for k in _LR_KEYS:
+            if k in group and group[k] is not None:
+                group[k] = _scale_value(group[k], rule.lr)
+    if not rule.weight_decay.is_one and "weight_decay" in group:
+        group["weight_decay"] = _scale_value(group["weight_decay"], rule.weight_decay)
+    if not rule.eps.is_one and isinstance(group.get("eps"), (float, int, torch.Tensor)):
+        group["eps"] = _scale_value(group["eps"], rule.eps)
+
+
+def retarget_scheduler(scheduler: Any, mapping: Sequence[tuple[int, ParamRule]]) -> None:
+    """Make a scheduler built before :meth:`Parametrized.rewrite_optimizer` follow the new groups.
+
+    Per-group lists (``base_lrs``, ``_last_lr``, ``min_lrs``, ``max_lrs``, ``lr_lambdas``) are expanded to
+    the new groups, LR-valued ones scaled by each group's LR factor. Chained/sequential schedulers are
+    handled through their children. ``last_epoch`` and everything else are kept, so schedules stay
+    relative (mup's "schedulers must scale group LRs relatively").
+    """
+    for child in getattr(scheduler, "_schedulers", []) or []:
+        retarget_scheduler(child, mapping)
+    for attr in _SCHED_LR_LISTS + _SCHED_PLAIN_LISTS:
+        old = getattr(scheduler, attr, None)
+        if not isinstance(old, list) or not old:
+            continue
+        if len(old) <= max(gi for gi, _ in mapping):
+            raise ValueError(f"scheduler {type(scheduler).__name__}.{attr} has {len(old)} entries, fewer than the groups")
+        if attr in _SCHED_LR_LISTS:
+            new = [_scale_value(old[gi], rule.lr) for gi, rule in mapping]
+        else:
+            new = [old[gi] for gi, _ in mapping]
+        setattr(scheduler, attr, new)
+
+
+def parametrize(
+    model: nn.Module,
+    base: nn.Module,
+    delta: nn.Module,
+    scheme: str = "mup",
+    *,
+    depth_mult: float = 1.0,
+    branches: Sequence[str] = (),
+    init: str = "default",
+    readout_zero_init: bool = False,
+    input_mult: float = 1.0,
+    output_mult: float = 1.0,
+    decoupled_wd: bool = False,
+    role_overrides: Mapping[str, str] | None = None,
+    rescale_init: bool = True,
+) -> Parametrized:
+    """Apply ``scheme`` to ``model`` given base/delta models (same architecture, other widths).
+
+    Args:
+        model: the model to change in place.
+        base: the architecture at the base width (``meta`` device is fine).
+        delta: the architecture at another width (tells which dimensions scale).
+        scheme: ``sp | ntk | mup | depth_mup | completep``.
+        depth_mult: ``L / L0`` for depth schemes.
+        branches: residual branch module names (outputs scaled by ``m_L^-α``).
+        init: ``default`` (keep, μP-rescaled), ``normal`` or ``orthogonal`` (re-drawn at the μP scale).
+        readout_zero_init: zero the readout weight and bias.
+        input_mult / output_mult: μP's tunable input and output multipliers.
+        decoupled_wd: do not width-scale weight decay.
+        role_overrides: ``{regex: role}``.
+        rescale_init: change the weights (set ``False`` when they come from a μP checkpoint).
+
+    Returns:
+        The :class:`Parametrized` record; use ``rewrite_optimizer`` on the optimizer afterwards.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"Parametrization: unknown scheme {scheme!r}; choose one of {list(SCHEMES)}")
+    infos = branch_parameters(infer_roles(model, base, delta, role_overrides), list(branches))
+    modules = dict(model.named_modules())
+    missing = [b for b in branches if b not in modules]
+    if missing:
+        raise ValueError(f"Parametrization: residual branches {missing} are not modules of {type(model).__name__}")
+    p = Parametrized(
+        model, infos, scheme, float(depth_mult), list(branches), float(input_mult), float(output_mult), decoupled_wd
+    )
+    if rescale_init:
+        p.apply_init(init, readout_zero_init)
+    p.apply_attention(base)
+    p.register_hooks()
+    return p

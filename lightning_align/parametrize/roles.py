@@ -1,0 +1,209 @@
+"""Parameter roles (input / hidden / output / vector / fixed) found by comparing shapes across widths.
+
+microsoft/mup attaches an ``infshape`` to every parameter by zipping the shapes of a *base* model with
+those of a *delta* model: a dimension is "infinite" (scales with width) when it differs between the two.
+We do the same without touching the tensors: the model is re-instantiated on the ``meta`` device (no
+memory, no RNG) at the base width and at a second width, and the comparison is kept in a side table of
+:class:`ParamInfo` keyed by parameter name. Nothing is stored on the parameters, so the table survives
+``torch.compile``, DDP/FSDP, ``deepcopy`` and checkpoints.
+
+Roles follow TP5 Table 8 (mup's MuReadout form):
+
+- ``hidden``: two infinite dimensions (fan-in and fan-out scale), e.g. ``Linear(n, n)``.
+- ``input``: one infinite dimension that is the fan-out (``Linear(d, n)``), or any embedding-like
+  weight (``nn.Embedding(V, n)``, raw ``nn.Parameter`` tables).
+- ``output``: a ``Linear``/``Conv`` weight whose only infinite dimension is the fan-in (the readout).
+- ``vector``: a 1-D tensor with an infinite dimension (hidden biases, norm gains).
+- ``fixed``: no infinite dimension (e.g. the readout bias, parameters of width-independent parts).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> def build(width):
+    ...     return nn.Sequential(nn.Linear(3, width), nn.ReLU(), nn.Linear(width, width), nn.Linear(width, 2))
+    >>> with torch.device("meta"):
+    ...     base, delta = build(8), build(16)
+    >>> infos = infer_roles(build(32), base, delta)
+    >>> [infos[n].role for n in ("0.weight", "2.weight", "3.weight", "3.bias")]
+    ['input', 'hidden', 'output', 'fixed']
+    >>> infos["2.weight"].width_mult
+    4.0
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+Role = Literal["input", "hidden", "output", "vector", "fixed"]
+ROLES: tuple[str, ...] = ("input", "hidden", "output", "vector", "fixed")
+_FAN_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What the parametrization knows about one parameter (a row of the role table).
+
+    Attributes:
+        name: qualified parameter name (``named_parameters()``).
+        module: qualified name of the module that owns it.
+        shape: its shape in the model being trained.
+        base_shape: its shape at the base width.
+        infinite: for each dimension, whether it scales with width (mup's ``InfDim.isinf``).
+        role: one of :data:`ROLES`.
+        in_branch: it lives inside a residual branch (depth scaling applies).
+    """
+
+    name: str
+    module: str
+    shape: tuple[int, ...]
+    base_shape: tuple[int, ...]
+    infinite: tuple[bool, ...]
+    role: str
+    in_branch: bool = False
+
+    def dim_mult(self, i: int) -> float:
+        """``dim / base_dim`` for an infinite dimension, 1 for a finite one (mup ``InfDim.width_mult``)."""
+        return self.shape[i] / self.base_shape[i] if self.infinite[i] else 1
+
+    @property
+    def ninf(self) -> int:
+        """Number of infinite dimensions."""
+        return sum(self.infinite)
+
+    @property
+    def width_mult(self) -> float:
+        """Multiplier of the *last* infinite dimension (the fan-in of a hidden weight), as mup's ``InfShape``."""
+        for i in reversed(range(len(self.shape))):
+            if self.infinite[i]:
+                return self.dim_mult(i)
+        return 1
+
+    @property
+    def fanin_mult(self) -> float:
+        """Width multiplier of dimension 1 (fan-in), 1 for tensors with fewer than 2 dimensions."""
+        return self.dim_mult(1) if len(self.shape) >= 2 else 1
+
+    @property
+    def fanin_fanout_ratio(self) -> float:
+        """``fanin_mult / fanout_mult`` (mup ``InfShape.fanin_fanout_mult_ratio``)."""
+        return self.dim_mult(1) / self.dim_mult(0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-type dict (for ``state_dict`` and tables)."""
+        return asdict(self)
+
+
+def infer_roles(
+    model: nn.Module,
+    base: nn.Module,
+    delta: nn.Module,
+    overrides: Mapping[str, str] | None = None,
+    *,
+    owner: str = "Parametrization",
+) -> dict[str, ParamInfo]:
+    """Role of every parameter of ``model`` from the shapes of a base and a delta model.
+
+    Args:
+        model: the model to parametrize (any width).
+        base: the same architecture at the base width (typically on the ``meta`` device).
+        delta: the same architecture at another width, to tell which dimensions scale with width.
+        overrides: ``{regex: role}``; a parameter whose name fully matches a regex gets that role.
+        owner: who is asking (named in error messages).
+
+    Returns:
+        ``{parameter name: ParamInfo}`` in ``named_parameters()`` order.
+
+    Raises:
+        ValueError: parameter names differ between the models, a shape has a different number of
+            dimensions, a tensor has more than two infinite dimensions, an override names an unknown
+            role or matches no parameter.
+    """
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    base_shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    delta_shapes = {n: tuple(p.shape) for n, p in delta.named_parameters()}
+    for other, what in ((base_shapes, "base"), (delta_shapes, "delta")):
+        if other.keys() != shapes.keys():
+            extra, missing = sorted(other.keys() - shapes.keys()), sorted(shapes.keys() - other.keys())
+            raise ValueError(
+                f"{owner}: the {what}-width model has different parameters than the model being trained "
+                f"(only in {what}: {extra[:5]}, missing there: {missing[:5]}). Width keys must only change "
+                "sizes, not the set of layers; check `width_keys`."
+            )
+    modules = dict(model.named_modules())
+    compiled = _compile_overrides(overrides, shapes, owner)
+    infos: dict[str, ParamInfo] = {}
+    for name, shape in shapes.items():
+        b, d = base_shapes[name], delta_shapes[name]
+        if not (len(b) == len(d) == len(shape)):
+            raise ValueError(f"{owner}: parameter {name!r} changes its number of dimensions with width")
+        infinite = tuple(bi != di for bi, di in zip(b, d))
+        owner_name = name.rsplit(".", 1)[0] if "." in name else ""
+        role = _auto_role(name, infinite, modules.get(owner_name), owner)
+        for regex, forced in compiled:
+            if regex.fullmatch(name):
+                role = forced
+        infos[name] = ParamInfo(name, owner_name, shape, b, infinite, role)
+    return infos
+
+
+def _compile_overrides(
+    overrides: Mapping[str, str] | None, names: Mapping[str, Any], owner: str
+) -> list[tuple[re.Pattern[str], str]]:
+    compiled = []
+    for pattern, role in (overrides or {}).items():
+        if role not in ROLES:
+            raise ValueError(f"{owner}(role_overrides=...): role {role!r} for {pattern!r} is not one of {list(ROLES)}")
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{owner}(role_overrides=...): {pattern!r} is not a valid regular expression: {err}") from err
+        if not any(regex.fullmatch(n) for n in names):
+            raise ValueError(
+                f"{owner}(role_overrides=...): pattern {pattern!r} matches no parameter; "
+                f"parameter names look like {list(names)[:6]}"
+            )
+        compiled.append((regex, role))
+    return compiled
+
+
+def _auto_role(name: str, infinite: tuple[bool, ...], module: nn.Module | None, owner: str) -> str:
+    ninf = sum(infinite)
+    if ninf == 0:
+        return "fixed"
+    if len(infinite) < 2:
+        return "vector"
+    if ninf > 2 or (ninf == 2 and not (infinite[0] and infinite[1])):
+        raise ValueError(
+            f"{owner}: parameter {name!r} has infinite dimensions {infinite}; only (fan_out, fan_in) may both "
+            "scale with width (as in microsoft/mup). Give it a role with `role_overrides`."
+        )
+    if ninf == 2:
+        return "hidden"
+    if isinstance(module, _FAN_LAYERS):
+        return "input" if infinite[0] else "output"
+    return "input"  # embedding tables and raw parameters: a lookup, fan-in fixed
+
+
+def branch_parameters(infos: Mapping[str, ParamInfo], branches: list[str]) -> dict[str, ParamInfo]:
+    """Copy of ``infos`` with ``in_branch`` set for parameters inside any of the ``branches`` modules."""
+    out = {}
+    for name, info in infos.items():
+        inside = any(info.module == b or info.module.startswith(b + ".") for b in branches)
+        out[name] = ParamInfo(**{**info.as_dict(), "in_branch": inside})
+    return out
+
+
+def role_table_rows(infos: Mapping[str, ParamInfo]) -> list[list[Any]]:
+    """Rows ``[name, shape, base shape, role, width mult, in branch]`` for :func:`markdown_table`."""
+    return [
+        [i.name, list(i.shape), list(i.base_shape), i.role, f"{i.width_mult:g}", "yes" if i.in_branch else ""]
+        for i in infos.values()
+    ]
+
+
+ROLE_TABLE_HEADER = ["parameter", "shape", "base shape", "role", "width mult", "in branch"]
