@@ -8,9 +8,18 @@ from lightning_align.callbacks.feature_speed_control import FeatureSpeedControl
 from lightning_align.callbacks.ntk import NTKSpectrum
 from lightning_align.callbacks.parametrization import Parametrization
 from lightning_align.callbacks.rank import RankMonitor
+from lightning_align.callbacks.sharpness import Sharpness
 from lightning_align.callbacks.warmup import ELRWarmup
 
 __all__ = [
     "CoordCheck",
+    "ELRWarmup",
+    "EffectiveLR",
+    "FeatureAlignment",
+    "FeatureSpeedControl",
+    "MeasurementCallback",
+    "NTKSpectrum",
     "Parametrization",
-    "ELRWarmup", "EffectiveLR", "FeatureAlignment", "FeatureSpeedControl", "MeasurementCallback", "NTKSpectrum", "RankMonitor"]
+    "RankMonitor",
+    "Sharpness",
+]

@@ -42,7 +42,7 @@ from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_align.measure.batch import batch_inputs, batch_targets
-from lightning_align.measure.modules import first_tensor, select_modules
+from lightning_align.measure.modules import captured_outputs, select_modules
 from lightning_align.measure.state import preserved_state
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -173,7 +173,7 @@ def feature_speed(
         trainable = [n for n in point if _trainable(model, n)]
         leaves = {n: (point[n].detach().requires_grad_(True) if n in trainable else point[n].detach()) for n in point}
         buffers = dict(model.named_buffers())
-        with _capture(mods) as feats:
+        with captured_outputs(mods) as feats:
             loss = _loss(functional_call(model, {**leaves, **buffers}, (_model_input(loss_fn, batch),)), loss_fn, batch)
         _check_captured(mods, feats)
         f = [feats[n] for n in mods]
@@ -242,7 +242,7 @@ def feature_kernel(
         x = _model_input(loss_fn, batch)
 
         def feature(theta: dict[str, torch.Tensor]) -> torch.Tensor:
-            with _capture(mods) as feats:
+            with captured_outputs(mods) as feats:
                 functional_call(model, {**theta, **frozen, **buffers}, (x,))
             _check_captured(mods, feats)
             return feats[name].flatten()
@@ -328,29 +328,6 @@ def _loss(outputs: Any, loss_fn: LossFn | None, batch: Any) -> torch.Tensor:
     return loss.reshape(())
 
 
-@contextlib.contextmanager
-def _capture(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record each module's output; downstream code gets a copy, so in-place ops cannot alter it."""
-    store: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in modules.items():
-
-        def hook(_m: nn.Module, _inp: Any, out: Any, name: str = name) -> Any:
-            t = first_tensor(out)
-            store[name] = t
-            copy = t.clone()
-            if isinstance(out, torch.Tensor):
-                return copy
-            return type(out)([copy, *out[1:]]) if isinstance(out, (tuple, list)) else out
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _check_captured(modules: Mapping[str, nn.Module], feats: Mapping[str, torch.Tensor]) -> None:
     missing = [n for n in modules if n not in feats]
     if missing:
@@ -434,7 +411,7 @@ def _feature_jvp(
     x = _model_input(loss_fn, batch)
 
     def features(th: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        with _capture(mods) as feats:
+        with captured_outputs(mods) as feats:
             functional_call(model, {**th, **frozen, **buffers}, (x,))
         return tuple(feats[n] for n in mods)
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,21 +85,30 @@ def first_tensor(output: object) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def captured_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+def captured_outputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
     """Record each module's output during forward passes inside the block (last call wins).
 
+    The rest of the forward pass receives a copy of the recorded tensor, so a later in-place operation
+    (e.g. ``ReLU(inplace=True)``) cannot change what was recorded; gradients flow through the copy.
+
     Example:
-        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(inplace=True))
         >>> with captured_outputs({"0": net[0]}) as feats:
         ...     _ = net(torch.randn(5, 2))
-        >>> feats["0"].shape
-        torch.Size([5, 3])
+        >>> feats["0"].shape, bool((feats["0"] < 0).any())
+        (torch.Size([5, 3]), True)
     """
     store: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in modules.items():
-        def hook(_m: nn.Module, _inp: object, out: object, name: str = name) -> None:
-            store[name] = first_tensor(out)
+
+        def hook(_m: nn.Module, _inp: Any, out: Any, name: str = name) -> Any:
+            recorded = first_tensor(out)
+            store[name] = recorded
+            copy = recorded.clone()
+            if isinstance(out, torch.Tensor):
+                return copy
+            return type(out)([copy, *out[1:]])
 
         handles.append(module.register_forward_hook(hook))
     try:

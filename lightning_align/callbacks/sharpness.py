@@ -1,0 +1,320 @@
+"""Sharpness: extreme Hessian eigenvalues of the training loss during training (seed 003, super consistency)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
+from lightning_align.logging import log_figure, new_figure, tag, tensorboard_writers
+from lightning_align.measure.hessian import (
+    ADAM_LIKE,
+    SpectralDensity,
+    adam_preconditioner,
+    spectral_density,
+    stability_threshold,
+    trace_estimate,
+)
+from lightning_align.measure.hvp import FlatOperator, Method, hessian_operator
+from lightning_align.measure.lanczos import LanczosResult, lanczos_eigs, lanczos_extremes
+from lightning_align.schedules import ScheduleName
+
+
+class Sharpness(MeasurementCallback):
+    """Top (and bottom) Hessian eigenvalues of the training loss on a fixed probe batch.
+
+    The sharpness ``λ_max`` of the training-loss Hessian, times the learning rate, is the
+    edge-of-stability figure: gradient descent is stable on a quadratic while ``lr · λ_max < 2``
+    (Cohen et al. 2021), and under μP the LR-rescaled sharpness is the same at every width (super
+    consistency, Noci et al. 2024). For Adam the relevant quantity is the *preconditioned* sharpness
+    ``lr · λ_max(P^{-1} H)`` with ``P = diag(sqrt(v̂) + eps)``, compared with ``2 (1 + β1) / (1 - β1)``
+    (Cohen et al. 2022).
+
+    Eigenvalues come from Lanczos with full re-orthogonalisation on Hessian-vector products, stopped
+    on the Ritz residual, warm-started from the previous top/bottom vectors (kept in the callback's
+    ``state_dict``, so a resumed run stays warm). Top and bottom come from one Krylov space. The
+    Hessian is that of the training objective: BatchNorm uses batch statistics (buffers restored;
+    ``bn_mode="eval"`` for running statistics), dropout is off. Under DDP the probe is split over
+    ranks and every product all-reduced, so every rank logs the same values.
+
+    Logged (``<i>`` = 2..k):
+
+    - ``sharpness/max_eig``, ``sharpness/eig_<i>``: the top ``k`` eigenvalues of ``H``;
+    - ``sharpness/min_eig`` (``min_eig=True``): the smallest eigenvalue (negative: non-convexity);
+    - ``sharpness/lr_x_max_eig``: ``lr · λ_max(H)`` (``lr`` of the first param group) for SGD and
+      other optimizers; for Adam/AdamW (``preconditioned``) ``λ_max(D H D)`` with
+      ``D² = lr / (sqrt(v̂) + eps)`` per parameter (each param group's own ``lr``), i.e. the
+      preconditioned ``lr · λ_max(P^{-1} H)``;
+    - ``sharpness/preconditioned_max_eig`` (Adam): ``λ_max(P^{-1} H)`` (= ``lr_x_max_eig / lr``);
+    - ``sharpness/threshold``: where ``lr_x_max_eig`` becomes unstable: 2 for plain SGD,
+      ``2 (1 + μ)`` with momentum ``μ`` (``2 (1 + μ) / (1 + 2μ)`` Nesterov), ``2 (1 + β1) / (1 - β1)``
+      for Adam (38 at β1 = 0.9);
+    - ``sharpness/eos_ratio``: ``lr_x_max_eig / threshold`` (1 = at the edge of stability);
+    - ``sharpness/max_eig_residual``: Ritz residual of ``max_eig`` (an error bound);
+    - ``sharpness/matvecs``: Hessian-vector products used by this measurement;
+    - ``sharpness/probe_loss``: the loss on the probe batch;
+    - ``sharpness/trace``, ``sharpness/trace_stderr`` (``trace=True``);
+    - ``sharpness/density`` (``density=True``): the SLQ spectral density as a TensorBoard figure.
+
+    For Adam the preconditioned tags start after the first optimizer step (there is no ``v̂`` before it).
+
+    Cost per measurement: one forward and one ``create_graph`` backward, then one backward per product;
+    a warm start needs a handful of products (``max_matvecs`` caps it); twice that for Adam; plus
+    ``trace_basis + trace_samples`` for the trace and ``density_steps · density_vectors`` for the density.
+    On the quickstart (MLP 128x3 on digits, batch 64, one CPU thread; ``benchmarks/sharpness_overhead.py``)
+    a warm measurement costs about 3 training steps with ``probe_size=16, min_eig=False``, 5 with
+    ``probe_size=64``, and 10-17 with the defaults (probe 256, ``min_eig``: the bottom of the spectrum
+    converges slowest); the first, cold measurement 2-4x that. Every 100 steps that is 3-17 %.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (and at step 0).
+        k: number of top eigenvalues.
+        min_eig: also the smallest eigenvalue (from the same Lanczos run).
+        trace: log a Hutch++-style trace estimate and its standard error.
+        density: log the spectral density figure (stochastic Lanczos quadrature).
+        preconditioned: the Adam-preconditioned sharpness: ``None`` = when the (single) optimizer is
+            Adam or AdamW, ``True`` = required (error otherwise), ``False`` = never.
+        tol: Ritz residual tolerance relative to the largest ``|λ|``. The residual bounds the eigenvalue
+            error; for a top eigenvalue separated by a gap the error is about ``residual² / gap``, so the
+            default 1e-2 typically gives ``λ_max`` to ~1e-4 relative (see ``benchmarks/sharpness.py``);
+            ``min_eig`` (often inside a cluster near 0) is accurate to ~``tol · λ_max``.
+        max_matvecs: most Hessian-vector products per Lanczos run.
+        warm_start: start Lanczos from the previous eigenvectors.
+        trace_samples: Hutchinson samples of the trace.
+        trace_basis: Lanczos steps of the trace's exact low-rank part.
+        density_steps: Lanczos steps per density vector.
+        density_vectors: random vectors of the density.
+        method: Hessian-vector product method (``"auto"``, ``"double_backward"``, ``"forward"``; see
+            :func:`~lightning_align.measure.hvp.hessian_operator`).
+        seed: seed of the random start vectors (the same on every rank).
+        schedule, probe_size, probe_seed, bn_mode, dropout: see :class:`MeasurementCallback`.
+
+    Raises:
+        ValueError: bad arguments; at fit start: a model without trainable parameters, more
+            eigenvalues than parameters, ``preconditioned=True`` without a single Adam/AdamW optimizer.
+
+    Example::
+
+        trainer = Trainer(callbacks=[Sharpness(every_n_steps=50, probe_size=256, min_eig=True)])
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_align.Sharpness
+              init_args: {every_n_steps: 100, k: 1, trace: true}
+    """
+
+    family = "sharpness"
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        k: int = 1,
+        min_eig: bool = True,
+        trace: bool = False,
+        density: bool = False,
+        preconditioned: bool | None = None,
+        tol: float = 1e-2,
+        max_matvecs: int = 50,
+        warm_start: bool = True,
+        trace_samples: int = 16,
+        trace_basis: int = 8,
+        density_steps: int = 30,
+        density_vectors: int = 1,
+        method: Method = "auto",
+        seed: int = 0,
+        schedule: ScheduleName = "linear",
+        probe_size: int = 256,
+        probe_seed: int = 0,
+        bn_mode: BatchNormMode = "train",
+        dropout: bool = False,
+    ) -> None:
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, dropout)
+        for name, value, low in (
+            ("k", k, 1),
+            ("max_matvecs", max_matvecs, 1),
+            ("trace_samples", trace_samples, 1),
+            ("trace_basis", trace_basis, 1),
+            ("density_steps", density_steps, 1),
+            ("density_vectors", density_vectors, 1),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"Sharpness: {name} must be an int >= {low}, got {value!r}")
+        if max_matvecs < k + int(min_eig):
+            raise ValueError(f"Sharpness: max_matvecs={max_matvecs} is too small for k={k} (and min_eig={min_eig})")
+        if not (isinstance(tol, (int, float)) and tol >= 0):
+            raise ValueError(f"Sharpness: tol must be a number >= 0, got {tol!r}")
+        if method not in ("auto", "double_backward", "forward"):
+            raise ValueError(f"Sharpness: method must be 'auto', 'double_backward' or 'forward', got {method!r}")
+        if preconditioned not in (None, True, False):
+            raise ValueError(f"Sharpness: preconditioned must be None (auto), True or False, got {preconditioned!r}")
+        self.k = k
+        self.min_eig = min_eig
+        self.trace = trace
+        self.density = density
+        self.preconditioned = preconditioned
+        self.tol = float(tol)
+        self.max_matvecs = max_matvecs
+        self.warm_start = warm_start
+        self.trace_samples = trace_samples
+        self.trace_basis = trace_basis
+        self.density_steps = density_steps
+        self.density_vectors = density_vectors
+        self.method = method
+        self.seed = seed
+        self._vectors: torch.Tensor | None = None  # (n, k [+1]) previous top [and bottom] eigenvectors
+        self._pre_vectors: torch.Tensor | None = None  # (n, 1) previous preconditioned top eigenvector
+        self._use_preconditioner = False
+        self.last_density: SpectralDensity | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        owner = type(pl_module).__name__
+        if n == 0:
+            raise ValueError(
+                f"Sharpness: {owner} has no trainable parameters (none with requires_grad=True): "
+                "there is no Hessian to measure; unfreeze parameters or remove the callback."
+            )
+        wanted = self.k + int(self.min_eig)
+        if wanted > n:
+            raise ValueError(
+                f"Sharpness(k={self.k}, min_eig={self.min_eig}) asks for {wanted} eigenvalues, but {owner} has "
+                f"only {n} trainable parameters; lower k."
+            )
+        optimizers = trainer.optimizers
+        adam = len(optimizers) == 1 and isinstance(optimizers[0], ADAM_LIKE)
+        if self.preconditioned is True and not adam:
+            kinds = [type(o).__name__ for o in optimizers] or ["none"]
+            raise ValueError(
+                f"Sharpness(preconditioned=True) needs a single Adam or AdamW optimizer, got {kinds}; "
+                "set preconditioned=None (auto) or False."
+            )
+        self._use_preconditioner = adam and self.preconditioned is not False
+        for name in ("_vectors", "_pre_vectors"):
+            vec = getattr(self, name)
+            if vec is not None and vec.shape[0] != n:
+                rank_zero_warn(
+                    f"Sharpness: the saved warm-start vectors have {vec.shape[0]} entries but {owner} has {n} "
+                    "trainable parameters; starting cold."
+                )
+                setattr(self, name, None)
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
+        reduce = (lambda t: self.all_reduce_mean(trainer, t)) if trainer.world_size > 1 else None
+        generator = torch.Generator().manual_seed(self.seed + trainer.global_step)
+        loss_model = self.probe_loss_model(pl_module)
+        with hessian_operator(loss_model, _identity_loss, (batch, None), method=self.method, reduce=reduce) as op:
+            loss = float(op.loss if reduce is None else reduce(op.loss.reshape(1)))  # same decision on every rank
+            if not math.isfinite(loss):
+                return self._nan_metrics(trainer, loss)
+            metrics = self._eigs(trainer, op, generator)
+            if self.trace:
+                est = trace_estimate(op, op.dim, self.trace_samples, self.trace_basis, generator, op.dtype, op.device)
+                metrics[tag("sharpness", "trace")] = est.value
+                metrics[tag("sharpness", "trace_stderr")] = est.stderr
+            if self.density:
+                self._log_density(trainer, op, generator)
+            metrics[tag("sharpness", "matvecs")] = op.num_matvecs
+            metrics[tag("sharpness", "probe_loss")] = loss
+        return metrics
+
+    def extra_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if self._vectors is not None:
+            state["vectors"] = self._vectors.detach().cpu()
+        if self._pre_vectors is not None:
+            state["preconditioned_vectors"] = self._pre_vectors.detach().cpu()
+        return state
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._vectors = state.get("vectors")
+        self._pre_vectors = state.get("preconditioned_vectors")
+
+    # ----------------------------------------------------------------------------------------------
+    def _init(self, saved: torch.Tensor | None, op: FlatOperator) -> torch.Tensor | None:
+        if not self.warm_start or saved is None:
+            return None
+        return saved.to(device=op.device, dtype=op.dtype)
+
+    def _eigs(self, trainer: pl.Trainer, op: FlatOperator, generator: torch.Generator) -> dict[str, Any]:
+        common = dict(tol=self.tol, max_matvecs=self.max_matvecs, generator=generator, dtype=op.dtype, device=op.device)
+        init = self._init(self._vectors, op)
+        bottom: LanczosResult | None = None
+        if self.min_eig:
+            top, bottom = lanczos_extremes(op, op.dim, k_top=self.k, k_bottom=1, init=init, **common)
+        else:
+            top = lanczos_eigs(op, op.dim, k=self.k, which="LA", init=init, **common)
+        metrics: dict[str, Any] = {tag("sharpness", "max_eig"): float(top.values[0])}
+        for i in range(1, self.k):
+            metrics[tag("sharpness", f"eig_{i + 1}")] = float(top.values[i])
+        metrics[tag("sharpness", "max_eig_residual")] = float(top.residuals[0])
+        if bottom is not None:
+            metrics[tag("sharpness", "min_eig")] = float(bottom.values[0])
+        if top.converged and (bottom is None or bottom.converged):
+            vectors = top.vectors if bottom is None else torch.cat([top.vectors, bottom.vectors], dim=1)
+            self._vectors = vectors.detach()
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if optimizer is None:
+            return metrics
+        threshold = stability_threshold(optimizer)
+        if self._use_preconditioner:
+            lr_x = self._preconditioned(op, optimizer, common)
+            if lr_x is None:
+                return metrics
+            metrics[tag("sharpness", "preconditioned_max_eig")] = lr_x / float(optimizer.param_groups[0]["lr"])
+        else:
+            lr_x = float(optimizer.param_groups[0]["lr"]) * float(top.values[0])
+        metrics[tag("sharpness", "lr_x_max_eig")] = lr_x
+        metrics[tag("sharpness", "threshold")] = threshold
+        metrics[tag("sharpness", "eos_ratio")] = lr_x / threshold
+        return metrics
+
+    def _preconditioned(self, op: FlatOperator, optimizer: torch.optim.Optimizer, common: dict[str, Any]) -> float | None:
+        d = adam_preconditioner(optimizer, op.params.tensors)
+        if d is None:  # before Adam's first step: no second-moment estimate yet
+            return None
+        d = d.to(device=op.device, dtype=op.dtype)
+        res = lanczos_eigs(lambda v: d * op(d * v), op.dim, k=1, which="LA", init=self._init(self._pre_vectors, op), **common)
+        if res.converged:
+            self._pre_vectors = res.vectors.detach()
+        return float(res.values[0])
+
+    def _log_density(self, trainer: pl.Trainer, op: FlatOperator, generator: torch.Generator) -> None:
+        dens = spectral_density(
+            op, op.dim, self.density_steps, self.density_vectors, generator=generator, dtype=op.dtype, device=op.device
+        )
+        self.last_density = dens
+        if not tensorboard_writers(trainer) or not bool(torch.isfinite(dens.density).all()):
+            return
+        fig, ax = new_figure()
+        ax.plot(dens.grid.numpy(), dens.density.clamp_min(1e-12).numpy())
+        ax.set_yscale("log")
+        ax.set_xlabel("Hessian eigenvalue")
+        ax.set_ylabel("density (SLQ)")
+        ax.set_title(f"step {trainer.global_step}")
+        log_figure(trainer, tag("sharpness", "density"), fig)
+
+    def _nan_metrics(self, trainer: pl.Trainer, loss: float) -> dict[str, Any]:
+        """Every tag as NaN (same keys on every rank); the warm start is kept for later steps."""
+        nan = float("nan")
+        metrics: dict[str, Any] = {tag("sharpness", "max_eig"): nan, tag("sharpness", "probe_loss"): loss}
+        for i in range(1, self.k):
+            metrics[tag("sharpness", f"eig_{i + 1}")] = nan
+        if self.min_eig:
+            metrics[tag("sharpness", "min_eig")] = nan
+        if trainer.optimizers:
+            metrics[tag("sharpness", "lr_x_max_eig")] = nan
+        metrics[tag("sharpness", "matvecs")] = 0
+        return metrics
+
+
+def _identity_loss(outputs: torch.Tensor, _targets: Any) -> torch.Tensor:
+    """The probe-loss adapter already returns the loss."""
+    return outputs

@@ -1,0 +1,391 @@
+"""Hessian spectra of a training loss: extreme eigenvalues, trace, spectral density, Adam-preconditioned.
+
+All functions take ``(model, loss_fn, batch)`` with ``batch = (inputs, targets)`` and
+``loss_fn(model(inputs), targets)`` a scalar mean loss, work matrix-free on Hessian-vector products
+(:mod:`lightning_align.measure.hvp`) and leave the model exactly as they found it.
+
+- :func:`hessian_eigs`: extreme eigenpairs by Lanczos (sharpness ``λ_max`` is ``values[0]`` with ``"LA"``).
+- :func:`hessian_extremes`: the top and bottom eigenpairs from one Lanczos run.
+- :func:`hessian_trace` / :func:`hessian_trace_estimate`: Hutch++-style trace: the exact trace of
+  the Hessian on a small Krylov basis plus Hutchinson on its orthogonal complement (unbiased, with a
+  standard error).
+- :func:`hessian_density`: spectral density by stochastic Lanczos quadrature (SLQ).
+- :func:`adam_preconditioner`: ``D = (lr / (sqrt(v̂) + eps))^{1/2}`` from an Adam/AdamW state, so that
+  ``λ_max(D H D)`` is the preconditioned sharpness ``lr · λ_max(P^{-1} H)`` of Cohen et al. (2022),
+  whose stability threshold is ``2 (1 + β1) / (1 - β1)`` (38 for β1 = 0.9).
+
+Example:
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
+    >>> res = hessian_eigs(net, torch.nn.functional.mse_loss, (x, y), k=2)
+    >>> res.values.shape, res.vectors.shape
+    (torch.Size([2]), torch.Size([49, 2]))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_align.measure.hvp import FlatOperator, LossFn, Method, Reduce, hessian_operator
+from lightning_align.measure.lanczos import LanczosResult, Which, lanczos_eigs, lanczos_extremes, lanczos_tridiagonal
+
+
+def _default_generator(generator: torch.Generator | None) -> torch.Generator:
+    return generator if generator is not None else torch.Generator().manual_seed(0)
+
+
+def _check_k(k: int, op: FlatOperator) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if k > op.dim:
+        raise ValueError(
+            f"k={k} eigenvalues asked, but the model has only {op.dim} trainable parameters "
+            f"(the Hessian is {op.dim}x{op.dim}); use k <= {op.dim}"
+        )
+
+
+def _preconditioned(op: FlatOperator, preconditioner: Tensor | None) -> Any:
+    if preconditioner is None:
+        return op
+    d = preconditioner.detach().to(device=op.device, dtype=op.dtype)
+    if d.shape != (op.dim,):
+        raise ValueError(f"preconditioner must be a flat ({op.dim},) vector, got shape {tuple(d.shape)}")
+    return lambda v: d * op(d * v)
+
+
+def hessian_eigs(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    k: int = 1,
+    which: Which = "LA",
+    tol: float = 1e-3,
+    max_matvecs: int = 100,
+    init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduce: Reduce | None = None,
+    method: Method = "auto",
+    preconditioner: Tensor | None = None,
+) -> LanczosResult:
+    """Extreme eigenpairs of the Hessian of ``loss_fn(model(inputs), targets)`` in the trainable parameters.
+
+    Args:
+        model: the model (its trainable parameters, in ``named_parameters()`` order, index the vectors).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` mean loss.
+        batch: ``(inputs, targets)``.
+        k: number of eigenpairs.
+        which: ``"LA"`` largest first (sharpness), ``"SA"`` smallest first, ``"LM"`` largest magnitude.
+        tol: Ritz residual tolerance relative to the largest ``|λ|`` (see :func:`lanczos_eigs`).
+        max_matvecs: most Hessian-vector products.
+        init: warm start: previous ``vectors`` ``(n, j)`` or one ``(n,)`` vector.
+        generator: random stream of the start vector (default: a fixed seed, so results repeat).
+        reduce: applied to every product (an all-reduce mean under DDP; identity otherwise).
+        method: HVP method (see :func:`~lightning_align.measure.hvp.hessian_operator`).
+        preconditioner: flat ``D``; then the eigenpairs are those of ``D H D`` (see :func:`adam_preconditioner`).
+
+    Returns:
+        A :class:`~lightning_align.measure.lanczos.LanczosResult` (values in float64).
+
+    Raises:
+        ValueError: no trainable parameters, ``k`` above the parameter count, a loss that is not a scalar.
+    """
+    with hessian_operator(model, loss_fn, batch, method=method, reduce=reduce) as op:
+        _check_k(k, op)
+        return lanczos_eigs(
+            _preconditioned(op, preconditioner), op.dim, k=k, which=which, tol=tol, max_matvecs=max_matvecs,
+            init=init, generator=_default_generator(generator), dtype=op.dtype, device=op.device,
+        )
+
+
+def hessian_extremes(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    k_top: int = 1,
+    k_bottom: int = 1,
+    tol: float = 1e-3,
+    max_matvecs: int = 100,
+    init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduce: Reduce | None = None,
+    method: Method = "auto",
+    preconditioner: Tensor | None = None,
+) -> tuple[LanczosResult, LanczosResult]:
+    """Top ``k_top`` and bottom ``k_bottom`` Hessian eigenpairs from one Lanczos run (shared products).
+
+    Arguments as in :func:`hessian_eigs`. Returns ``(top, bottom)``: top largest first, bottom smallest first.
+    """
+    with hessian_operator(model, loss_fn, batch, method=method, reduce=reduce) as op:
+        _check_k(k_top + k_bottom, op)
+        return lanczos_extremes(
+            _preconditioned(op, preconditioner), op.dim, k_top=k_top, k_bottom=k_bottom, tol=tol,
+            max_matvecs=max_matvecs, init=init, generator=_default_generator(generator), dtype=op.dtype,
+            device=op.device,
+        )
+
+
+@dataclass
+class TraceEstimate:
+    """A stochastic trace estimate.
+
+    Attributes:
+        value: the estimate of ``tr(H)`` (unbiased).
+        stderr: its standard error (from the spread of the Hutchinson samples; 0 when the Krylov part
+            is exact, e.g. when the basis spans the whole space).
+        num_matvecs: Hessian-vector products used.
+    """
+
+    value: float
+    stderr: float
+    num_matvecs: int
+
+
+def trace_estimate(
+    matvec: Any,
+    dim: int,
+    num_samples: int = 16,
+    basis_steps: int = 8,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> TraceEstimate:
+    """Hutch++-style trace of a symmetric operator: Krylov part exactly, the rest by Hutchinson.
+
+    A ``basis_steps``-step Lanczos run from a random start gives an orthonormal basis ``Q`` that
+    captures the dominant eigendirections, and ``tr(QᵀAQ) = Σ θ`` (its Ritz values) for free. The
+    remainder ``tr((I-QQᵀ) A (I-QQᵀ))`` is estimated with ``num_samples`` Rademacher vectors projected
+    onto the complement. ``Q`` is independent of those vectors, so the estimate is unbiased; its
+    variance is that of Hutchinson on ``A`` with the top of the spectrum removed.
+
+    Example:
+        >>> a = torch.diag(torch.arange(1.0, 101.0))
+        >>> est = trace_estimate(lambda v: a @ v, 100, num_samples=30, basis_steps=10)
+        >>> abs(est.value - 5050.0) < 4 * est.stderr + 1e-6
+        True
+    """
+    if num_samples < 1 and basis_steps < dim:
+        raise ValueError("trace_estimate: num_samples must be >= 1 unless basis_steps covers the whole dimension")
+    if basis_steps < 1:
+        raise ValueError(f"trace_estimate: basis_steps must be >= 1, got {basis_steps}")
+    gen = _default_generator(generator)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    start = torch.randn(dim, generator=gen, dtype=dtype, device=gen.device).to(device)
+    theta, _, basis = lanczos_tridiagonal(matvec, start, basis_steps, gen, restart_on_breakdown=True)
+    used = basis.shape[0]
+    krylov = float(theta.sum())
+    if used >= dim or not math.isfinite(krylov):
+        return TraceEstimate(krylov, 0.0 if math.isfinite(krylov) else float("nan"), used)
+    samples = []
+    for _ in range(num_samples):
+        z = torch.randint(0, 2, (dim,), generator=gen, device=gen.device).to(device=device, dtype=dtype) * 2 - 1
+        z = z - basis.T @ (basis @ z)
+        samples.append(float(z @ matvec(z)))
+    values = torch.tensor(samples, dtype=torch.float64)
+    stderr = float(values.std() / math.sqrt(len(samples))) if len(samples) > 1 else float("inf")
+    return TraceEstimate(krylov + float(values.mean()), stderr, used + num_samples)
+
+
+def hessian_trace_estimate(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    num_samples: int = 16,
+    basis_steps: int = 8,
+    generator: torch.Generator | None = None,
+    reduce: Reduce | None = None,
+    method: Method = "auto",
+) -> TraceEstimate:
+    """Trace of the Hessian with its standard error (see :func:`trace_estimate`)."""
+    with hessian_operator(model, loss_fn, batch, method=method, reduce=reduce) as op:
+        return trace_estimate(op, op.dim, num_samples, basis_steps, generator, op.dtype, op.device)
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    num_samples: int = 16,
+    basis_steps: int = 8,
+    generator: torch.Generator | None = None,
+    reduce: Reduce | None = None,
+    method: Method = "auto",
+) -> float:
+    """Unbiased estimate of ``tr(H)``: :func:`hessian_trace_estimate` without the error bar.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
+        >>> t = hessian_trace(net, torch.nn.functional.mse_loss, (x, y), basis_steps=4)
+        >>> abs(t - float(2 * (x.pow(2).sum(1).mean() + 1))) < 1e-4  # H = 2 E[[x,1][x,1]^T]
+        True
+    """
+    return hessian_trace_estimate(model, loss_fn, batch, num_samples, basis_steps, generator, reduce, method).value
+
+
+@dataclass
+class SpectralDensity:
+    """A spectral density from stochastic Lanczos quadrature.
+
+    Attributes:
+        nodes: ``(num_vectors, m)`` Ritz values (quadrature nodes) of each run.
+        weights: ``(num_vectors, m)`` quadrature weights; each row sums to 1.
+        grid: ``(grid_size,)`` points where the smoothed density is evaluated.
+        density: ``(grid_size,)`` Gaussian-smoothed density on ``grid``; it integrates to 1.
+        sigma: the Gaussian width used.
+        num_matvecs: Hessian-vector products used.
+    """
+
+    nodes: Tensor
+    weights: Tensor
+    grid: Tensor
+    density: Tensor
+    sigma: float
+    num_matvecs: int
+
+
+def spectral_density(
+    matvec: Any,
+    dim: int,
+    num_steps: int = 30,
+    num_vectors: int = 1,
+    grid_size: int = 512,
+    sigma: float | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> SpectralDensity:
+    """SLQ density ``(1/n) Σ_i δ(λ - λ_i)`` of a symmetric operator, smoothed by a Gaussian.
+
+    Each of ``num_vectors`` random unit vectors ``v`` gives the Gauss quadrature of ``vᵀ δ(λ - A) v``
+    from ``num_steps`` Lanczos steps (nodes = Ritz values, weights = squared first components of the
+    Ritz vectors); their average estimates the density (Ghorbani et al. 2019; PyHessian's ``density``).
+
+    Args:
+        sigma: Gaussian width (default: 1% of the spectral range seen).
+    """
+    if num_vectors < 1 or num_steps < 1 or grid_size < 2:
+        raise ValueError("spectral_density: num_vectors, num_steps must be >= 1 and grid_size >= 2")
+    gen = _default_generator(generator)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    runs = []
+    used = 0
+    for _ in range(num_vectors):
+        start = torch.randn(dim, generator=gen, dtype=dtype, device=gen.device).to(device)
+        theta, weights, basis = lanczos_tridiagonal(matvec, start, num_steps, gen)
+        used += basis.shape[0]
+        runs.append((theta, weights))
+    m = max(len(t) for t, _ in runs)
+    nodes = torch.zeros(num_vectors, m, dtype=torch.float64)
+    weights = torch.zeros(num_vectors, m, dtype=torch.float64)
+    for i, (t, w) in enumerate(runs):
+        nodes[i, : len(t)], weights[i, : len(w)] = t, w
+        nodes[i, len(t):] = t[-1] if len(t) else float("nan")
+    lo, hi = float(nodes.min()), float(nodes.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        nan = torch.full((grid_size,), float("nan"), dtype=torch.float64)
+        return SpectralDensity(nodes, weights, nan, nan.clone(), float("nan"), used)
+    width = max(hi - lo, 1e-12 * max(abs(hi), abs(lo), 1.0))
+    sigma = 0.01 * width if sigma is None else float(sigma)
+    grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_size, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * ((grid[None, None, :] - nodes[..., None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    density = (weights[..., None] * kernel).sum(dim=1).mean(dim=0)
+    return SpectralDensity(nodes, weights, grid, density, sigma, used)
+
+
+def hessian_density(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    num_steps: int = 30,
+    num_vectors: int = 1,
+    grid_size: int = 512,
+    sigma: float | None = None,
+    generator: torch.Generator | None = None,
+    reduce: Reduce | None = None,
+    method: Method = "auto",
+) -> SpectralDensity:
+    """Hessian spectral density by stochastic Lanczos quadrature (see :func:`spectral_density`).
+
+    Cost: ``num_steps · num_vectors`` Hessian-vector products, so run it rarely.
+    """
+    with hessian_operator(model, loss_fn, batch, method=method, reduce=reduce) as op:
+        return spectral_density(op, op.dim, num_steps, num_vectors, grid_size, sigma, generator, op.dtype, op.device)
+
+
+#: Optimizer classes whose state holds Adam's second moment ``exp_avg_sq``.
+ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> Tensor | None:
+    """Flat ``D = (lr / (sqrt(v̂) + eps))^{1/2}`` for ``params`` from an Adam/AdamW optimizer's state.
+
+    With a frozen preconditioner ``P = diag(sqrt(v̂) + eps)``, Adam with momentum ``β1`` is stable on
+    a quadratic while ``lr · λ_max(P^{-1} H) < 2 (1 + β1) / (1 - β1)`` (Cohen et al., "Adaptive
+    gradient methods at the edge of stability", 2022). ``λ(D H D) = λ(lr · P^{-1} H)``; each
+    parameter uses the ``lr`` and ``eps`` of its own param group, and ``v̂`` is the bias-corrected
+    second moment (``max_exp_avg_sq`` with ``amsgrad``). Parameters the optimizer does not update get
+    ``D = 0``.
+
+    Returns:
+        The flat ``D`` in the order of ``params``, or ``None`` while the optimizer has no state yet
+        (before its first step there is no preconditioner).
+
+    Raises:
+        TypeError: if ``optimizer`` is not Adam or AdamW.
+    """
+    if not isinstance(optimizer, ADAM_LIKE):
+        raise TypeError(
+            f"the preconditioned sharpness needs Adam or AdamW, got {type(optimizer).__name__}; "
+            "use the raw sharpness for other optimizers"
+        )
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    parts = []
+    any_state = False
+    for p in params:
+        group, state = group_of.get(id(p)), optimizer.state.get(p, {})
+        if group is None:
+            parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
+            continue
+        if "exp_avg_sq" not in state:
+            parts.append(None)
+            continue
+        any_state = True
+        beta2 = group["betas"][1]
+        step = float(state["step"])
+        v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+        v_hat = v.detach().to(p.dtype) / (1 - beta2**step)
+        lr = float(group["lr"])
+        parts.append((lr / (v_hat.sqrt() + group["eps"])).sqrt().reshape(-1))
+    if not any_state or any(x is None for x in parts):
+        return None
+    return torch.cat(parts)
+
+
+def stability_threshold(optimizer: torch.optim.Optimizer) -> float:
+    """Edge-of-stability threshold of ``lr · λ_max`` (raw for SGD, preconditioned for Adam/AdamW).
+
+    - SGD, heavy-ball momentum ``μ`` and dampening ``d``: ``2 (1 + μ) / (1 - d)`` (2 without momentum);
+      Nesterov: ``2 (1 + μ) / ((1 + 2μ)(1 - d))``.
+    - Adam/AdamW: ``2 (1 + β1) / (1 - β1)`` for the preconditioned sharpness.
+    - Other optimizers: 2 (the gradient-descent value).
+
+    Uses the first param group. Derived from the linear recurrence on a 1-D quadratic
+    (Cohen et al. 2021, 2022); see ``tests/test_hessian_threshold.py``.
+    """
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, ADAM_LIKE):
+        beta1 = group["betas"][0]
+        return 2 * (1 + beta1) / (1 - beta1)
+    if isinstance(optimizer, torch.optim.SGD):
+        mu, damp = group.get("momentum", 0.0), group.get("dampening", 0.0)
+        if mu == 0:
+            return 2.0
+        base = 2 * (1 + mu) / (1 + 2 * mu) if group.get("nesterov") else 2 * (1 + mu)
+        return base / (1 - damp)
+    return 2.0
