@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lightning_align.measure.hessian import hessian_eigs
-from lightning_align.measure.hvp import hessian_operator
+from lightning_align.measure.operators import hessian_operator
 
 F = nn.functional
 

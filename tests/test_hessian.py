@@ -17,7 +17,7 @@ from lightning_align.measure.hessian import (
     hessian_extremes,
     hessian_trace_estimate,
 )
-from lightning_align.measure.hvp import FlatParams
+from lightning_align.measure.operators import FlatParams
 
 F = nn.functional
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lightning_align.callbacks.sharpness import Sharpness
-from lightning_align.measure.hvp import FlatParams
+from lightning_align.measure.operators import FlatParams
 
 
 class Recorder(Logger):

@@ -20,7 +20,7 @@ from lightning_align.measure.hessian import (
     stability_threshold,
     trace_estimate,
 )
-from lightning_align.measure.hvp import FlatOperator, Method, hessian_operator
+from lightning_align.measure.operators import FlatOperator, Method, hessian_operator
 from lightning_align.measure.lanczos import LanczosResult, lanczos_eigs, lanczos_extremes
 from lightning_align.schedules import ScheduleName
 
@@ -90,7 +90,7 @@ class Sharpness(MeasurementCallback):
         density_steps: Lanczos steps per density vector.
         density_vectors: random vectors of the density.
         method: Hessian-vector product method (``"auto"``, ``"double_backward"``, ``"forward"``; see
-            :func:`~lightning_align.measure.hvp.hessian_operator`).
+            :func:`~lightning_align.measure.operators.hessian_operator`).
         seed: seed of the random start vectors (the same on every rank).
         schedule, probe_size, probe_seed, bn_mode, dropout: see :class:`MeasurementCallback`.
 

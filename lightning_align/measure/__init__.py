@@ -32,7 +32,7 @@ from lightning_align.measure.hessian import (
     stability_threshold,
     trace_estimate,
 )
-from lightning_align.measure.hvp import FlatOperator, FlatParams, ggn_operator, hessian_operator, hvp
+from lightning_align.measure.operators import FlatOperator, FlatParams, ggn_operator, hessian_operator, hvp
 from lightning_align.measure.lanczos import LanczosResult, lanczos_eigs, lanczos_extremes
 from lightning_align.measure.ntk import (
     NTKSpectrumResult,

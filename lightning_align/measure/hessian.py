@@ -2,7 +2,7 @@
 
 All functions take ``(model, loss_fn, batch)`` with ``batch = (inputs, targets)`` and
 ``loss_fn(model(inputs), targets)`` a scalar mean loss, work matrix-free on Hessian-vector products
-(:mod:`lightning_align.measure.hvp`) and leave the model exactly as they found it.
+(:mod:`lightning_align.measure.operators`) and leave the model exactly as they found it.
 
 - :func:`hessian_eigs`: extreme eigenpairs by Lanczos (sharpness ``λ_max`` is ``values[0]`` with ``"LA"``).
 - :func:`hessian_extremes`: the top and bottom eigenpairs from one Lanczos run.
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_align.measure.hvp import FlatOperator, LossFn, Method, Reduce, hessian_operator
+from lightning_align.measure.operators import FlatOperator, LossFn, Method, Reduce, hessian_operator
 from lightning_align.measure.lanczos import LanczosResult, Which, lanczos_eigs, lanczos_extremes, lanczos_tridiagonal
 
 
@@ -86,7 +86,7 @@ def hessian_eigs(
         init: warm start: previous ``vectors`` ``(n, j)`` or one ``(n,)`` vector.
         generator: random stream of the start vector (default: a fixed seed, so results repeat).
         reduce: applied to every product (an all-reduce mean under DDP; identity otherwise).
-        method: HVP method (see :func:`~lightning_align.measure.hvp.hessian_operator`).
+        method: HVP method (see :func:`~lightning_align.measure.operators.hessian_operator`).
         preconditioner: flat ``D``; then the eigenpairs are those of ``D H D`` (see :func:`adam_preconditioner`).
 
     Returns:

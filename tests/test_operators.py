@@ -10,8 +10,8 @@ from test_hessian import _case, exact_hessian
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from lightning_align.measure import hvp as hvp_module
-from lightning_align.measure.hvp import FlatOperator, FlatParams, ggn_operator, hessian_operator, hvp
+from lightning_align.measure import operators as hvp_module
+from lightning_align.measure.operators import FlatOperator, FlatParams, ggn_operator, hessian_operator, hvp
 
 
 def test_flat_params_round_trip() -> None:
