@@ -3,47 +3,17 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyClassifier, assert_same_training_state, fit, tiny_loader
+from helpers import MemoryLogger, TinyClassifier, assert_same_training_state, fit, tiny_loader
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_align.callbacks.alignment import FeatureAlignment, default_feature_modules
 from lightning_align.measure.modules import captured_outputs
-
-
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def at(self, step: int, prefix: str) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for s, m in self.rows:
-            if s == step:
-                out.update({k: v for k, v in m.items() if k.startswith(prefix)})
-        return out
 
 
 class Recorder(Callback):

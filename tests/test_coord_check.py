@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_parametrization_nets import DepthNet, MLPNet
+from param_nets import DepthNet, MLPNet
 from torch import nn
 from torch.nn import functional as F
 

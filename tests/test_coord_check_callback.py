@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import TinyClassifier, assert_same_training_state, fit, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_parametrization_nets import LitMLP
+from param_nets import LitMLP
 
 from lightning_align.callbacks.coord_check import CoordCheck
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyClassifier, assert_same_training_state, fit, tiny_loader
+from helpers import TinyClassifier, fit, tiny_loader
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_alignment_callback import MemoryLogger
-from torch import nn
+from helpers import MemoryLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_align.callbacks.feature_speed_control import FeatureSpeedControl

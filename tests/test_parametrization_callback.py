@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import assert_same_training_state, fit, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_parametrization_nets import LazyLitMLP, LitMLP, LitResMLP
+from param_nets import LazyLitMLP, LitMLP, LitResMLP
 
 import lightning_align.callbacks.parametrization as param_cb
 from lightning_align.callbacks.parametrization import Parametrization

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from mup import MuAdam, MuAdamW, MuSGD, set_base_shapes
-from test_parametrization_nets import MLPNet, TinyGPT
+from param_nets import MLPNet, TinyGPT
 
 from lightning_align.parametrize.auto import auto_parametrize
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from mup import set_base_shapes
-from test_parametrization_nets import LitMLP, MLPNet, TinyGPT
+from param_nets import LitMLP, MLPNet, TinyGPT
 from torch import nn
 
 from lightning_align.parametrize.auto import auto_parametrize

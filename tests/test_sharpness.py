@@ -8,38 +8,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyClassifier, assert_same_training_state, fit, tiny_loader
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from helpers import MemoryLogger, TinyClassifier, assert_same_training_state, fit, tiny_loader
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.func import functional_call
 
 from lightning_align.callbacks.sharpness import Sharpness
 from lightning_align.measure.operators import FlatParams
-
-
-class Recorder(Logger):
-    """Keeps every logged metrics dict."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def series(self, key: str) -> list[tuple[int, float]]:
-        return [(s, m[key]) for s, m in self.rows if key in m]
 
 
 def _probe_hessian(module: TinyClassifier, batch: Any) -> torch.Tensor:
@@ -81,7 +56,7 @@ def test_training_is_bit_identical_with_sharpness(method: str) -> None:
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_logged_values_match_exact_hessian(optimizer: str) -> None:
-    rec = Recorder()
+    rec = MemoryLogger()
     cb = Sharpness(every_n_steps=3, k=3, probe_size=48, tol=1e-4, max_matvecs=150)
     module, trainer = fit([cb], module=_module(optimizer), max_steps=6, logger=rec)
     h = _probe_hessian(module, cb.probe_batch)
@@ -117,7 +92,7 @@ def test_logged_values_match_exact_hessian(optimizer: str) -> None:
 
 
 def test_warm_start_uses_fewer_products_and_survives_state_dict() -> None:
-    rec = Recorder()
+    rec = MemoryLogger()
     cb = Sharpness(every_n_steps=1, probe_size=32, min_eig=False, tol=1e-3)
     fit([cb], module=_module("sgd", lr=1e-3), max_steps=4, logger=rec)
     matvecs = [m for _, m in rec.series("sharpness/matvecs")]
@@ -125,7 +100,7 @@ def test_warm_start_uses_fewer_products_and_survives_state_dict() -> None:
     state = cb.state_dict()
     assert state["vectors"].shape[1] == 1 and state["last_step"] == 4
     # a fresh callback loaded from the state starts warm
-    cold_rec, warm_rec = Recorder(), Recorder()
+    cold_rec, warm_rec = MemoryLogger(), MemoryLogger()
     cold, warm = Sharpness(every_n_steps=1, probe_size=32, min_eig=False), Sharpness(every_n_steps=1, probe_size=32, min_eig=False)
     warm.load_state_dict({**state, "last_step": -1})
     fit([cold], module=_module("sgd", lr=1e-3), max_steps=1, logger=cold_rec)
@@ -135,7 +110,7 @@ def test_warm_start_uses_fewer_products_and_survives_state_dict() -> None:
 
 def test_tensorboard_density_and_trace(tmp_path) -> None:
     cb = Sharpness(every_n_steps=2, probe_size=32, trace=True, density=True, density_steps=10, density_vectors=2)
-    rec = Recorder()
+    rec = MemoryLogger()
     fit([cb], max_steps=2, logger=[TensorBoardLogger(tmp_path), rec])
     last = rec.rows[-1][1]
     assert last["sharpness/trace_stderr"] > 0 and "sharpness/trace" in last
@@ -151,7 +126,7 @@ class NaNProbe(TinyClassifier):
 
 
 def test_nan_loss_is_logged_with_a_warning_and_training_goes_on() -> None:
-    rec = Recorder()
+    rec = MemoryLogger()
     cb = Sharpness(every_n_steps=2, probe_size=32)
     with pytest.warns(UserWarning, match="sharpness/max_eig is nan"):
         _, trainer = fit([cb], module=_module(cls=NaNProbe), max_steps=4, logger=rec)
@@ -220,7 +195,7 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
 
 
 def test_bn_eval_mode_differs_from_train_mode() -> None:
-    rec_train, rec_eval = Recorder(), Recorder()
+    rec_train, rec_eval = MemoryLogger(), MemoryLogger()
     fit([Sharpness(every_n_steps=3, probe_size=32, tol=1e-5, max_matvecs=100)], max_steps=3, logger=rec_train)
     fit([Sharpness(every_n_steps=3, probe_size=32, bn_mode="eval", tol=1e-5, max_matvecs=100)], max_steps=3, logger=rec_eval)
     a, b = rec_train.rows[-1][1]["sharpness/max_eig"], rec_eval.rows[-1][1]["sharpness/max_eig"]
@@ -244,7 +219,7 @@ def test_resume_from_checkpoint_stays_warm(tmp_path) -> None:
     trainer.save_checkpoint(ckpt)
     firsts = {}
     for warm in (True, False):
-        rec = Recorder()
+        rec = MemoryLogger()
         resumed = Sharpness(every_n_steps=1, probe_size=32, min_eig=False, warm_start=warm)
         pl.seed_everything(0, verbose=False)
         resumed_trainer = pl.Trainer(

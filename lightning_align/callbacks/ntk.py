@@ -12,7 +12,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
-from lightning_align.callbacks.probe import ProbeOutputs, batch_inputs, batch_targets
+from lightning_align.callbacks.probe import ProbeOutputs
+from lightning_align.measure.batch import batch_inputs, batch_targets
 from lightning_align.logging import log_figure, log_histogram, new_figure
 from lightning_align.measure.ntk import (
     check_sample_independent,

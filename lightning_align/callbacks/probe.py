@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_align.measure.batch import batch_inputs, batch_size_of, batch_targets
+from lightning_align.measure.batch import batch_inputs, batch_size_of
 from lightning_align.measure.state import floating_to, map_tensors, preserved_rng
 
 def extract_loss(output: Any, where: str) -> torch.Tensor:

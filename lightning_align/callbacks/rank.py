@@ -13,7 +13,7 @@ from lightning_align.logging import log_histogram, tag
 from lightning_align.measure.modules import WEIGHT_LAYER_TYPES, captured_outputs, select_modules
 from lightning_align.measure.rank import jacobian_rank, representation_ranks, weight_spectrum
 from lightning_align.schedules import ScheduleName
-from lightning_align.callbacks.probe import batch_inputs
+from lightning_align.measure.batch import batch_inputs
 
 
 class RankMonitor(MeasurementCallback):

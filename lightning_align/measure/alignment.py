@@ -30,17 +30,16 @@ callbacks turn it off): the functions run the model several times and compare th
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lightning_align.measure.autodiff import batch_statistics_without_update, math_attention
 from lightning_align.measure.batch import batch_inputs, batch_targets
 from lightning_align.measure.modules import captured_outputs, select_modules
 from lightning_align.measure.state import preserved_state
@@ -168,7 +167,7 @@ def feature_speed(
     _check_names(update, names, "update")
     _check_names(params, names, "params")
     _check_names(lrs, names, "lrs")
-    with preserved_state(model), _frozen_norm_stats(model), torch.enable_grad():
+    with preserved_state(model), batch_statistics_without_update(model), torch.enable_grad():
         point = _evaluation_point(model, params)
         trainable = [n for n in point if _trainable(model, n)]
         leaves = {n: (point[n].detach().requires_grad_(True) if n in trainable else point[n].detach()) for n in point}
@@ -234,7 +233,7 @@ def feature_kernel(
     names = _param_names(model)
     _check_names(params, names, "params")
     _check_names(lrs, names, "lrs")
-    with preserved_state(model), _frozen_norm_stats(model), torch.enable_grad():
+    with preserved_state(model), batch_statistics_without_update(model), torch.enable_grad():
         point = {n: t.detach() for n, t in _evaluation_point(model, params).items()}
         trainable = [n for n in point if _trainable(model, n)]
         frozen = {n: t for n, t in point.items() if n not in trainable}
@@ -250,7 +249,7 @@ def feature_kernel(
         theta = {n: point[n] for n in trainable}
         scale = {n: lr * (lrs or {}).get(n, 1.0) for n in trainable}
         cols = []
-        with _forward_ad_attention():
+        with math_attention():
             f0, pullback = vjp(feature, theta)
             for e in torch.eye(f0.numel(), dtype=f0.dtype, device=f0.device):
                 (g,) = pullback(e)
@@ -334,25 +333,6 @@ def _check_captured(modules: Mapping[str, nn.Module], feats: Mapping[str, torch.
         raise ValueError(f"feature_speed: modules {missing} were not called by the model's forward pass; remove them from `modules`")
 
 
-def _forward_ad_attention() -> contextlib.AbstractContextManager:
-    """``scaled_dot_product_attention`` through its math backend: the fused kernels lack forward-mode AD."""
-    return sdpa_kernel([SDPBackend.MATH])
-
-
-@contextlib.contextmanager
-def _frozen_norm_stats(model: nn.Module) -> Iterator[None]:
-    """BatchNorm computes as in the forward (batch stats in train mode) but neither reads nor updates buffers
-    in train mode; functional transforms (jvp, vjp) cannot write running statistics."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
-
-
 def _upstream_params(features: list[torch.Tensor], by_id: dict[int, str]) -> list[list[str]]:
     """For each feature, the trainable parameters in its autograd graph, in model order."""
     order = {n: i for i, n in enumerate(by_id.values())}
@@ -415,7 +395,7 @@ def _feature_jvp(
             functional_call(model, {**th, **frozen, **buffers}, (x,))
         return tuple(feats[n] for n in mods)
 
-    with _forward_ad_attention():
+    with math_attention():
         _, tangents = jvp(features, (theta,), (dict(delta),))
     return [t.detach() for t in tangents]
 

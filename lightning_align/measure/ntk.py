@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from lightning_align.measure.autodiff import math_attention
 from lightning_align.measure.state import map_tensors, preserved_state
 
 Method = Literal["auto", "exact", "lanczos"]
@@ -522,18 +523,6 @@ class _Plan:
             return out.diagonal(dim1=0, dim2=2).sum(-1)
 
         return traced_mv
-
-
-@contextlib.contextmanager
-def math_attention() -> Iterator[None]:
-    """Use the math backend of ``scaled_dot_product_attention``: it has forward-mode AD and vmap rules."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        yield
-        return
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
 
 
 # -- contraction kernels ----------------------------------------------------------------------------

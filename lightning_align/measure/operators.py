@@ -29,12 +29,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp
 
+from lightning_align.measure.autodiff import batch_statistics_without_update, math_attention
 from lightning_align.measure.state import preserved_state
 
 Method = Literal["auto", "forward", "double_backward"]
 LossFn = Callable[[Any, Any], Tensor]
 Reduce = Callable[[Tensor], Tensor]
-_NORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
 @dataclass
@@ -140,19 +140,6 @@ def check_scalar_loss(loss: Any, where: str = "loss_fn") -> Tensor:
     return loss.reshape(())
 
 
-@contextlib.contextmanager
-def batch_statistics_without_update(model: nn.Module) -> Iterator[None]:
-    """Train-mode BatchNorm uses batch statistics but does not update its running buffers, inside."""
-    changed = [m for m in model.modules() if isinstance(m, _NORMS) and m.training and m.track_running_stats]
-    for m in changed:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in changed:
-            m.track_running_stats = True
-
-
 def _split_batch(batch: Any) -> tuple[Any, Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
@@ -214,7 +201,7 @@ def hessian_operator(
     inputs, targets = _split_batch(batch)
     if method == "forward":
         _refuse_affine_norms(model)
-    with preserved_state(model), torch.enable_grad(), _math_attention():
+    with preserved_state(model), torch.enable_grad(), math_attention():
         if method == "forward":
             op = _forward_operator(model, loss_fn, inputs, targets, params)
         elif method == "double_backward":
@@ -239,18 +226,6 @@ def _refuse_affine_norms(model: nn.Module) -> None:
             )
 
 
-@contextlib.contextmanager
-def _math_attention() -> Iterator[None]:
-    """Scaled-dot-product attention on the math backend (flash/efficient kernels lack double backward)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        yield
-        return
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
-
-
 def _forward_operator(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, params: FlatParams) -> FlatOperator:
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     p0 = params.detached()
@@ -263,7 +238,7 @@ def _forward_operator(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: A
     grad_fn = jacrev(loss_of)  # not grad(): jvp(grad(mse_loss)) hits "ZeroTensors are immutable" (torch 2.14)
 
     def matvec(v: Tensor) -> Tensor:
-        with batch_statistics_without_update(model), _math_attention():
+        with batch_statistics_without_update(model), math_attention():
             _, hv = jvp(grad_fn, (p0,), (params.unflatten(v.to(params.dtype)),))
         return params.flatten(hv)
 

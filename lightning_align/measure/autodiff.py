@@ -1,0 +1,47 @@
+"""Contexts that let higher-order and forward-mode autodiff run through common layers.
+
+- :func:`math_attention`: ``scaled_dot_product_attention`` on its math backend; the fused (flash /
+  memory-efficient / CPU) kernels have no forward-mode AD and no double backward (pytorch#116350, #128971).
+- :func:`batch_statistics_without_update`: train-mode BatchNorm normalises with batch statistics (the
+  objective being optimized) without its in-place running-statistics update, which ``torch.func``
+  transforms cannot run (pytorch#85533) and which a measurement must not do anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Run ``scaled_dot_product_attention`` on the math backend inside the block."""
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+@contextlib.contextmanager
+def batch_statistics_without_update(model: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm layers of ``model`` use batch statistics but leave their buffers alone inside.
+
+    Example:
+        >>> import torch
+        >>> bn = nn.BatchNorm1d(3)
+        >>> with batch_statistics_without_update(bn):
+        ...     _ = bn(torch.randn(8, 3) + 5)
+        >>> bool(bn.running_mean.abs().max() == 0)
+        True
+    """
+    changed = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    for m in changed:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.track_running_stats = True
