@@ -174,3 +174,31 @@ def test_explicit_probe_batch() -> None:
     fit([rec], max_steps=1)
     assert rec.batches[0][0].dtype == torch.float32, "probes run in fp32"
     assert torch.allclose(rec.batches[0][0], x.float())
+
+
+def test_prepare_runs_once_in_probe_context_before_step_zero() -> None:
+    class Prepared(Recorder):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.prepared: list[tuple[int, bool, int]] = []
+
+        def prepare(self, trainer, pl_module, batch):
+            dropout_on = pl_module.net[3].training
+            self.prepared.append((trainer.global_step, dropout_on, len(self.steps)))
+
+    cb = Prepared(every_n_steps=2)
+    fit([cb], max_steps=4)
+    assert cb.prepared == [(0, False, 0)], "once, before the step-0 measurement, with dropout off"
+
+
+def test_measure_outside_probe_context_when_asked() -> None:
+    class WeightsOnly(Recorder):
+        measure_in_probe_context = False
+
+        def measure(self, trainer, pl_module, batch):
+            self.modes.append({n: m.training for n, m in pl_module.named_modules()})
+            return {}
+
+    cb = WeightsOnly(every_n_steps=1)
+    fit([cb], max_steps=2)
+    assert cb.modes[-1]["net.3"] is True, "no probe context: the model is as training left it"

@@ -10,7 +10,7 @@ logger; TensorBoard histograms/figures).
 Hook order used (see ``reference/lightning-conventions.md``):
 
 - ``on_fit_start``: :meth:`validate` (bad module names etc. fail here, before any optimizer step);
-- ``on_train_start``: probe batch drawn; measurement at step 0 (before training);
+- ``on_train_start``: probe batch drawn; :meth:`prepare` (once per fit); measurement at step 0 (before training);
 - ``on_before_optimizer_step``: :meth:`before_step` when the step about to happen is scheduled
   (to snapshot weights before the update);
 - ``on_train_batch_end``: :meth:`measure` after each scheduled optimizer step (once per step, also
@@ -67,6 +67,9 @@ class MeasurementCallback(Callback):
     #: Split the probe over ranks under DDP (sum-decomposable quantities reduce their results with
     #: :meth:`all_reduce_mean`). ``False``: every rank measures the whole probe (e.g. kernels).
     shard_probe: ClassVar[bool] = True
+    #: Run :meth:`measure` inside :meth:`probe_context`. A callback that only reads weights (no forward
+    #: pass on the probe) sets ``False`` and skips the context's cost at every measurement.
+    measure_in_probe_context: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -100,6 +103,10 @@ class MeasurementCallback(Callback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
         """Measure on the probe batch and return scalars ``{tag: value}`` to log (may log more itself)."""
         raise NotImplementedError
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Once per fit, right after the probe batch is drawn and before the step-0 measurement, inside the
+        probe context: analyse the model on the probe (e.g. which weights are scale-invariant)."""
 
     def before_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Called just before a scheduled optimizer step (e.g. to snapshot weights). No probe context."""
@@ -165,6 +172,9 @@ class MeasurementCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ensure_probe_batch(trainer, pl_module)
+        if type(self).prepare is not MeasurementCallback.prepare:
+            with self.probe_context(pl_module):
+                self.prepare(trainer, pl_module, self.probe_batch)
         step = trainer.global_step
         if step > self.last_step and self.schedule.is_due(step):
             self._run(trainer, pl_module)
@@ -212,7 +222,8 @@ class MeasurementCallback(Callback):
         if self.probe_batch is None:
             self.ensure_probe_batch(trainer, pl_module)
         # Lightning hands callbacks the LightningModule itself, never the DDP/FSDP wrapper.
-        with self.probe_context(pl_module):
+        context = self.probe_context(pl_module) if self.measure_in_probe_context else contextlib.nullcontext()
+        with context:
             metrics = self.measure(trainer, pl_module, self.probe_batch)
         if metrics:
             log_scalars(trainer, metrics)

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_align.callbacks.base import MeasurementCallback
-from lightning_align.logging import log_figure, log_text, markdown_table, new_figure, tag, tensorboard_writers
+from lightning_align.logging import log_figure, log_scalars, log_text, markdown_table, new_figure, tag, tensorboard_writers
 from lightning_align.measure.elr import (
     ScaleInvariance,
     critical_lr,
@@ -79,6 +79,7 @@ class EffectiveLR(MeasurementCallback):
     """
 
     family = "elr"
+    measure_in_probe_context = False  # measurements only read weights; the probe is used once, in prepare()
     #: Every rank tests scale invariance on the same whole probe, so all ranks track the same weights.
     shard_probe = False
 
@@ -117,11 +118,8 @@ class EffectiveLR(MeasurementCallback):
         self._modules = tracked_modules(pl_module, self.weights, "EffectiveLR(weights=...)")
         self.invariance = None
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        if self.invariance is None:  # resumed mid-run: no step-0 measurement ran
-            with self.probe_context(pl_module):
-                self._detect(trainer, pl_module)
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        log_scalars(trainer, self._detect(trainer, pl_module, batch))
 
     def before_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.invariance is None:
@@ -136,8 +134,6 @@ class EffectiveLR(MeasurementCallback):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
         metrics: dict[str, float] = {}
-        if self.invariance is None:
-            metrics.update(self._detect(trainer, pl_module, batch))
         before, self._before = self._before, None
         if before is None:  # step 0, or a step whose weights were not copied
             return metrics
@@ -167,8 +163,7 @@ class EffectiveLR(MeasurementCallback):
         assert self.invariance is not None
         return {n: weight_group(self._modules[n], self.invariance[n]) for n in self._modules}
 
-    def _detect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> dict[str, float]:
-        batch = self.probe_batch if batch is None else batch
+    def _detect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> dict[str, float]:
         self.invariance = detect_scale_invariance(
             self.probe_outputs_model(pl_module), batch, self._modules, factor=self.scale_factor, rtol=self.invariance_rtol
         )

@@ -142,15 +142,12 @@ class FeatureSpeedControl(MeasurementCallback):
             self._check_plan(pl_module)
             self._split_groups(trainer, pl_module)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._group_layer:
-            self.ensure_probe_batch(trainer, pl_module)
-            with self.probe_context(pl_module):
-                res = feature_speed(self.probe_loss_model(pl_module), None, self.probe_batch, self._layers, lr=0.0)
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        if not self._group_layer:  # a fresh fit: which parameters move which layer, then one group per layer
+            res = feature_speed(self.probe_loss_model(pl_module), None, batch, self._layers, lr=0.0)
             self.plan = _ownership(res)
             self.multipliers = [1.0] * len(self.plan)
             self._split_groups(trainer, pl_module)
-        super().on_train_start(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()

@@ -62,6 +62,7 @@ class ELRWarmup(MeasurementCallback):
     """
 
     family = "elr"
+    measure_in_probe_context = False  # logging the factor needs no probe; the probe is used once, in prepare()
     #: Every rank tests scale invariance on the same whole probe, so all ranks track the same weights.
     shard_probe = False
 
@@ -99,11 +100,11 @@ class ELRWarmup(MeasurementCallback):
         self._modules = tracked_modules(pl_module, self.weights, "ELRWarmup(weights=...)")
         self._invariant = None
 
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        self._detect(pl_module, batch)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if self._invariant is None:  # resumed mid-run: no step-0 measurement ran
-            with self.probe_context(pl_module):
-                self._detect(pl_module, self.probe_batch)
         self._remove_hook()
         self._hook = trainer.optimizers[0].register_step_post_hook(self._after_optimizer_step)
 
@@ -148,9 +149,6 @@ class ELRWarmup(MeasurementCallback):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
-        if self._invariant is None:
-            self._detect(pl_module, batch)
-            return {}
         if trainer.global_step == 0:
             return {}
         if self.done:
