@@ -22,7 +22,7 @@ from mup import MuAdam, set_base_shapes
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_parametrization_nets import DepthNet, MLPNet, TinyGPT  # noqa: E402
+from param_nets import DepthNet, MLPNet, TinyGPT  # noqa: E402
 
 from lightning_align.parametrize.auto import auto_parametrize  # noqa: E402
 
