@@ -31,15 +31,39 @@ def test_config_runs(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert (Path(cli.trainer.log_dir) / "config.yaml").is_file()
 
 
-def test_quickstart_logs_tensorboard_events_with_rank_tags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# DESIGN.md section 3: tags every run of the suite must produce (``{layer}`` = a module name).
+REQUIRED_TAGS = [
+    "sharpness/max_eig",
+    "sharpness/lr_x_max_eig",
+    "ntk/max_eig",
+    "ntk/trace",
+    "ntk/cond",
+    "align/cos/{layer}",
+    "align/speed/{layer}",
+    "elr/{layer}",
+    "elr/spread",
+    "elr/critical_lr",
+    "rank/weight_stable/{layer}",
+    "rank/repr_effective/{layer}",
+    "coord/rms/{layer}",
+]
+
+
+def test_quickstart_logs_every_required_tag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.chdir(tmp_path)
-    cli = build_cli(fast_args(CONFIGS[[c.stem for c in CONFIGS].index("quickstart")], tmp_path))
-    events = EventAccumulator(cli.trainer.log_dir)
+    quickstart = CONFIGS[[c.stem for c in CONFIGS].index("quickstart")]
+    cli = build_cli(fast_args(quickstart, tmp_path) + ["--trainer.max_steps=5"])  # EffectiveLR measures at step 5
+    events = EventAccumulator(cli.trainer.log_dir, size_guidance={"histograms": 0, "scalars": 0, "images": 0})
     events.Reload()
-    assert "rank/weight_stable/layers.0" in events.Tags()["scalars"]
-    assert "rank/singular_values/layers.0" in events.Tags()["histograms"]
+    scalars = set(events.Tags()["scalars"])
+    for required in REQUIRED_TAGS:
+        wanted = required.format(layer="layers.1")
+        assert wanted in scalars, f"{wanted} missing from the quickstart's TensorBoard events"
+    histograms = set(events.Tags()["histograms"])
+    assert {"rank/singular_values/layers.0", "ntk/eigenvalues"} <= histograms
+    assert events.Tags()["images"], "at least one figure"
 
 
 def test_short_names_and_callback_from_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
