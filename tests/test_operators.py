@@ -120,3 +120,14 @@ def test_linear_loss_warns_zero_hessian() -> None:
     with pytest.warns(UserWarning, match="does not depend on the parameters"):
         out = hvp(model, lambda o, _: o.mean(), batch, torch.ones(4, dtype=torch.float64))
     assert torch.equal(out, torch.zeros(4, dtype=torch.float64))
+
+
+def test_operator_carries_the_loss_gradient_for_a_cold_start() -> None:
+    model, loss_fn, batch = _case("tanh")
+    x, y = batch
+    expected = torch.autograd.grad(loss_fn(model(x), y), [p for p in model.parameters() if p.requires_grad])
+    with hessian_operator(model, loss_fn, batch) as op:
+        assert op.gradient is not None
+        assert torch.allclose(op.gradient, torch.cat([g.reshape(-1) for g in expected]), atol=1e-12)
+    with hessian_operator(model, loss_fn, batch, method="forward") as op:
+        assert op.gradient is None
