@@ -98,10 +98,7 @@ class EffectiveLR(MeasurementCallback):
         super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode="train")
         if not isinstance(figure_every_n_steps, int) or figure_every_n_steps < 0:
             raise ValueError(f"EffectiveLR: figure_every_n_steps must be an int >= 0, got {figure_every_n_steps!r}")
-        if not (scale_factor > 0 and scale_factor != 1):
-            raise ValueError(f"EffectiveLR: scale_factor must be positive and != 1, got {scale_factor}")
-        if not invariance_rtol > 0:
-            raise ValueError(f"EffectiveLR: invariance_rtol must be positive, got {invariance_rtol}")
+        check_invariance_test_args("EffectiveLR", scale_factor, invariance_rtol)
         self.weights = weights
         self.figure_every_n_steps = figure_every_n_steps
         self.scale_factor = scale_factor
@@ -199,6 +196,14 @@ class EffectiveLR(MeasurementCallback):
 # --------------------------------------------------------------------------------------------------
 # Helpers shared with ELRWarmup
 # --------------------------------------------------------------------------------------------------
+def check_invariance_test_args(owner: str, scale_factor: float, invariance_rtol: float) -> None:
+    """Validate the scale-invariance test's arguments (shared by EffectiveLR and ELRWarmup)."""
+    if not (scale_factor > 0 and scale_factor != 1):
+        raise ValueError(f"{owner}: scale_factor must be positive and != 1, got {scale_factor}")
+    if not invariance_rtol > 0:
+        raise ValueError(f"{owner}: invariance_rtol must be positive, got {invariance_rtol}")
+
+
 def tracked_modules(model: nn.Module, patterns: list[str] | None, owner: str) -> dict[str, nn.Module]:
     """Modules whose weights are tracked: the named ones (each must have a trainable ``weight``) or the default."""
     if patterns is None:

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_align.callbacks.base import MeasurementCallback
-from lightning_align.callbacks.elr import grad_scale, layer_lrs, tracked_modules
+from lightning_align.callbacks.elr import check_invariance_test_args, grad_scale, layer_lrs, tracked_modules
 from lightning_align.measure.elr import ScaleInvariance, critical_lr, detect_scale_invariance, grad_weight_ratios, weight_group
 
 
@@ -76,10 +76,7 @@ class ELRWarmup(MeasurementCallback):
         probe_seed: int = 0,
     ) -> None:
         super().__init__(every_n_steps, "linear", probe_size, probe_seed, bn_mode="train")
-        if not (scale_factor > 0 and scale_factor != 1):
-            raise ValueError(f"ELRWarmup: scale_factor must be positive and != 1, got {scale_factor}")
-        if not invariance_rtol > 0:
-            raise ValueError(f"ELRWarmup: invariance_rtol must be positive, got {invariance_rtol}")
+        check_invariance_test_args("ELRWarmup", scale_factor, invariance_rtol)
         self.weights = weights
         self.scale_factor = scale_factor
         self.invariance_rtol = invariance_rtol
