@@ -8,6 +8,7 @@ without Lightning.
 
 from lightning_align import measure, parametrize
 from lightning_align.callbacks import (
+    AlignSummary,
     CoordCheck,
     EffectiveLR,
     ELRWarmup,
@@ -23,6 +24,7 @@ from lightning_align.callbacks import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignSummary",
     "CoordCheck",
     "ELRWarmup",
     "EffectiveLR",

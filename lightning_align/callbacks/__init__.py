@@ -9,9 +9,11 @@ from lightning_align.callbacks.ntk import NTKSpectrum
 from lightning_align.callbacks.parametrization import Parametrization
 from lightning_align.callbacks.rank import RankMonitor
 from lightning_align.callbacks.sharpness import Sharpness
+from lightning_align.callbacks.summary import AlignSummary
 from lightning_align.callbacks.warmup import ELRWarmup
 
 __all__ = [
+    "AlignSummary",
     "CoordCheck",
     "ELRWarmup",
     "EffectiveLR",

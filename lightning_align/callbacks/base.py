@@ -15,6 +15,12 @@ Hook order used (see ``reference/lightning-conventions.md``):
   (to snapshot weights before the update);
 - ``on_train_batch_end``: :meth:`measure` after each scheduled optimizer step (once per step, also
   under gradient accumulation).
+
+The user's view comes for free with any measurement callback: at ``on_train_start`` the TensorBoard
+custom-scalars layout of every attached family is written once per run (:mod:`lightning_align.dashboard`);
+each measurement's headline values go to the progress bar and to :attr:`headline_history`; at
+``teardown("fit")`` the first measurement callback prints one first -> last table for all of them,
+unless an :class:`~lightning_align.callbacks.summary.AlignSummary` is attached to configure that.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_align.callbacks.probe import ProbeLoss, ProbeOutputs, draw_probe_batch, prepare_probe_batch
+from lightning_align.dashboard import write_dashboard
+from lightning_align.headlines import HeadlineHistory, progress_bar_values
 from lightning_align.logging import log_scalars
 from lightning_align.measure.state import preserved_state
 from lightning_align.schedules import ScheduleName, StepSchedule
@@ -93,6 +101,8 @@ class MeasurementCallback(Callback):
         self.probe_batch: Any = None
         self._explicit_probe: Any = None
         self.last_step = -1
+        #: First and last headline values of this fit (read by the end-of-fit summary).
+        self.headline_history = HeadlineHistory()
 
     # ----------------------------------------------------------------------------------------------
     # What subclasses implement
@@ -168,9 +178,11 @@ class MeasurementCallback(Callback):
     # Lightning hooks
     # ----------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.headline_history.clear()
         self.validate(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        write_dashboard(trainer, [cb.family for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)])
         self.ensure_probe_batch(trainer, pl_module)
         if type(self).prepare is not MeasurementCallback.prepare:
             with self.probe_context(pl_module):
@@ -191,6 +203,17 @@ class MeasurementCallback(Callback):
         step = trainer.global_step
         if step > self.last_step and self.schedule.is_due(step):
             self._run(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # One table for the whole suite: printed by the first measurement callback, unless AlignSummary decides.
+        from lightning_align.callbacks.summary import find_summary, print_fit_summary
+
+        if stage != "fit" or find_summary(trainer) is not None:
+            return
+        # The leader: the first measurement callback (subclasses overriding teardown call super()).
+        leaders = [c for c in trainer.callbacks if isinstance(c, MeasurementCallback)]
+        if leaders and leaders[0] is self:
+            print_fit_summary(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step, **self.extra_state()}
@@ -226,8 +249,18 @@ class MeasurementCallback(Callback):
         with context:
             metrics = self.measure(trainer, pl_module, self.probe_batch)
         if metrics:
-            log_scalars(trainer, metrics)
+            values = log_scalars(trainer, metrics)
+            self.headline_history.add(trainer.global_step, values)
+            self._show_in_progress_bar(trainer, values)
         self.last_step = trainer.global_step
+
+    def _show_in_progress_bar(self, trainer: pl.Trainer, values: Mapping[str, float]) -> None:
+        from lightning_align.callbacks.summary import find_summary
+
+        summary = find_summary(trainer)
+        if summary is None or summary.progress_bar:
+            # The progress bar shows trainer.progress_bar_metrics; values stay until the next measurement.
+            trainer.progress_bar_metrics.update(progress_bar_values(values))
 
 
 def _device_type(module: nn.Module) -> str:

@@ -155,6 +155,7 @@ class ELRWarmup(MeasurementCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()
         self._remove_hook()
+        super().teardown(trainer, pl_module, stage)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()  # an interrupted fit leaves the optimizer as configured

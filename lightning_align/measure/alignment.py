@@ -73,6 +73,11 @@ class FeatureSpeed:
         backward_norm: ``‖b‖`` (Euclidean norm of ``dL/df`` over the whole batch).
         numel: number of entries of ``f`` on the batch (the RMS denominator is its square root).
         upstream: names of the parameters upstream of ``f`` (those counted in ``loss_decrease``).
+
+    Example::
+
+        res = feature_speed(model, loss_fn, (x, y), {"fc1": model.fc1}, lr=0.1)
+        res["fc1"].cos_angle, res["fc1"].speed, res["fc1"].predicted_speed
     """
 
     cos_angle: float
@@ -94,6 +99,11 @@ class FeatureSpeedResults(dict):
         loss: the loss on the batch at the evaluation point.
         loss_decrease: ``−⟨∇L, Δθ⟩`` over all parameters (first order).
         param_loss_decrease: ``{parameter name: −⟨∇_k L, Δθ_k⟩}`` for every trainable parameter.
+
+    Example::
+
+        res = feature_speed(model, loss_fn, (x, y), {"fc1": model.fc1, "fc2": model.fc2}, lr=0.1)
+        {name: r.cos_angle for name, r in res.items()}, res.loss_decrease
     """
 
     loss: float = math.nan
@@ -110,6 +120,11 @@ class FeatureKernel:
             sample-major); ``δf = −K·b`` for the gradient step ``Δθ_k = −η_k ∇_k L``.
         eigenvalues: eigenvalues of ``K``, largest first.
         mean_rms_ratio: ``mean(λ) / rms(λ)``, the alignment ``cos θ`` a generic backward vector gets.
+
+    Example::
+
+        fk = feature_kernel(model, loss_fn, (x, y), module="fc1", lr=0.1)
+        fk.eigenvalues[:5], fk.mean_rms_ratio
     """
 
     matrix: torch.Tensor

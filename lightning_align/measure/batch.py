@@ -25,7 +25,12 @@ def batch_inputs(batch: Any, owner: str = "lightning_align") -> Any:
 
 
 def batch_targets(batch: Any, owner: str = "lightning_align") -> Any:
-    """The targets of a batch (``batch[1]`` or ``batch["y"]``-like)."""
+    """The targets of a batch (``batch[1]`` or ``batch["y"]``-like).
+
+    Example:
+        >>> batch_targets((torch.zeros(2, 3), torch.tensor([0, 1])))
+        tensor([0, 1])
+    """
     return _batch_part(batch, 1, TARGET_KEYS, "targets", owner)
 
 

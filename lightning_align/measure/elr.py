@@ -144,6 +144,11 @@ class ELRSpread:
         max_layer: the layer with the largest ELR.
         min_layer: the layer with the smallest ELR.
         count: number of layers.
+
+    Example:
+        >>> s = elr_spread({"fc1": 0.01, "fc2": 0.04})
+        >>> s.ratio, s.max_layer, s.min_layer
+        (4.0, 'fc2', 'fc1')
     """
 
     ratio: float
@@ -241,6 +246,11 @@ class ScaleInvariance:
         scale_invariant: whether the network function is unchanged by the scaling.
         relative_change: ``‖f(c·w) - f(w)‖ / ‖f(w)‖`` on the batch for ``params`` (the evidence; for a
             weight that is not invariant, the smallest change over the scalings tried).
+
+    Example::
+
+        res = detect_scale_invariance(model, x)  # {module name: ScaleInvariance}
+        [name for name, r in res.items() if r.scale_invariant]
     """
 
     params: tuple[str, ...]
@@ -249,7 +259,12 @@ class ScaleInvariance:
 
 
 def default_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear/Conv/Embedding modules of ``model`` with a trainable ``weight`` (candidates for ELRs)."""
+    """Linear/Conv/Embedding modules of ``model`` with a trainable ``weight`` (candidates for ELRs).
+
+    Example:
+        >>> list(default_weight_modules(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))))
+        ['0', '2']
+    """
     return {
         name: m
         for name, m in model.named_modules()
@@ -394,5 +409,11 @@ def _test_plans(
 
 
 def weight_group(module: nn.Module, result: ScaleInvariance) -> list[torch.Tensor]:
-    """The live tensors of a module's weight as described by ``result.params``."""
+    """The live tensors of a module's weight as described by ``result.params``.
+
+    Example::
+
+        res = detect_scale_invariance(model, x)
+        tensors = weight_group(model.fc1, res["fc1"])  # [weight] or [weight, bias]
+    """
     return [getattr(module, k) for k in result.params]

@@ -94,6 +94,15 @@ def hessian_eigs(
 
     Raises:
         ValueError: no trainable parameters, ``k`` above the parameter count, a loss that is not a scalar.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(3, 1)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> res = hessian_eigs(model, nn.functional.mse_loss, (x, y), k=1)
+        >>> exact = torch.linalg.eigvalsh(2 * torch.cat([x, torch.ones(8, 1)], 1).T @ torch.cat([x, torch.ones(8, 1)], 1) / 8)
+        >>> abs(res.values[0] - exact[-1]).item() < 1e-3 * exact[-1].item()
+        True
     """
     with hessian_operator(model, loss_fn, batch, method=method, reduce=reduce) as op:
         _check_k(k, op)
@@ -120,6 +129,11 @@ def hessian_extremes(
     """Top ``k_top`` and bottom ``k_bottom`` Hessian eigenpairs from one Lanczos run (shared products).
 
     Arguments as in :func:`hessian_eigs`. Returns ``(top, bottom)``: top largest first, bottom smallest first.
+
+    Example::
+
+        top, bottom = hessian_extremes(model, loss_fn, (x, y), k_top=1, k_bottom=1)
+        top.values[0], bottom.values[0]  # sharpness and the most negative curvature
     """
     with hessian_operator(model, loss_fn, batch, method=method, reduce=reduce) as op:
         _check_k(k_top + k_bottom, op)
@@ -139,6 +153,11 @@ class TraceEstimate:
         stderr: its standard error (from the spread of the Hutchinson samples; 0 when the Krylov part
             is exact, e.g. when the basis spans the whole space).
         num_matvecs: Hessian-vector products used.
+
+    Example::
+
+        est = hessian_trace_estimate(model, loss_fn, (x, y))
+        print(f"tr H = {est.value:.3g} ± {est.stderr:.2g} ({est.num_matvecs} HVPs)")
     """
 
     value: float
@@ -201,7 +220,13 @@ def hessian_trace_estimate(
     reduce: Reduce | None = None,
     method: Method = "auto",
 ) -> TraceEstimate:
-    """Trace of the Hessian with its standard error (see :func:`trace_estimate`)."""
+    """Trace of the Hessian with its standard error (see :func:`trace_estimate`).
+
+    Example::
+
+        est = hessian_trace_estimate(model, loss_fn, (x, y), num_samples=16)
+        est.value, est.stderr
+    """
     with hessian_operator(model, loss_fn, batch, method=method, reduce=reduce) as op:
         return trace_estimate(op, op.dim, num_samples, basis_steps, generator, op.dtype, op.device)
 
@@ -239,6 +264,11 @@ class SpectralDensity:
         density: ``(grid_size,)`` Gaussian-smoothed density on ``grid``; it integrates to 1.
         sigma: the Gaussian width used.
         num_matvecs: Hessian-vector products used.
+
+    Example::
+
+        dens = hessian_density(model, loss_fn, (x, y))
+        (dens.density * (dens.grid[1] - dens.grid[0])).sum()  # ~ 1
     """
 
     nodes: Tensor
@@ -268,6 +298,12 @@ def spectral_density(
 
     Args:
         sigma: Gaussian width (default: 1% of the spectral range seen).
+
+    Example:
+        >>> a = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        >>> dens = spectral_density(lambda v: a @ v, 3, num_steps=3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> sorted(round(v, 4) for v in dens.nodes[0].tolist())
+        [1.0, 2.0, 3.0]
     """
     if num_vectors < 1 or num_steps < 1 or grid_size < 2:
         raise ValueError("spectral_density: num_vectors, num_steps must be >= 1 and grid_size >= 2")
@@ -313,6 +349,11 @@ def hessian_density(
     """Hessian spectral density by stochastic Lanczos quadrature (see :func:`spectral_density`).
 
     Cost: ``num_steps · num_vectors`` Hessian-vector products, so run it rarely.
+
+    Example::
+
+        dens = hessian_density(model, loss_fn, (x, y), num_steps=30)
+        plt.semilogy(dens.grid, dens.density)
     """
     with hessian_operator(model, loss_fn, batch, method=method, reduce=reduce) as op:
         return spectral_density(op, op.dim, num_steps, num_vectors, grid_size, sigma, generator, op.dtype, op.device)
@@ -338,6 +379,12 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tenso
 
     Raises:
         TypeError: if ``optimizer`` is not Adam or AdamW.
+
+    Example::
+
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        ...  # a few training steps, so that Adam's second moments exist
+        d = adam_preconditioner(opt, model.parameters())  # None before the first step
     """
     if not isinstance(optimizer, ADAM_LIKE):
         raise TypeError(
@@ -377,6 +424,11 @@ def stability_threshold(optimizer: torch.optim.Optimizer) -> float:
 
     Uses the first param group. Derived from the linear recurrence on a 1-D quadratic
     (Cohen et al. 2021, 2022); see ``tests/test_hessian_threshold.py``.
+
+    Example:
+        >>> p = [nn.Parameter(torch.zeros(1))]
+        >>> stability_threshold(torch.optim.SGD(p, lr=0.1)), round(stability_threshold(torch.optim.SGD(p, lr=0.1, momentum=0.9)), 6)
+        (2.0, 3.8)
     """
     group = optimizer.param_groups[0]
     if isinstance(optimizer, ADAM_LIKE):

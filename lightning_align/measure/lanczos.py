@@ -46,6 +46,12 @@ class LanczosResult:
         num_matvecs: number of operator products used.
         residuals: ``(k,)`` Ritz residual norms ``‖A y_i - θ_i y_i‖`` (each bounds the distance from
             ``values[i]`` to the nearest eigenvalue of ``A``).
+
+    Example:
+        >>> a = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+        >>> res = lanczos_eigs(lambda v: a @ v, 10, k=2, dtype=torch.float64)
+        >>> [round(v, 6) for v in res.values.tolist()]
+        [10.0, 9.0]
     """
 
     values: Tensor

@@ -106,7 +106,12 @@ def empirical_ntk(
 
 
 def flatten_kernel(kernel: Tensor) -> Tensor:
-    """A kernel ``(n, n, c, c)`` as the ``(n·c, n·c)`` matrix with row index ``i·c + a`` (2-D kernels as is)."""
+    """A kernel ``(n, n, c, c)`` as the ``(n·c, n·c)`` matrix with row index ``i·c + a`` (2-D kernels as is).
+
+    Example:
+        >>> flatten_kernel(torch.zeros(2, 2, 3, 3)).shape
+        torch.Size([6, 6])
+    """
     if kernel.ndim == 2:
         return kernel
     if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != kernel.shape[3]:
@@ -169,6 +174,11 @@ class NTKSpectrumResult:
         num_matvecs: kernel-vector products used (0 on the exact path).
         kernel: the flattened ``(N, N)`` kernel on the exact path, else ``None``.
         eigenvalues: all ``N`` eigenvalues (float64, largest first) on the exact path, else ``None``.
+
+    Example::
+
+        res = ntk_spectrum(model.eval(), x, k=3, return_vectors=True)
+        res.values, res.vectors.shape
     """
 
     values: Tensor
@@ -200,6 +210,11 @@ def ntk_spectrum(
 
     With ``return_vectors=False`` the exact path calls ``eigvalsh`` (faster than ``eigh``) and
     ``vectors`` is empty.
+
+    Example::
+
+        res = ntk_spectrum(model.eval(), x, k=5)
+        res.values, res.method  # "exact" for small kernels, "lanczos" beyond max_exact_size
     """
     if method not in ("auto", "exact", "lanczos"):
         raise ValueError(f"ntk_eigs: method must be 'auto', 'exact' or 'lanczos', got {method!r}")
@@ -243,6 +258,11 @@ def ntk_matvec(
 
     The operator keeps the forward graph of the batch; call it inside :func:`preserved_state` if the
     model has buffers a forward could touch. With ``trace_outputs`` one product costs ``c`` VJP/JVP pairs.
+
+    Example::
+
+        matvec, size = ntk_matvec(model.eval(), x)
+        kv = matvec(torch.ones(size))  # K @ 1 without forming K
     """
     plan = _Plan.build(model, inputs, params, learning_rates, True, owner="ntk_matvec")
     return plan.matvec(inputs, trace_outputs), plan.n if trace_outputs else plan.n * plan.c
@@ -259,6 +279,13 @@ def ntk_trace(
     """``tr K = Σ_{i,a} ‖∂f_a(x_i)/∂θ‖²`` without building the kernel (diagonal blocks only).
 
     The same for the full and the output-traced kernel. Memory is that of one ``chunk_size`` block.
+
+    Example:
+        >>> net = nn.Linear(3, 2)
+        >>> x = torch.randn(5, 3)
+        >>> k = empirical_ntk(net, x)
+        >>> abs(ntk_trace(net, x) - flatten_kernel(k).trace().item()) < 1e-4
+        True
     """
     plan = _Plan.build(model, inputs, params, learning_rates, True, owner="ntk_trace")
     total = 0.0
@@ -285,6 +312,11 @@ class NTKSummary:
         cond: ``max_eig / min_eig``; ``inf`` when ``min_eig <= N · eps · max_eig`` (numerically singular,
             e.g. more kernel rows than parameters), with ``eps`` of the kernel's dtype.
         effective_rank: ``exp(H(p))``, ``p = λ / Σ λ`` over the positive eigenvalues.
+
+    Example::
+
+        s = ntk_summary(empirical_ntk(model.eval(), x))
+        s.max_eig, s.cond, s.effective_rank
     """
 
     eigenvalues: Tensor
@@ -592,6 +624,14 @@ def check_sample_independent(model: nn.Module, owner: str = "empirical_ntk") -> 
 
     The per-sample kernel is only defined when each output depends on its own input alone, and a
     kernel of a random function changes from call to call.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> check_sample_independent(net.eval())  # running statistics: fine
+        >>> check_sample_independent(net.train())
+        Traceback (most recent call last):
+        ...
+        ValueError: ...
     """
     for name, m in model.named_modules():
         if isinstance(m, _BN) and m.training:

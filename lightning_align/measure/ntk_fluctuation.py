@@ -40,6 +40,11 @@ class NTKFluctuation:
         width: the ``n`` used in the ratios.
         n_inits: number of initialisations.
         diagonals: ``(n_inits, n_inputs, c)`` values of ``Θ_aa(x, x)``, for further statistics.
+
+    Example::
+
+        fl = ntk_fluctuation(lambda: MLP(width=256), x, n_inits=8)
+        fl.diag_ratio  # ~ constant in width under NTK parametrization
     """
 
     diag_ratio: float

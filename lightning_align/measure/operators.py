@@ -104,6 +104,11 @@ class FlatOperator:
         gradient: the flat loss gradient when it came for free (double backward), else ``None``. The top
             Hessian eigenvectors are close to the gradient's span early in training (Gur-Ari et al. 2018),
             so it is a good cold start for Lanczos.
+
+    Example::
+
+        op = hessian_operator(model, loss_fn, (x, y))
+        hv = op.matvec(torch.randn(op.params.dim, dtype=op.params.dtype))
     """
 
     matvec: Callable[[Tensor], Tensor]

@@ -23,14 +23,24 @@ from torch import nn
 
 
 def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """A weight as a matrix: ``(out, in)`` for linear, ``(out, in·kernel)`` for conv, as is for 2-D."""
+    """A weight as a matrix: ``(out, in)`` for linear, ``(out, in·kernel)`` for conv, as is for 2-D.
+
+    Example:
+        >>> weight_matrix(torch.zeros(8, 3, 5, 5)).shape
+        torch.Size([8, 75])
+    """
     if weight.ndim < 2:
         raise ValueError(f"a weight matrix needs at least 2 dimensions, got shape {tuple(weight.shape)}")
     return weight.detach().reshape(weight.shape[0], -1)
 
 
 def singular_values(x: torch.Tensor) -> torch.Tensor:
-    """Singular values (float64 for accuracy, largest first) of a matrix or a reshaped weight."""
+    """Singular values (float64 for accuracy, largest first) of a matrix or a reshaped weight.
+
+    Example:
+        >>> singular_values(torch.diag(torch.tensor([1.0, 3.0])))
+        tensor([3., 1.], dtype=torch.float64)
+    """
     return torch.linalg.svdvals(weight_matrix(x).double())
 
 
@@ -67,14 +77,24 @@ def effective_rank(x: torch.Tensor, *, center: bool = False) -> float:
 
 
 def participation_ratio(x: torch.Tensor, *, center: bool = False) -> float:
-    """Participation ratio ``(Σ s²)² / Σ s⁴`` of the spectrum (0 for a zero matrix)."""
+    """Participation ratio ``(Σ s²)² / Σ s⁴`` of the spectrum (0 for a zero matrix).
+
+    Example:
+        >>> participation_ratio(torch.eye(4))
+        4.0
+    """
     s2 = singular_values(_centered(x) if center else x) ** 2
     denom = (s2**2).sum()
     return float(s2.sum() ** 2 / denom) if denom > 0 else 0.0
 
 
 def numerical_rank(x: torch.Tensor, *, tol: float = 1e-3, center: bool = False) -> int:
-    """Number of singular values above ``tol`` times the largest."""
+    """Number of singular values above ``tol`` times the largest.
+
+    Example:
+        >>> numerical_rank(torch.diag(torch.tensor([1.0, 0.5, 1e-6])))
+        2
+    """
     s = singular_values(_centered(x) if center else x)
     if s.numel() == 0 or s[0] <= 0:
         return 0
@@ -104,6 +124,11 @@ def weight_spectrum(weight: torch.Tensor, *, threshold: float = 0.5, near_one_to
         weight: a linear or conv weight.
         threshold: count singular values above this (≈0.5 separates the O(1) from the O(L^-1/2) ones).
         near_one_tol: count singular values with ``|s - 1| <= near_one_tol``.
+
+    Example:
+        >>> spec = weight_spectrum(torch.eye(4))
+        >>> spec.stable_rank, spec.count_near_one
+        (4.0, 4)
     """
     s = singular_values(weight)
     fro_sq = float((s**2).sum())
@@ -159,6 +184,12 @@ def jacobian_rank(model: nn.Module, inputs: torch.Tensor, *, tol: float = 1e-3, 
         model: maps a batch of inputs to outputs, sample-wise (no cross-sample operations: BatchNorm
             must be in eval mode).
         inputs: a few probe inputs ``(n, ...)``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 4, bias=False))
+        >>> ranks, logdets = jacobian_rank(net, torch.randn(3, 4))
+        >>> ranks
+        [2, 2, 2]
     """
     from lightning_align.measure.modules import train_mode_batchnorms
 

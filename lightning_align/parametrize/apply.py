@@ -94,6 +94,11 @@ def optimizer_family(optimizer: torch.optim.Optimizer, override: str = "auto") -
 
     Adam-like: Adam, AdamW, Adamax, NAdam, RAdam, Adagrad, RMSprop and any class whose name contains
     "adam". SGD-like: SGD, ASGD.
+
+    Example:
+        >>> p = [torch.nn.Parameter(torch.zeros(1))]
+        >>> optimizer_family(torch.optim.AdamW(p)), optimizer_family(torch.optim.SGD(p, lr=0.1))
+        ('adam', 'sgd')
     """
     if override in ("adam", "sgd"):
         return override
@@ -123,6 +128,11 @@ class Parametrized:
         attention: ``{module name: factor applied to attn_scale}``.
         handles: forward-hook handles of the multipliers.
         widths / base_widths: width hyper-parameters (filled by ``auto_parametrize``).
+
+    Example::
+
+        p = parametrize(model, base, delta, scheme="mup")
+        optimizer = p.rewrite_optimizer(torch.optim.Adam(model.parameters(), lr=1e-3))
     """
 
     model: nn.Module
@@ -335,6 +345,12 @@ def retarget_scheduler(scheduler: Any, mapping: Sequence[tuple[int, ParamRule]])
     the new groups, LR-valued ones scaled by each group's LR factor. Chained/sequential schedulers are
     handled through their children. ``last_epoch`` and everything else are kept, so schedules stay
     relative (mup's "schedulers must scale group LRs relatively").
+
+    Example::
+
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
+        mapping = p.rewrite_optimizer_with_mapping(optimizer)  # new param groups
+        retarget_scheduler(scheduler, mapping)
     """
     for child in getattr(scheduler, "_schedulers", []) or []:
         retarget_scheduler(child, mapping)
@@ -385,6 +401,11 @@ def parametrize(
 
     Returns:
         The :class:`Parametrized` record; use ``rewrite_optimizer`` on the optimizer afterwards.
+
+    Example::
+
+        base, delta = MLP(width=64).to("meta"), MLP(width=128).to("meta")
+        p = parametrize(MLP(width=1024), base, delta, scheme="mup")
     """
     if scheme not in SCHEMES:
         raise ValueError(f"Parametrization: unknown scheme {scheme!r}; choose one of {list(SCHEMES)}")

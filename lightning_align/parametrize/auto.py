@@ -176,6 +176,11 @@ def auto_parametrize(
 
     Returns:
         The :class:`Parametrized` record (with ``widths`` and ``base_widths`` filled in).
+
+    Example::
+
+        model = MLP(width=1024)  # saves its init arguments in hparams
+        p = auto_parametrize(model, scheme="mup", base_width=64)
     """
     if scheme not in SCHEMES:
         raise ValueError(f"{owner}: unknown scheme {scheme!r}; choose one of {list(SCHEMES)}")

@@ -47,6 +47,11 @@ class CoordCheckResult:
         records: dicts with keys ``width``, ``depth``, ``seed``, ``step``, ``module``, ``l1``, ``rms``,
             ``delta_rms``, ``loss``.
         modules: recorded module names, in model order.
+
+    Example::
+
+        result = coord_check(lambda w: MLP(width=w), widths=[64, 128, 256], batch=(x, y))
+        result.records[0]["rms"], result.modules
     """
 
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -145,6 +150,11 @@ def coord_check(
 
     Returns:
         A :class:`CoordCheckResult`. The caller's RNG streams are not advanced.
+
+    Example::
+
+        result = coord_check(lambda w: MLP(width=w), widths=[64, 128, 256], batch=(x, y), steps=3)
+        result.slopes()  # per-module log-log slopes of the coordinate size in width
     """
     if not widths:
         raise ValueError("coord_check: give at least one width")

@@ -56,6 +56,11 @@ class ParamInfo:
         infinite: for each dimension, whether it scales with width (mup's ``InfDim.isinf``).
         role: one of :data:`ROLES`.
         in_branch: it lives inside a residual branch (depth scaling applies).
+
+    Example::
+
+        infos = infer_roles(model, base, delta)
+        infos["fc1.weight"].role  # "input"
     """
 
     name: str
@@ -122,6 +127,12 @@ def infer_roles(
         ValueError: parameter names differ between the models, a shape has a different number of
             dimensions, a tensor has more than two infinite dimensions, an override names an unknown
             role or matches no parameter.
+
+    Example::
+
+        base, delta = MLP(width=64).to("meta"), MLP(width=128).to("meta")
+        infos = infer_roles(MLP(width=1024), base, delta)
+        {n: i.role for n, i in infos.items()}
     """
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     base_shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}

@@ -81,7 +81,12 @@ class Scale:
 
 @dataclass(frozen=True)
 class ParamRule:
-    """Per-parameter optimizer factors: learning rate, weight decay and Adam ε."""
+    """Per-parameter optimizer factors: learning rate, weight decay and Adam ε.
+
+    Example:
+        >>> ParamRule().lr
+        Scale(mul=1.0, div=1.0)
+    """
 
     lr: Scale = Scale()
     weight_decay: Scale = Scale()
