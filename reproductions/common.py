@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,13 +39,16 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def trainer(out: Path, run_name: str, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
-    """A CPU Trainer logging to TensorBoard under ``out/tb/run_name``, without progress bar or checkpoints."""
+def trainer(
+    out: Path, run_name: str, callbacks: list[pl.Callback], extra_loggers: tuple[Logger, ...] = (), **kwargs: Any
+) -> pl.Trainer:
+    """A CPU Trainer logging to TensorBoard under ``out/tb/run_name`` (and to ``extra_loggers``, e.g. a
+    :class:`MemoryLogger`), without progress bar or checkpoints."""
     quiet()
     settings: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
-        logger=TensorBoardLogger(out / "tb", name=run_name, default_hp_metric=False),
+        logger=[TensorBoardLogger(out / "tb", name=run_name, default_hp_metric=False), *extra_loggers],
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -54,6 +57,33 @@ def trainer(out: Path, run_name: str, callbacks: list[pl.Callback], **kwargs: An
     )
     settings.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **settings)
+
+
+class MemoryLogger(Logger):
+    """Keeps every logged scalar in memory, ``rows[tag][step] = value``, next to TensorBoard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, dict[int, float]] = {}
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            self.rows.setdefault(key, {})[int(step or 0)] = float(value)
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def values(self, tag: str) -> list[float]:
+        """The logged values of ``tag`` in step order."""
+        return [v for _, v in sorted(self.rows.get(tag, {}).items())]
 
 
 def _finite(value: Any) -> Any:

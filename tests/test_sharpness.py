@@ -231,3 +231,23 @@ def test_resume_from_checkpoint_stays_warm(tmp_path) -> None:
         assert [s for s, _ in steps] == [4]  # step 3 was measured before the checkpoint
         firsts[warm] = steps[0][1]
     assert firsts[True] < firsts[False]
+
+
+def test_per_group_learning_rates_give_the_lr_weighted_sharpness() -> None:
+    """With different lrs per param group (μP, per-layer control), lr_x_max_eig is λmax(P H), P = diag(lr)."""
+
+    class TwoGroups(TinyClassifier):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            first, rest = list(self.net[0].parameters()), [p for m in self.net[1:] for p in m.parameters()]
+            return torch.optim.SGD([{"params": first, "lr": 0.4}, {"params": rest, "lr": 0.05}], lr=0.05)
+
+    rec = MemoryLogger()
+    cb = Sharpness(every_n_steps=3, probe_size=48, tol=1e-5, max_matvecs=200, min_eig=False)
+    module, trainer = fit([cb], module=lambda: _module("sgd", cls=TwoGroups), max_steps=3, logger=rec)
+    h = _probe_hessian(module, cb.probe_batch)
+    lrs = torch.cat([torch.full((p.numel(),), 0.4 if i < 2 else 0.05, dtype=torch.float64) for i, p in enumerate(module.parameters())])
+    d = lrs.sqrt()
+    expected = float(torch.linalg.eigvalsh(d[:, None] * h * d[None, :])[-1])
+    last = dict(rec.rows[-1][1])
+    assert last["sharpness/lr_x_max_eig"] == pytest.approx(expected, rel=1e-3)
+    assert last["sharpness/lr_x_max_eig"] != pytest.approx(0.4 * last["sharpness/max_eig"], rel=1e-2)

@@ -16,6 +16,7 @@ from lightning_align.measure.hessian import (
     ADAM_LIKE,
     SpectralDensity,
     adam_preconditioner,
+    lr_preconditioner,
     spectral_density,
     stability_threshold,
     trace_estimate,
@@ -46,8 +47,9 @@ class Sharpness(MeasurementCallback):
 
     - ``sharpness/max_eig``, ``sharpness/eig_<i>``: the top ``k`` eigenvalues of ``H``;
     - ``sharpness/min_eig`` (``min_eig=True``): the smallest eigenvalue (negative: non-convexity);
-    - ``sharpness/lr_x_max_eig``: ``lr · λ_max(H)`` (``lr`` of the first param group) for SGD and
-      other optimizers; for Adam/AdamW (``preconditioned``) ``λ_max(D H D)`` with
+    - ``sharpness/lr_x_max_eig``: ``lr · λ_max(H)`` for SGD and other optimizers when every param group
+      has the same ``lr``; with per-group learning rates (μP, per-layer control) ``λ_max(D H D)`` with
+      ``D² = lr`` of each parameter's group (one more Lanczos run, warm-started); for Adam/AdamW (``preconditioned``) ``λ_max(D H D)`` with
       ``D² = lr / (sqrt(v̂) + eps)`` per parameter (each param group's own ``lr``), i.e. the
       preconditioned ``lr · λ_max(P^{-1} H)``;
     - ``sharpness/preconditioned_max_eig`` (Adam): ``λ_max(P^{-1} H)`` (= ``lr_x_max_eig / lr``);
@@ -268,20 +270,21 @@ class Sharpness(MeasurementCallback):
             return metrics
         threshold = stability_threshold(optimizer)
         if self._use_preconditioner:
-            lr_x = self._preconditioned(op, optimizer, common)
+            lr_x = self._preconditioned(op, adam_preconditioner(optimizer, op.params.tensors), common)
             if lr_x is None:
                 return metrics
             metrics[tag("sharpness", "preconditioned_max_eig")] = lr_x / float(optimizer.param_groups[0]["lr"])
         else:
-            lr_x = float(optimizer.param_groups[0]["lr"]) * float(top.values[0])
+            d = lr_preconditioner(optimizer, op.params.tensors)  # None: one lr for every parameter
+            lr_x = float(optimizer.param_groups[0]["lr"]) * float(top.values[0]) if d is None else self._preconditioned(op, d, common)
         metrics[tag("sharpness", "lr_x_max_eig")] = lr_x
         metrics[tag("sharpness", "threshold")] = threshold
         metrics[tag("sharpness", "eos_ratio")] = lr_x / threshold
         return metrics
 
-    def _preconditioned(self, op: FlatOperator, optimizer: torch.optim.Optimizer, common: dict[str, Any]) -> float | None:
-        d = adam_preconditioner(optimizer, op.params.tensors)
-        if d is None:  # before Adam's first step: no second-moment estimate yet
+    def _preconditioned(self, op: FlatOperator, d: torch.Tensor | None, common: dict[str, Any]) -> float | None:
+        """``λ_max(D H D)`` by Lanczos, warm-started; ``None`` without ``D`` (before Adam's first step)."""
+        if d is None:
             return None
         d = d.to(device=op.device, dtype=op.dtype)
         res = lanczos_eigs(lambda v: d * op(d * v), op.dim, k=1, which="LA", init=self._init(self._pre_vectors, op), **common)

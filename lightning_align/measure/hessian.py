@@ -414,6 +414,29 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tenso
     return torch.cat(parts)
 
 
+def lr_preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> Tensor | None:
+    """Flat ``D = sqrt(lr)`` per parameter (its param group's ``lr``), or ``None`` when all groups share one ``lr``.
+
+    With per-group learning rates (μP, per-layer control) gradient descent is stable on a quadratic while
+    ``λ_max(D H D) = λ_max(P H) < 2`` with ``P = diag(lr)``; ``lr · λ_max(H)`` of a single group is then the
+    wrong figure. Parameters the optimizer does not update get ``D = 0``.
+
+    Example:
+        >>> w, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))
+        >>> opt = torch.optim.SGD([{"params": [w], "lr": 0.25}, {"params": [b], "lr": 1.0}])
+        >>> lr_preconditioner(opt, [w, b])
+        tensor([0.5000, 0.5000, 1.0000])
+        >>> lr_preconditioner(torch.optim.SGD([w, b], lr=0.1), [w, b]) is None
+        True
+    """
+    lr_of = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+    params = list(params)
+    lrs = [lr_of.get(id(p), 0.0) for p in params]
+    if len(set(lrs)) <= 1:
+        return None
+    return torch.cat([torch.full((p.numel(),), lr**0.5, dtype=p.dtype, device=p.device) for p, lr in zip(params, lrs)])
+
+
 def stability_threshold(optimizer: torch.optim.Optimizer) -> float:
     """Edge-of-stability threshold of ``lr · λ_max`` (raw for SGD, preconditioned for Adam/AdamW).
 
