@@ -18,6 +18,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
+from lightning_align.logging import MemoryLogger  # noqa: F401  (for the scripts: common.MemoryLogger)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -57,33 +59,6 @@ def trainer(
     )
     settings.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **settings)
-
-
-class MemoryLogger(Logger):
-    """Keeps every logged scalar in memory, ``rows[tag][step] = value``, next to TensorBoard."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: dict[str, dict[int, float]] = {}
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        for key, value in metrics.items():
-            self.rows.setdefault(key, {})[int(step or 0)] = float(value)
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def values(self, tag: str) -> list[float]:
-        """The logged values of ``tag`` in step order."""
-        return [v for _, v in sorted(self.rows.get(tag, {}).items())]
 
 
 def _finite(value: Any) -> Any:

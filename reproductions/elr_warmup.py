@@ -78,12 +78,12 @@ def run(kind: str, cfg: dict[str, Any], args: Any) -> dict[str, list[float]]:
     steps = range(1, cfg["steps"] + 1)
 
     def series(key: str, default: float = math.nan) -> list[float]:
-        return [memory.rows.get(key, {}).get(s, default) for s in steps]
+        return [memory.by_step(key).get(s, default) for s in steps]
 
-    factors = memory.rows.get("elr/warmup_factor", {})
+    factors = memory.by_step("elr/warmup_factor")
     layers = [f"elr/layers.{i}" for i in range(cfg["depth"])]
     return {
-        "profile": {str(s): [memory.rows[name].get(s, math.nan) for name in layers] for s in (1, 2, cfg["steps"])},
+        "profile": {str(s): [memory.by_step(name).get(s, math.nan) for name in layers] for s in (1, 2, cfg["steps"])},
         "spread": series("elr/spread"),
         "critical_lr": series("elr/critical_lr"),
         "lr_over_critical": series("elr/lr_over_critical"),

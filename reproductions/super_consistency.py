@@ -84,7 +84,7 @@ def run(scheme: str, width: int, cfg: dict[str, Any], args: Any, data: pl.Lightn
     steps = list(range(0, cfg["steps"] + 1, cfg["every"]))
 
     def series(key: str) -> list[float]:
-        return [memory.rows.get(key, {}).get(s, math.nan) for s in steps]
+        return [memory.by_step(key).get(s, math.nan) for s in steps]
 
     return {
         "lr_x_max_eig": series("sharpness/lr_x_max_eig"),

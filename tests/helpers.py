@@ -12,9 +12,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_align.logging import MemoryLogger  # noqa: F401  (re-exported for the tests)
 
 
 class TinyClassifier(pl.LightningModule):
@@ -106,36 +107,3 @@ def assert_same_training_state(a: tuple[pl.LightningModule, pl.Trainer], b: tupl
                 assert torch.equal(torch.as_tensor(va[name]), torch.as_tensor(vb[name])), f"optimizer state {ka}.{name} differs"
     assert ta.global_step == tb.global_step
 
-
-class MemoryLogger(Logger):
-    """A logger that keeps every ``log_metrics`` call in memory, for tests that read logged values."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def at(self, step: int, prefix: str) -> dict[str, float]:
-        """Every metric starting with ``prefix`` logged at ``step``."""
-        out: dict[str, float] = {}
-        for s, m in self.rows:
-            if s == step:
-                out.update({k: v for k, v in m.items() if k.startswith(prefix)})
-        return out
-
-    def series(self, key: str) -> list[tuple[int | None, float]]:
-        """``(step, value)`` of every logged value of ``key``."""
-        return [(s, m[key]) for s, m in self.rows if key in m]
