@@ -225,7 +225,11 @@ class MeasurementCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, probe_size=self.probe_size)
+        # Lightning reads this at every hook call (profiler names): build it once.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._state_key = self._generate_state_key(every_n_steps=self.every_n_steps, probe_size=self.probe_size)
+        return key
 
     # ----------------------------------------------------------------------------------------------
     # Internals
