@@ -1,5 +1,6 @@
 """Measuring never changes training: every measurement callback at once, on a model with BatchNorm,
-LayerNorm, dropout and Adam, ends with bit-identical weights, buffers and optimizer state."""
+LayerNorm, dropout and Adam, ends with bit-identical weights, buffers and optimizer state (also with
+gradient accumulation and with bf16 autocast)."""
 
 import pytest
 from helpers import assert_same_training_state, fit
@@ -18,8 +19,8 @@ def full_suite() -> list:
     ]
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_full_suite_is_bit_identical(accumulate: int) -> None:
-    plain = fit([], max_steps=6, accumulate_grad_batches=accumulate)
-    measured = fit(full_suite(), max_steps=6, accumulate_grad_batches=accumulate)
+@pytest.mark.parametrize("accumulate,precision", [(1, "32-true"), (2, "32-true"), (1, "bf16-mixed")])
+def test_full_suite_is_bit_identical(accumulate: int, precision: str) -> None:
+    plain = fit([], max_steps=6, accumulate_grad_batches=accumulate, precision=precision)
+    measured = fit(full_suite(), max_steps=6, accumulate_grad_batches=accumulate, precision=precision)
     assert_same_training_state(plain, measured)
