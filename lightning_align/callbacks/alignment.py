@@ -112,7 +112,6 @@ class FeatureAlignment(MeasurementCallback):
     """
 
     family = "align"
-    shard_probe = False
 
     def __init__(
         self,

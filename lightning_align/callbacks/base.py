@@ -72,9 +72,10 @@ class MeasurementCallback(Callback):
     """
 
     family: ClassVar[str] = "measure"
-    #: Split the probe over ranks under DDP (sum-decomposable quantities reduce their results with
-    #: :meth:`all_reduce_mean`). ``False``: every rank measures the whole probe (e.g. kernels).
-    shard_probe: ClassVar[bool] = True
+    #: Under DDP, ``False`` (the default): every rank measures the whole probe, so every rank logs the same
+    #: value with no collective. ``True``: the probe is split over ranks and the subclass reduces its
+    #: results with :meth:`all_reduce_mean` (sum-decomposable quantities, e.g. Hessian-vector products).
+    shard_probe: ClassVar[bool] = False
     #: Run :meth:`measure` inside :meth:`probe_context`. A callback that only reads weights (no forward
     #: pass on the probe) sets ``False`` and skips the context's cost at every measurement.
     measure_in_probe_context: ClassVar[bool] = True

@@ -80,8 +80,6 @@ class EffectiveLR(MeasurementCallback):
 
     family = "elr"
     measure_in_probe_context = False  # measurements only read weights; the probe is used once, in prepare()
-    #: Every rank tests scale invariance on the same whole probe, so all ranks track the same weights.
-    shard_probe = False
 
     def __init__(
         self,

@@ -83,7 +83,6 @@ class FeatureSpeedControl(MeasurementCallback):
     """
 
     family = "align"
-    shard_probe = False
 
     def __init__(
         self,

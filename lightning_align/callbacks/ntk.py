@@ -88,7 +88,6 @@ class NTKSpectrum(MeasurementCallback):
     """
 
     family = "ntk"
-    shard_probe = False
 
     def __init__(
         self,

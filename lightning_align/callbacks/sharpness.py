@@ -114,6 +114,7 @@ class Sharpness(MeasurementCallback):
     """
 
     family = "sharpness"
+    shard_probe = True  # every Hessian-vector product is all-reduced over ranks
 
     def __init__(
         self,

@@ -63,8 +63,6 @@ class ELRWarmup(MeasurementCallback):
 
     family = "elr"
     measure_in_probe_context = False  # logging the factor needs no probe; the probe is used once, in prepare()
-    #: Every rank tests scale invariance on the same whole probe, so all ranks track the same weights.
-    shard_probe = False
 
     def __init__(
         self,

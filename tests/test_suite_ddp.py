@@ -1,0 +1,91 @@
+"""Every measurement callback under DDP (``ddp_spawn``, 2 CPU processes, gloo): it runs, does not hang,
+every rank logs the same values, and before training they equal a single-process run on the same data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import tiny_loader
+from torch import nn
+
+from lightning_align import AlignSummary, CoordCheck, EffectiveLR, FeatureAlignment, NTKSpectrum, RankMonitor, Sharpness
+
+FAMILIES = ("align/", "sharpness/", "ntk/", "elr/", "rank/", "coord/")
+
+
+class LayerNormNet(pl.LightningModule):
+    """No BatchNorm (batch statistics would differ between a rank's shard and the whole batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class Dump(pl.Callback):
+    """Writes each rank's measured values at the start (after the step-0 measurements) and at the end."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def _dump(self, trainer: pl.Trainer, when: str) -> None:
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(FAMILIES)}
+        Path(self.folder, f"{when}_rank{trainer.global_rank}_of{trainer.world_size}.json").write_text(json.dumps(values))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._dump(trainer, "start")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._dump(trainer, "end")
+
+
+def suite() -> list[pl.Callback]:
+    return [
+        FeatureAlignment(every_n_steps=2, probe_size=32),
+        Sharpness(every_n_steps=2, probe_size=32, k=2, tol=1e-6, max_matvecs=120),
+        NTKSpectrum(every_n_steps=2, probe_size=8, k=4),
+        EffectiveLR(every_n_steps=1, probe_size=32),
+        RankMonitor(every_n_steps=2, probe_size=32),
+        CoordCheck(every_n_steps=2, probe_size=32),
+        AlignSummary(table=False),
+    ]
+
+
+def run(folder: Path, devices: int) -> None:
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        strategy="ddp_spawn" if devices > 1 else "auto", accelerator="cpu", devices=devices, max_steps=4,
+        logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[*suite(), Dump(str(folder))],
+    )
+    trainer.fit(LayerNormNet(), tiny_loader(n=64))
+
+
+@pytest.mark.distributed
+def test_every_callback_agrees_across_ranks_and_with_one_process(tmp_path: Path) -> None:
+    run(tmp_path, devices=2)
+    run(tmp_path, devices=1)
+    read = lambda name: json.loads((tmp_path / name).read_text())  # noqa: E731
+    for when in ("start", "end"):
+        r0, r1 = read(f"{when}_rank0_of2.json"), read(f"{when}_rank1_of2.json")
+        assert r0 == r1, f"{when}: ranks disagree on {[k for k in r0 if r0[k] != r1.get(k)]}"
+    ddp, single = read("start_rank0_of2.json"), read("start_rank0_of1.json")
+    assert {k.split("/")[0] for k in ddp} >= {"align", "sharpness", "ntk", "rank", "coord"}
+    assert ddp.keys() == single.keys()
+    for key, value in single.items():
+        assert ddp[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert {k.split("/")[0] for k in read("end_rank0_of2.json")} >= {"align", "sharpness", "ntk", "elr", "rank", "coord"}
