@@ -151,7 +151,10 @@ class Sharpness(MeasurementCallback):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"Sharpness: {name} must be an int >= {low}, got {value!r}")
         if max_matvecs < k + int(min_eig):
-            raise ValueError(f"Sharpness: max_matvecs={max_matvecs} is too small for k={k} (and min_eig={min_eig})")
+            raise ValueError(
+                f"Sharpness: max_matvecs={max_matvecs} is too small for k={k} (and min_eig={min_eig}): Lanczos needs at "
+                f"least k{' + 1' if min_eig else ''} products; lower k or raise max_matvecs."
+            )
         if not (isinstance(tol, (int, float)) and tol >= 0):
             raise ValueError(f"Sharpness: tol must be a number >= 0, got {tol!r}")
         if method not in ("auto", "double_backward", "forward"):
