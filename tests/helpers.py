@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_align import CoordCheck, EffectiveLR, FeatureAlignment, NTKSpectrum, RankMonitor, Sharpness
 from lightning_align.logging import MemoryLogger  # noqa: F401  (re-exported for the tests)
 
 
@@ -107,3 +108,15 @@ def assert_same_training_state(a: tuple[pl.LightningModule, pl.Trainer], b: tupl
                 assert torch.equal(torch.as_tensor(va[name]), torch.as_tensor(vb[name])), f"optimizer state {ka}.{name} differs"
     assert ta.global_step == tb.global_step
 
+
+
+def measurement_suite(every_n_steps: int = 2, **sharpness: Any) -> list[Callback]:
+    """Every measurement callback at once, with small probes (``sharpness`` overrides Sharpness arguments)."""
+    return [
+        FeatureAlignment(every_n_steps=every_n_steps, probe_size=32),
+        Sharpness(every_n_steps=every_n_steps, probe_size=32, **{"k": 2, **sharpness}),
+        NTKSpectrum(every_n_steps=every_n_steps, probe_size=8, k=4),
+        EffectiveLR(every_n_steps=1, probe_size=32),
+        RankMonitor(every_n_steps=every_n_steps, probe_size=32, jacobian_points=2),
+        CoordCheck(every_n_steps=every_n_steps, probe_size=32),
+    ]

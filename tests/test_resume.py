@@ -8,22 +8,9 @@ deterministic across the resume (no dropout, no shuffling), so any difference co
 from pathlib import Path
 
 import pytest
-from helpers import MemoryLogger, TinyClassifier, fit, tiny_loader
+from helpers import MemoryLogger, TinyClassifier, fit, measurement_suite, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
-
-from lightning_align import CoordCheck, EffectiveLR, FeatureAlignment, NTKSpectrum, RankMonitor, Sharpness
-
-
-def suite() -> list:
-    return [
-        FeatureAlignment(every_n_steps=2, probe_size=32),
-        Sharpness(every_n_steps=2, probe_size=32, k=2),
-        NTKSpectrum(every_n_steps=2, probe_size=8, k=4),
-        EffectiveLR(every_n_steps=1, probe_size=32),
-        RankMonitor(every_n_steps=2, probe_size=32),
-        CoordCheck(every_n_steps=2, probe_size=32),
-    ]
 
 
 def model() -> TinyClassifier:
@@ -38,12 +25,12 @@ def loader() -> DataLoader:
 
 def test_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path: Path) -> None:
     uninterrupted = MemoryLogger()
-    fit(suite(), module=model, loader=loader(), max_steps=8, logger=uninterrupted)
+    fit(measurement_suite(), module=model, loader=loader(), max_steps=8, logger=uninterrupted)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
-    fit(suite() + [checkpoint], module=model, loader=loader(), max_steps=4, logger=MemoryLogger(), enable_checkpointing=True)
+    fit(measurement_suite() + [checkpoint], module=model, loader=loader(), max_steps=4, logger=MemoryLogger(), enable_checkpointing=True)
     (path,) = tmp_path.glob("*.ckpt")
     resumed = MemoryLogger()
-    fit(suite(), module=model, loader=loader(), max_steps=8, logger=resumed, ckpt_path=str(path))
+    fit(measurement_suite(), module=model, loader=loader(), max_steps=8, logger=resumed, ckpt_path=str(path))
     for step in (5, 6, 7, 8):
         expected, got = uninterrupted.at(step), resumed.at(step)
         assert expected, f"nothing logged at step {step}"

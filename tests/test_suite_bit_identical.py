@@ -4,26 +4,13 @@ gradient accumulation and with bf16 autocast); a compiled module is probed throu
 
 import pytest
 import torch
-from helpers import TinyClassifier, assert_same_training_state, fit
-
-from lightning_align import CoordCheck, EffectiveLR, FeatureAlignment, NTKSpectrum, RankMonitor, Sharpness
-
-
-def full_suite() -> list:
-    return [
-        FeatureAlignment(every_n_steps=2, probe_size=32),
-        Sharpness(every_n_steps=3, probe_size=32, k=2),
-        NTKSpectrum(every_n_steps=3, probe_size=8, k=4),
-        EffectiveLR(every_n_steps=1, probe_size=32),
-        RankMonitor(every_n_steps=2, probe_size=32, jacobian_points=2),
-        CoordCheck(every_n_steps=2, probe_size=32),
-    ]
+from helpers import TinyClassifier, assert_same_training_state, fit, measurement_suite
 
 
 @pytest.mark.parametrize("accumulate,precision", [(1, "32-true"), (2, "32-true"), (1, "bf16-mixed")])
 def test_full_suite_is_bit_identical(accumulate: int, precision: str) -> None:
     plain = fit([], max_steps=6, accumulate_grad_batches=accumulate, precision=precision)
-    measured = fit(full_suite(), max_steps=6, accumulate_grad_batches=accumulate, precision=precision)
+    measured = fit(measurement_suite(), max_steps=6, accumulate_grad_batches=accumulate, precision=precision)
     assert_same_training_state(plain, measured)
 
 
@@ -32,8 +19,8 @@ def test_compiled_module_is_probed_through_its_original_forward() -> None:
     def compiled() -> torch.nn.Module:
         return torch.compile(TinyClassifier(), backend="eager")  # dynamo without a C++ toolchain
 
-    _, plain = fit(full_suite(), max_steps=3)
-    _, traced = fit(full_suite(), module=lambda: compiled(), max_steps=3)
+    _, plain = fit(measurement_suite(), max_steps=3)
+    _, traced = fit(measurement_suite(), module=lambda: compiled(), max_steps=3)
     keys = [k for k in plain.callback_metrics if k.split("/")[0] in ("align", "sharpness", "ntk", "elr", "rank", "coord")]
     assert len(keys) > 20
     for key in keys:

@@ -10,10 +10,10 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import tiny_loader
+from helpers import measurement_suite, tiny_loader
 from torch import nn
 
-from lightning_align import AlignSummary, CoordCheck, EffectiveLR, FeatureAlignment, NTKSpectrum, RankMonitor, Sharpness
+from lightning_align import AlignSummary
 
 FAMILIES = ("align/", "sharpness/", "ntk/", "elr/", "rank/", "coord/")
 
@@ -53,24 +53,12 @@ class Dump(pl.Callback):
         self._dump(trainer, "end")
 
 
-def suite() -> list[pl.Callback]:
-    return [
-        FeatureAlignment(every_n_steps=2, probe_size=32),
-        Sharpness(every_n_steps=2, probe_size=32, k=2, tol=1e-6, max_matvecs=120),
-        NTKSpectrum(every_n_steps=2, probe_size=8, k=4),
-        EffectiveLR(every_n_steps=1, probe_size=32),
-        RankMonitor(every_n_steps=2, probe_size=32),
-        CoordCheck(every_n_steps=2, probe_size=32),
-        AlignSummary(table=False),
-    ]
-
-
 def run(folder: Path, devices: int) -> None:
     torch.manual_seed(0)
     trainer = pl.Trainer(
         strategy="ddp_spawn" if devices > 1 else "auto", accelerator="cpu", devices=devices, max_steps=4,
         logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[*suite(), Dump(str(folder))],
+        num_sanity_val_steps=0, callbacks=[*measurement_suite(tol=1e-6, max_matvecs=120), AlignSummary(table=False), Dump(str(folder))],
     )
     trainer.fit(LayerNormNet(), tiny_loader(n=64))
 

@@ -21,6 +21,7 @@ from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import log_figure, new_figure, tag, tensorboard_writers
 from lightning_align.measure.alignment import FeatureSpeedResults, feature_speed
 from lightning_align.measure.modules import WEIGHT_LAYER_TYPES, select_modules
+from lightning_align.measure.optim import learning_rates_by_parameter
 from lightning_align.schedules import ScheduleName
 
 PREFIX = "module."  # parameter names of ProbeLoss / ProbeOutputs carry it
@@ -57,11 +58,7 @@ def real_update(model: nn.Module, before: Mapping[str, torch.Tensor]) -> tuple[d
 
 def optimizer_lrs(trainer: pl.Trainer, model: nn.Module) -> dict[str, float]:
     """``{ProbeLoss parameter name: lr of its optimizer group}``; 0 for parameters no optimizer holds."""
-    by_id = {}
-    for opt in trainer.optimizers:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                by_id[id(p)] = float(group["lr"])
+    by_id = learning_rates_by_parameter(trainer.optimizers)
     return {PREFIX + n: by_id.get(id(p), 0.0) for n, p in model.named_parameters()}
 
 

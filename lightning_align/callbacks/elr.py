@@ -24,6 +24,7 @@ from lightning_align.measure.elr import (
     weight_group,
 )
 from lightning_align.measure.modules import WEIGHT_LAYER_TYPES, select_modules
+from lightning_align.measure.optim import learning_rates_by_parameter
 from lightning_align.schedules import ScheduleName
 
 
@@ -218,11 +219,7 @@ def tracked_modules(model: nn.Module, patterns: list[str] | None, owner: str) ->
 
 def layer_lrs(optimizers: list[torch.optim.Optimizer], groups: Mapping[str, list[torch.Tensor]]) -> dict[str, float]:
     """Layer -> learning rate of the optimizer param group holding its weight (layers not found are left out)."""
-    lr_of = {}
-    for opt in optimizers:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                lr_of[id(p)] = float(group["lr"])
+    lr_of = learning_rates_by_parameter(optimizers)
     return {n: lr_of[id(ts[0])] for n, ts in groups.items() if id(ts[0]) in lr_of}
 
 

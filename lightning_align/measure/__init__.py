@@ -33,6 +33,7 @@ from lightning_align.measure.hessian import (
     stability_threshold,
     trace_estimate,
 )
+from lightning_align.measure.optim import learning_rates_by_parameter
 from lightning_align.measure.operators import FlatOperator, FlatParams, ggn_operator, hessian_operator, hvp
 from lightning_align.measure.lanczos import LanczosResult, lanczos_eigs, lanczos_extremes
 from lightning_align.measure.ntk import (
@@ -99,6 +100,7 @@ __all__ = [
     "kernel_target_alignment",
     "lanczos_eigs",
     "lanczos_extremes",
+    "learning_rates_by_parameter",
     "lr_preconditioner",
     "LanczosResult",
     "next_elr",

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from lightning_align.measure.operators import FlatOperator, LossFn, Method, Reduce, hessian_operator
 from lightning_align.measure.lanczos import LanczosResult, Which, lanczos_eigs, lanczos_extremes, lanczos_tridiagonal
+from lightning_align.measure.optim import learning_rates_by_parameter
 
 
 def _default_generator(generator: torch.Generator | None) -> torch.Generator:
@@ -429,7 +430,7 @@ def lr_preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]
         >>> lr_preconditioner(torch.optim.SGD([w, b], lr=0.1), [w, b]) is None
         True
     """
-    lr_of = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+    lr_of = learning_rates_by_parameter(optimizer)
     params = list(params)
     lrs = [lr_of.get(id(p), 0.0) for p in params]
     if len(set(lrs)) <= 1:

@@ -92,16 +92,6 @@ def preserved_state(model: nn.Module, *, rng: bool = True) -> Iterator[None]:
             m.training = was_training
 
 
-def snapshot_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of the named parameters (for before/after comparisons)."""
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def named_buffers_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The named buffers as a plain dict, for ``torch.func.functional_call``."""
-    return dict(model.named_buffers())
-
-
 def map_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Apply ``fn`` to every tensor inside nested lists/tuples/named tuples/dicts."""
     if isinstance(data, torch.Tensor):
