@@ -162,7 +162,7 @@ def test_training_is_bit_identical_with_effective_lr(tmp_path: Any) -> None:
 
 def test_skipped_steps_are_reported_not_divided_by_zero() -> None:
     rec = Recorder()
-    fit([EffectiveLR(), rec], module=TinyClassifier(optimizer="sgd", lr=0.0), max_steps=2)
+    fit([EffectiveLR(every_n_steps=1), rec], module=TinyClassifier(optimizer="sgd", lr=0.0), max_steps=2)
     assert [r["elr/skipped_step"] for r in rec.rows] == [1.0, 1.0]
     assert not any(k in r for r in rec.rows for k in ("elr/net.0", "elr/spread"))
 
@@ -181,7 +181,7 @@ def test_bad_weight_names_fail_before_training(weights: list[str], match: str) -
 
 def test_deep_bn_spread_starts_large_and_shrinks_under_small_constant_lr() -> None:
     rec = Recorder()
-    cb = EffectiveLR()
+    cb = EffectiveLR(every_n_steps=1)
     fit([cb, rec], module=DeepBN(lr=1e-3), loader=full_batch_loader(), max_steps=12)
     assert cb.invariance is not None
     si = [n for n, r in cb.invariance.items() if r.scale_invariant]

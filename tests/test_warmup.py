@@ -110,8 +110,8 @@ def test_warmup_composes_with_scheduler_and_per_group_lrs() -> None:
 
 def test_deep_bn_spread_shrinks_faster_with_warmup_than_at_constant_target_lr() -> None:
     warm_rec, const_rec = Recorder(), Recorder()
-    fit([ELRWarmup(), EffectiveLR(), warm_rec], module=DeepBN(lr=0.3), loader=full_batch_loader(), max_steps=5)
-    fit([EffectiveLR(), const_rec], module=DeepBN(lr=0.3), loader=full_batch_loader(), max_steps=5)
+    fit([ELRWarmup(), EffectiveLR(every_n_steps=1), warm_rec], module=DeepBN(lr=0.3), loader=full_batch_loader(), max_steps=5)
+    fit([EffectiveLR(every_n_steps=1), const_rec], module=DeepBN(lr=0.3), loader=full_batch_loader(), max_steps=5)
     warm, const = spreads(warm_rec.rows), spreads(const_rec.rows)
     # the first update's ELR ratios are those of the gradients (any LR): the same large spread in both runs
     assert warm[0] == pytest.approx(const[0], rel=1e-4) and warm[0] > 10

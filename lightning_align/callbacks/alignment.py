@@ -68,7 +68,7 @@ class FeatureAlignment(MeasurementCallback):
     After each scheduled optimizer step the callback takes the optimizer's **real** update
     ``Δθ = θ_after − θ_before`` (SGD, momentum, Adam, weight decay included: the weights are copied just
     before the step) and evaluates, at ``θ_before`` on the fixed probe batch, for every selected layer
-    output ``f``: the first-order feature change ``δf = J·Δθ`` (one jvp for all layers), ``b = dL/df``, and
+    output ``f``: the first-order feature change ``δf = J·Δθ`` (for all layers at once), ``b = dL/df``, and
 
     - ``align/cos/<layer>``: ``cos θ = ⟨−b, δf⟩/(‖b‖‖δf‖)`` (1: the update moves ``f`` straight down the loss);
     - ``align/speed/<layer>``: ``‖δf‖_rms/‖f‖_rms``, the relative feature speed of that step;
@@ -83,11 +83,13 @@ class FeatureAlignment(MeasurementCallback):
     real step, so compare ``speed`` at step 0 with care; ``cos`` is the paper's alignment at init).
     A step the optimizer skipped (``Δθ = 0``) logs NaN angles.
 
-    Cost per measurement: one copy of the trainable weights before the step, then one forward+backward and
-    one forward-mode (jvp) pass on the probe batch. Every rank measures the whole probe under DDP.
+    Cost per measurement: one copy of the trainable weights before the step, then one forward and three
+    backward passes on the probe batch (the gradient, and ``J·Δθ`` for all layers by a double vjp). Every
+    rank measures the whole probe under DDP.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0).
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (250) keeps it to
+            about 1.5% of training (README, "Overhead").
         modules: layer names or regexes whose outputs are the features (default: every Linear/Conv and
             attention block, i.e. ``nn.MultiheadAttention`` or modules with ``attn_scale``/``head_dim``).
         figure_every: draw the cos-vs-depth figure every this many measurements (0: never).
@@ -112,7 +114,7 @@ class FeatureAlignment(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int = 250,
         modules: list[str] | None = None,
         figure_every: int = 10,
         schedule: ScheduleName = "linear",

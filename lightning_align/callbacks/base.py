@@ -3,9 +3,9 @@
 A subclass says *what* to measure by implementing :meth:`MeasurementCallback.measure`; this base
 decides *when* (a :class:`~lightning_align.schedules.StepSchedule` on ``trainer.global_step``), *on what*
 (a fixed probe batch drawn once, seeded, detached, fp32), *how safely* (:meth:`probe_context`: the
-unwrapped module, original forward of a compiled module, autocast off, grad on, train/eval flags,
-BatchNorm buffers, ``.grad`` and every RNG stream restored), and *where results go* (every attached
-logger; TensorBoard histograms/figures).
+unwrapped module, original forward of a compiled module, autocast off, grad on, fp32 arithmetic even for
+a bf16/fp16 model, train/eval flags, BatchNorm buffers, ``.grad`` and every RNG stream restored), and
+*where results go* (every attached logger; TensorBoard histograms/figures).
 
 Hook order used (see ``reference/lightning-conventions.md``):
 
@@ -26,6 +26,7 @@ unless an :class:`~lightning_align.callbacks.summary.AlignSummary` is attached t
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Literal
 
@@ -37,8 +38,9 @@ from torch import nn
 from lightning_align.callbacks.probe import ProbeLoss, ProbeOutputs, draw_probe_batch, prepare_probe_batch
 from lightning_align.dashboard import write_dashboard
 from lightning_align.headlines import HeadlineHistory, progress_bar_values
+from lightning_align.callbacks.strategy import check_strategy
 from lightning_align.logging import log_scalars
-from lightning_align.measure.state import preserved_state
+from lightning_align.measure.state import default_dtype_at_least_fp32, preserved_state, probe_dtype, upcast_floating
 from lightning_align.schedules import ScheduleName, StepSchedule
 
 BatchNormMode = Literal["train", "eval"]
@@ -142,7 +144,9 @@ class MeasurementCallback(Callback):
 
         Inside: grad enabled (also under ``trainer.validate``'s inference mode), autocast off, dropout off
         (unless ``dropout=True``), BatchNorm per ``bn_mode``, the original (uncompiled) ``forward`` and
-        ``training_step``. On exit: flags, buffers, ``.grad``, RNG streams and methods restored.
+        ``training_step``, and at least float32 arithmetic: bfloat16/float16 parameters and buffers
+        (``precision="bf16-true"``/``"16-true"``) are float32 copies, float64 ones stay float64. On exit:
+        flags, buffers, ``.grad``, RNG streams, methods and the original low-precision tensors restored.
         """
         device_type = _device_type(pl_module)
         with contextlib.ExitStack() as stack:
@@ -150,6 +154,8 @@ class MeasurementCallback(Callback):
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            stack.enter_context(default_dtype_at_least_fp32())
+            stack.enter_context(upcast_floating(pl_module, torch.float32))
             stack.enter_context(_uncompiled(pl_module))
             self._set_probe_modes(pl_module)
             yield
@@ -179,6 +185,8 @@ class MeasurementCallback(Callback):
     # Lightning hooks
     # ----------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # FSDP/DeepSpeed: refused before validate
+        check_strategy(trainer, type(self).__name__)
         self.headline_history.clear()
         self.validate(trainer, pl_module)
 
@@ -224,13 +232,11 @@ class MeasurementCallback(Callback):
         self.last_step = int(state.pop("last_step", -1))
         self.load_extra_state(state)
 
-    @property
-    def state_key(self) -> str:
-        # Lightning reads this at every hook call (profiler names): build it once.
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = self._state_key = self._generate_state_key(every_n_steps=self.every_n_steps, probe_size=self.probe_size)
-        return key
+    @functools.cached_property
+    def state_key(self) -> str:  # type: ignore[override]
+        # Lightning reads this at every hook call of every callback (profiler names): after the first read
+        # it is a plain instance attribute (cached_property), not a function call per hook.
+        return self._generate_state_key(every_n_steps=self.every_n_steps, probe_size=self.probe_size)
 
     # ----------------------------------------------------------------------------------------------
     # Internals
@@ -244,7 +250,7 @@ class MeasurementCallback(Callback):
         else:
             rank, world = (trainer.global_rank, trainer.world_size) if self.shard_probe else (0, 1)
             raw = draw_probe_batch(trainer.train_dataloader, self.probe_size, self.probe_seed, rank, world)
-        self.probe_batch = prepare_probe_batch(raw, pl_module.device)
+        self.probe_batch = prepare_probe_batch(raw, pl_module.device, probe_dtype(pl_module))
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe_batch is None:

@@ -33,7 +33,8 @@ class CoordCheck(MeasurementCallback):
     (probe size × layer width floats per layer).
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0).
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (100) keeps it
+            under 1% of training (README, "Overhead").
         layers: module names or regexes whose outputs are recorded (default: every Linear/Conv/Embedding).
         schedule, probe_size, probe_seed, bn_mode, dropout: see :class:`MeasurementCallback`.
 

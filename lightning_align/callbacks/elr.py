@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_align.callbacks.base import MeasurementCallback
@@ -25,6 +25,7 @@ from lightning_align.measure.elr import (
 )
 from lightning_align.measure.modules import WEIGHT_LAYER_TYPES, select_modules
 from lightning_align.measure.optim import learning_rates_by_parameter
+from lightning_align.measure.state import map_tensors
 from lightning_align.schedules import ScheduleName
 
 
@@ -58,7 +59,9 @@ class EffectiveLR(MeasurementCallback):
     weight, once. Under DDP every rank computes the same values (weights and gradients are in sync).
 
     Args:
-        every_n_steps: measure every this many optimizer steps.
+        every_n_steps: measure every this many optimizer steps (each measurement covers the one step
+            before it). The default (10) keeps it to about 2% of training (README, "Overhead"); use 1 to
+            follow every step.
         weights: module names or regexes whose ``weight`` is tracked (default: every Linear/Conv/Embedding
             with a trainable weight).
         figure_every_n_steps: how often to draw the ELR profile figure (0 = never).
@@ -84,7 +87,7 @@ class EffectiveLR(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 1,
+        every_n_steps: int = 10,
         weights: list[str] | None = None,
         figure_every_n_steps: int = 100,
         scale_factor: float = 2.0,
@@ -160,9 +163,20 @@ class EffectiveLR(MeasurementCallback):
         return {n: weight_group(self._modules[n], self.invariance[n]) for n in self._modules}
 
     def _detect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> dict[str, float]:
-        self.invariance = detect_scale_invariance(
-            self.probe_outputs_model(pl_module), batch, self._modules, factor=self.scale_factor, rtol=self.invariance_rtol
-        )
+        model = self.probe_outputs_model(pl_module)
+        try:
+            self.invariance = detect_scale_invariance(
+                model, batch, self._modules, factor=self.scale_factor, rtol=self.invariance_rtol
+            )
+        except ValueError:
+            if _outputs_finite(model, batch):
+                raise
+            rank_zero_warn(
+                "EffectiveLR: the probe batch gives non-finite outputs (NaN/Inf), so scale invariance cannot be "
+                "tested: every tracked weight counts as not scale-invariant (elr/<layer> is logged, elr/spread and "
+                "elr/critical_lr are not). Check the data and the model's initialization."
+            )
+            self.invariance = {n: ScaleInvariance(("weight",), False, math.nan) for n in self._modules}
         rows = [[n, "yes" if r.scale_invariant else "no", "+".join(r.params), f"{r.relative_change:.1e}"]
                 for n, r in self.invariance.items()]
         log_text(trainer, "elr/scale_invariant", markdown_table(["layer", "scale-invariant", "weight", "output change"], rows))
@@ -195,6 +209,14 @@ class EffectiveLR(MeasurementCallback):
 # --------------------------------------------------------------------------------------------------
 # Helpers shared with ELRWarmup
 # --------------------------------------------------------------------------------------------------
+def _outputs_finite(model: nn.Module, batch: Any) -> bool:
+    """Whether every floating output of ``model`` on ``batch`` is finite (no NaN/Inf)."""
+    finite: list[bool] = []
+    with torch.no_grad():
+        map_tensors(model(batch), lambda t: finite.append(not t.is_floating_point() or bool(torch.isfinite(t).all())) or t)
+    return all(finite)
+
+
 def check_invariance_test_args(owner: str, scale_factor: float, invariance_rtol: float) -> None:
     """Validate the scale-invariance test's arguments (shared by EffectiveLR and ELRWarmup)."""
     if not (scale_factor > 0 and scale_factor != 1):

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from lightning_align.callbacks.alignment import PREFIX, default_feature_modules, real_update, snapshot_trainable
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
@@ -45,7 +46,8 @@ class FeatureSpeedControl(MeasurementCallback):
     is kept, LR schedulers' per-group lists (``base_lrs``, ...) and ``initial_lr`` follow. Each step, each
     layer's learning rate is the *scheduled* learning rate times the layer's multiplier ``m_ℓ``: it is
     scaled just before ``optimizer.step()`` and put back right after, so schedulers keep working on the
-    scheduled values. Every ``every_n_steps`` steps, the last real update (whatever the optimizer) is
+    scheduled values (global optimizer-step hooks, which torch runs around each optimizer's own hooks: the
+    multipliers compose exactly with :class:`ELRWarmup`'s factor in either callback order). Every ``every_n_steps`` steps, the last real update (whatever the optimizer) is
     measured on the probe batch with :func:`~lightning_align.measure.feature_speed`, and
     ``m_ℓ = (C_ℓ − Σ_{k<ℓ} m_k d_k) / d_ℓ``, ``C_ℓ = s_ℓ‖f_ℓ‖‖b_ℓ‖cos θ_ℓ`` (see the module docstring),
     clipped to ``[min_multiplier, max_multiplier]`` and smoothed geometrically:
@@ -118,6 +120,7 @@ class FeatureSpeedControl(MeasurementCallback):
         self.multipliers: list[float] = []
         self._group_layer: dict[int, list[int | None]] = {}  # id(optimizer) -> layer index of each group
         self._saved_lrs: dict[int, list[float]] = {}
+        self._optimizers: dict[int, torch.optim.Optimizer] = {}  # id(optimizer) -> the optimizer controlled
         self._handles: list[Any] = []
         self._before: dict[str, torch.Tensor] | None = None
 
@@ -169,6 +172,7 @@ class FeatureSpeedControl(MeasurementCallback):
         owner = {id(pl_module.get_parameter(n)): i for i, names in enumerate(self.plan or []) for n in names}
         self._remove_hooks()
         self._group_layer = {}
+        self._optimizers = {}
         for opt in trainer.optimizers:
             new_groups, layer_of, origin = [], [], []
             for gi, group in enumerate(opt.param_groups):
@@ -189,20 +193,25 @@ class FeatureSpeedControl(MeasurementCallback):
                 if getattr(config.scheduler, "optimizer", None) is opt:
                     _expand_scheduler(config.scheduler, origin)
             self._group_layer[id(opt)] = layer_of
-            self._handles.append(opt.register_step_pre_hook(self._scale_lrs))
-            self._handles.append(opt.register_step_post_hook(self._restore_lrs))
+            self._optimizers[id(opt)] = opt
+        # Global hooks: torch runs global pre-hooks before, and global post-hooks after, every optimizer's own
+        # hooks, so the multipliers wrap any other per-step LR scaling (ELRWarmup's: it scales inside the
+        # closure and restores in its own post-hook) and the LRs come back exactly, whatever the callback order.
+        self._handles.append(register_optimizer_step_pre_hook(self._scale_lrs))
+        self._handles.append(register_optimizer_step_post_hook(self._restore_lrs))
 
     def _remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._optimizers = {}
 
     # ----------------------------------------------------------------------------------------------
     # Scaling around each optimizer step
     # ----------------------------------------------------------------------------------------------
     def _scale_lrs(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
         layers = self._group_layer.get(id(opt))
-        if layers is None or len(layers) != len(opt.param_groups):
+        if self._optimizers.get(id(opt)) is not opt or layers is None or len(layers) != len(opt.param_groups):
             return
         self._saved_lrs[id(opt)] = [g["lr"] for g in opt.param_groups]
         for g, layer in zip(opt.param_groups, layers):

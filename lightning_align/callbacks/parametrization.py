@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_align.callbacks.strategy import check_strategy
 from lightning_align.logging import log_text, markdown_table
 from lightning_align.parametrize.apply import INITS, Parametrized, retarget_scheduler
 from lightning_align.parametrize.auto import auto_parametrize
@@ -136,6 +137,7 @@ class Parametrization(Callback):
     # Lightning hooks
     # ----------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, "Parametrization")  # before anything is rescaled or wrapped
         self._trainer = trainer
         if any(True for _ in pl_module.parameters()):
             self._apply(trainer, pl_module, rescale=stage == "fit" and trainer.ckpt_path is None)

@@ -163,8 +163,12 @@ def _concat_batches(parts: list[Any], size: int) -> Any:
     return first
 
 
-def prepare_probe_batch(batch: Any, device: torch.device) -> Any:
-    """A detached fp32 copy of ``batch`` on ``device`` (so later training cannot change it)."""
+def prepare_probe_batch(batch: Any, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
+    """A detached copy of ``batch`` on ``device`` (so later training cannot change it), floats in ``dtype``.
+
+    ``dtype`` is float32 (the probe arithmetic, also for a bf16/fp16 model), or float64 for a float64 model
+    (see :func:`~lightning_align.measure.state.probe_dtype`); integer tensors (labels, token ids) keep theirs.
+    """
     detached = map_tensors(batch, lambda t: t.detach().clone())
-    return floating_to(move_data_to_device(detached, device), torch.float32)
+    return floating_to(move_data_to_device(detached, device), dtype)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +34,8 @@ class RankMonitor(MeasurementCallback):
     Cost: one SVD per weight and one forward plus one SVD per representation layer, every ``every_n_steps``.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0).
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (250) keeps it to
+            about 2% of training (README, "Overhead").
         weights: module names or regexes whose ``weight`` is analysed (default: every Linear/Conv/Embedding).
         layers: module names or regexes whose outputs are the representations (default: same as weights).
         threshold: singular values above it count in ``weight_above``.
@@ -60,7 +62,7 @@ class RankMonitor(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int = 250,
         weights: list[str] | None = None,
         layers: list[str] | None = None,
         threshold: float = 0.5,
@@ -99,6 +101,9 @@ class RankMonitor(MeasurementCallback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
         metrics: dict[str, float] = {}
         for name, module in self._weight_modules.items():
+            if not _finite(module.weight):  # e.g. a diverged fp16 run: log NaN (with a warning), no SVD
+                metrics.update({tag("rank", what, name): math.nan for what in _WEIGHT_TAGS})
+                continue
             spec = weight_spectrum(module.weight, threshold=self.threshold, near_one_tol=self.near_one_tol)
             metrics[tag("rank", "weight_stable", name)] = spec.stable_rank
             metrics[tag("rank", "weight_above", name)] = spec.count_above
@@ -110,6 +115,9 @@ class RankMonitor(MeasurementCallback):
         with torch.no_grad(), captured_outputs(self._repr_modules) as features:
             model(batch)
         for name in self._repr_modules:
+            if not _finite(features[name]):
+                metrics.update({tag("rank", what, name): math.nan for what in _REPR_TAGS})
+                continue
             ranks = representation_ranks(features[name].float(), tol=self.repr_tol)
             metrics[tag("rank", "repr_effective", name)] = ranks.effective_rank
             metrics[tag("rank", "repr_participation", name)] = ranks.participation_ratio
@@ -119,10 +127,21 @@ class RankMonitor(MeasurementCallback):
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.eval()
             points = batch_inputs(batch)[: self.jacobian_points]
-            ranks_j, logdets = jacobian_rank(pl_module, points, tol=self.repr_tol)
+            try:
+                ranks_j, logdets = jacobian_rank(pl_module, points, tol=self.repr_tol)
+            except torch.linalg.LinAlgError:  # a non-finite Jacobian: logged as NaN, with a warning
+                ranks_j, logdets = [math.nan], [math.nan]
             metrics["rank/jacobian_numerical"] = sum(ranks_j) / len(ranks_j)
             metrics["rank/jacobian_logdet"] = sum(logdets) / len(logdets)
         return metrics
+
+
+_WEIGHT_TAGS = ("weight_stable", "weight_above", "weight_near_one", "weight_fro_sq")
+_REPR_TAGS = ("repr_effective", "repr_participation", "repr_numerical")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
 
 
 def _has_matrix_weight(module: torch.nn.Module) -> bool:

@@ -74,7 +74,9 @@ class Sharpness(MeasurementCallback):
     converges slowest); the first, cold measurement 2-4x that. Every 100 steps that is 3-17 %.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0).
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (500) keeps a
+            warm-started measurement (a few Hessian-vector products on the probe) to a few % of training
+            (README, "Overhead").
         k: number of top eigenvalues.
         min_eig: also the smallest eigenvalue (from the same Lanczos run).
         trace: log a Hutch++-style trace estimate and its standard error.
@@ -118,7 +120,7 @@ class Sharpness(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int = 500,
         k: int = 1,
         min_eig: bool = True,
         trace: bool = False,

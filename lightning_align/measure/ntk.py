@@ -141,7 +141,7 @@ def ntk_eigs(
     Args:
         model, inputs, trace_outputs, params, learning_rates, chunk_size: see :func:`empirical_ntk`.
         k: number of eigenvalues (``1 <= k <=`` kernel size).
-        method: ``"exact"`` builds the kernel and calls ``eigvalsh`` (float64); ``"lanczos"`` is
+        method: ``"exact"`` builds the kernel and calls ``eigvalsh`` (in its dtype); ``"lanczos"`` is
             matrix-free (``K v = J(Jᵀv)``, memory ``O(P + n·c·k)``); ``"auto"`` is exact when the kernel
             size is at most ``max_exact_size``.
         tol, max_matvecs, init, generator: Lanczos settings (see
@@ -229,12 +229,14 @@ def ntk_spectrum(
             with torch.no_grad():
                 factors = plan.factors(inputs, chunk_size)
                 flat = plan.contract(factors, factors, trace_outputs)
+            # In the kernel's own dtype: a float32 kernel carries float32 rounding, which a float64
+            # solve cannot undo (and eigvalsh costs ~1.7x more in float64).
             if return_vectors:
-                evals, evecs = torch.linalg.eigh(flat.double())
-                evecs = evecs.flip(1)[:, :k].to(flat.dtype)
+                evals, evecs = torch.linalg.eigh(flat)
+                evecs = evecs.flip(1)[:, :k]
             else:
-                evals, evecs = torch.linalg.eigvalsh(flat.double()), flat.new_zeros(size, 0)
-            evals = evals.flip(0).cpu()
+                evals, evecs = torch.linalg.eigvalsh(flat), flat.new_zeros(size, 0)
+            evals = evals.flip(0).double().cpu()
             return NTKSpectrumResult(evals[:k], evecs, "exact", 0, flat, evals)
         from lightning_align.measure.lanczos import lanczos_eigs
 
@@ -309,8 +311,10 @@ class NTKSummary:
         max_eig: the largest eigenvalue.
         min_eig: the smallest eigenvalue.
         trace: the trace.
-        cond: ``max_eig / min_eig``; ``inf`` when ``min_eig <= N · eps · max_eig`` (numerically singular,
-            e.g. more kernel rows than parameters), with ``eps`` of the kernel's dtype.
+        cond: ``max_eig / max(min_eig, N · eps · max_eig)``, with ``eps`` of the kernel's dtype: the
+            condition number, capped at ``1 / (N · eps)`` (the kernel's numerical resolution). A value at the
+            cap means numerically singular (e.g. more kernel rows than parameters); it stays finite so that it
+            plots in TensorBoard.
         effective_rank: ``exp(H(p))``, ``p = λ / Σ λ`` over the positive eigenvalues.
 
     Example::
@@ -340,11 +344,11 @@ def ntk_summary(kernel: Tensor, eigenvalues: Tensor | None = None) -> NTKSummary
         (4.0, 5.0, 4.0)
     """
     flat = flatten_kernel(kernel)
-    lam = torch.linalg.eigvalsh(flat.double()) if eigenvalues is None else eigenvalues.double()
+    lam = (torch.linalg.eigvalsh(flat) if eigenvalues is None else eigenvalues).double()
     lam = lam.sort(descending=True).values.cpu()
     top, bottom = float(lam[0]), float(lam[-1])
     eps = torch.finfo(flat.dtype).eps if flat.is_floating_point() else torch.finfo(torch.float64).eps
-    cond = top / bottom if top > 0 and bottom > lam.numel() * eps * top else math.inf
+    cond = top / max(bottom, lam.numel() * eps * top) if top > 0 else math.inf
     pos = lam.clamp_min(0)
     total = float(pos.sum())
     if total > 0:

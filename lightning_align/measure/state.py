@@ -9,11 +9,17 @@ Parameters are not copied: measurements never write to them (they use ``torch.fu
 ``torch.autograd.grad``), and copying them would double memory. ``.grad`` tensors are detached from
 the parameters for the duration of the probe and re-attached afterwards, so even a stray
 ``backward()`` inside a probe cannot accumulate into the training gradients.
+
+Probes run in at least float32 whatever the training precision: :func:`upcast_floating` gives every
+bfloat16/float16 parameter and buffer a float32 copy for the duration of a probe (same tensor objects,
+so optimizer references and hooks stay valid) and puts the original low-precision tensors back on exit;
+float64 models are measured in float64 (:func:`probe_dtype`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -107,3 +113,79 @@ def map_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 def floating_to(data: Any, dtype: torch.dtype) -> Any:
     """Cast every floating-point tensor inside nested containers to ``dtype``."""
     return map_tensors(data, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` promoted to float32 or wider (bfloat16/float16 -> float32; float64 stays float64).
+
+    Example:
+        >>> at_least_fp32(torch.bfloat16), at_least_fp32(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else dtype
+
+
+def fp32_copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``t`` in at least float32 (for snapshots of low-precision weights)."""
+    return t.detach().to(dtype=at_least_fp32(t.dtype), copy=True)
+
+
+def probe_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype probes of ``model`` compute in: its first floating parameter's dtype, at least float32.
+
+    A bfloat16/float16 model (``precision="bf16-true"``/``"16-true"``) is probed in float32, a float64
+    model (``"64-true"``) in float64, so a measurement is never less precise than the model's own arithmetic.
+    """
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            return at_least_fp32(t.dtype)
+    return torch.float32
+
+
+@contextlib.contextmanager
+def upcast_floating(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[None]:
+    """Give every floating parameter and buffer narrower than ``dtype`` a ``dtype`` copy; restore on exit.
+
+    The tensors keep their identity (``.data`` is swapped), so ``requires_grad``, optimizer references,
+    hooks and ``named_parameters()`` all stay valid; on exit the *original* tensors are put back, so
+    nothing done during the probe (e.g. BatchNorm statistics updates) reaches them and training stays
+    bit-identical. ``.grad`` of a swapped parameter is set aside during the probe and restored.
+
+    Example:
+        >>> net = nn.Linear(2, 2).to(torch.bfloat16)
+        >>> with upcast_floating(net):
+        ...     net.weight.dtype
+        torch.float32
+        >>> net.weight.dtype
+        torch.bfloat16
+    """
+    swapped: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    try:
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            if t.is_floating_point() and torch.promote_types(t.dtype, dtype) != t.dtype:
+                grad = t.grad if isinstance(t, nn.Parameter) else None
+                if grad is not None:
+                    t.grad = None
+                original = t.data
+                swapped.append((t, original, grad))
+                t.data = original.to(dtype)
+        yield
+    finally:
+        for t, original, grad in reversed(swapped):
+            if isinstance(t, nn.Parameter):
+                t.grad = None  # a probe's float32 gradient must not meet the original low-precision data
+            t.data = original
+            if grad is not None:
+                t.grad = grad
+
+
+@contextlib.contextmanager
+def default_dtype_at_least_fp32() -> Iterator[None]:
+    """Raise the default dtype to float32 if it is lower (``"bf16-true"`` may leave bfloat16 set)."""
+    saved = torch.get_default_dtype()
+    if torch.promote_types(saved, torch.float32) != saved:
+        torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
