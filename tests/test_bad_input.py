@@ -53,6 +53,12 @@ class NoHparams(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def nan_loader() -> DataLoader:
+    data = tiny_loader().dataset
+    data.tensors[0][5, 1] = float("nan")  # one bad feature value in the training data
+    return DataLoader(data, batch_size=16)
+
+
 def dict_loader() -> DataLoader:
     data = [{"features": torch.randn(8), "label": torch.tensor(1)} for _ in range(16)]
     return DataLoader(data, batch_size=4)
@@ -65,9 +71,11 @@ FIT_CASES: list[tuple[str, Callable[[], list[pl.Callback]], Callable[[], pl.Ligh
     ("CoordCheck unknown layer", lambda: [CoordCheck(layers=["head"])], TinyClassifier, tiny_loader, "'head'"),
     ("EffectiveLR unknown weight", lambda: [EffectiveLR(weights=["stem"])], TinyClassifier, tiny_loader, "'stem'"),
     ("Sharpness k above its product budget", lambda: [Sharpness(k=10**6)], TinyClassifier, tiny_loader, "lower k or raise max_matvecs"),
-    ("Sharpness asks for more eigenvalues than trainable parameters", lambda: [Sharpness()], Frozen, tiny_loader, "Frozen has only 1 trainable"),
+    ("Sharpness asks for more eigenvalues than trainable parameters", lambda: [Sharpness(min_eig=True)], Frozen, tiny_loader, "Frozen has only 1 trainable"),
+    ("Sharpness of a loss that uses no trainable parameter", lambda: [Sharpness()], Frozen, tiny_loader, "does not depend on any trainable parameter"),
     ("Sharpness with a non-scalar loss", lambda: [Sharpness()], VectorLoss, tiny_loader, "scalar"),
     ("ELRWarmup without scale-invariant weights", lambda: [ELRWarmup()], lambda: MLP(in_features=8, num_classes=3, width=8, depth=2), tiny_loader, "MLP has no scale-invariant weights"),
+    ("ELRWarmup on data with a NaN", lambda: [ELRWarmup()], TinyClassifier, nan_loader, "non-finite outputs"),
     ("probe batch without inputs", lambda: [RankMonitor()], TinyClassifier, dict_loader, "cannot find the inputs"),
     ("Parametrization of a module without saved hyper-parameters", lambda: [Parametrization("mup", base_width=8)], NoHparams, tiny_loader, "NoHparams"),
     ("Parametrization with a missing width key", lambda: [Parametrization("mup", base_width=8, width_keys=["d_model"])], TinyClassifier, tiny_loader, "d_model"),

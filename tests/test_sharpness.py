@@ -57,7 +57,7 @@ def test_training_is_bit_identical_with_sharpness(method: str) -> None:
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_logged_values_match_exact_hessian(optimizer: str) -> None:
     rec = MemoryLogger()
-    cb = Sharpness(every_n_steps=3, k=3, probe_size=48, tol=1e-4, max_matvecs=150)
+    cb = Sharpness(every_n_steps=3, k=3, min_eig=True, probe_size=48, tol=1e-4, max_matvecs=150)
     module, trainer = fit([cb], module=_module(optimizer), max_steps=6, logger=rec)
     h = _probe_hessian(module, cb.probe_batch)
     exact = torch.linalg.eigvalsh(h)
@@ -181,7 +181,7 @@ def test_preconditioned_needs_adam() -> None:
     "kwargs, match",
     [
         (dict(k=0), "k must be"),
-        (dict(max_matvecs=1, k=1), "max_matvecs=1 is too small"),
+        (dict(max_matvecs=1, k=1, min_eig=True), "max_matvecs=1 is too small"),
         (dict(tol=-1.0), "tol"),
         (dict(method="fd"), "method"),
         (dict(preconditioned="yes"), "preconditioned"),

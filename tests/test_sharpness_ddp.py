@@ -47,7 +47,7 @@ def test_ddp_ranks_agree_with_one_process(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = NoNorm()
     initial = {k: v.clone() for k, v in module.state_dict().items()}
-    cb = Sharpness(every_n_steps=1000, probe_size=32, k=2, tol=1e-6, max_matvecs=120)
+    cb = Sharpness(every_n_steps=1000, probe_size=32, k=2, min_eig=True, tol=1e-6, max_matvecs=120)
     trainer = pl.Trainer(
         strategy="ddp_spawn", accelerator="cpu", devices=2, max_steps=1, logger=False, enable_progress_bar=False,
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,

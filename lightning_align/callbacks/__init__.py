@@ -9,6 +9,7 @@ from lightning_align.callbacks.ntk import NTKSpectrum
 from lightning_align.callbacks.parametrization import Parametrization
 from lightning_align.callbacks.rank import RankMonitor
 from lightning_align.callbacks.sharpness import Sharpness
+from lightning_align.callbacks.strategy import check_strategy
 from lightning_align.callbacks.summary import AlignSummary
 from lightning_align.callbacks.warmup import ELRWarmup
 
@@ -24,4 +25,5 @@ __all__ = [
     "Parametrization",
     "RankMonitor",
     "Sharpness",
+    "check_strategy",
 ]

@@ -88,8 +88,8 @@ class FeatureAlignment(MeasurementCallback):
     rank measures the whole probe under DDP.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0). The default (250) keeps it to
-            about 1.5% of training (README, "Overhead").
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (500) keeps it
+            under 1% of a long quickstart run (README, "Overhead").
         modules: layer names or regexes whose outputs are the features (default: every Linear/Conv and
             attention block, i.e. ``nn.MultiheadAttention`` or modules with ``attn_scale``/``head_dim``).
         figure_every: draw the cos-vs-depth figure every this many measurements (0: never).
@@ -114,7 +114,7 @@ class FeatureAlignment(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 250,
+        every_n_steps: int = 500,
         modules: list[str] | None = None,
         figure_every: int = 10,
         schedule: ScheduleName = "linear",

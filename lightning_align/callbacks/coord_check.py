@@ -34,7 +34,7 @@ class CoordCheck(MeasurementCallback):
 
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (100) keeps it
-            under 1% of training (README, "Overhead").
+            under 1% of a long quickstart run (README, "Overhead").
         layers: module names or regexes whose outputs are recorded (default: every Linear/Conv/Embedding).
         schedule, probe_size, probe_seed, bn_mode, dropout: see :class:`MeasurementCallback`.
 

@@ -63,7 +63,7 @@ class NTKSpectrum(MeasurementCallback):
 
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (500) and the
-            small default probe keep it to about 1% of training (README, "Overhead").
+            small default probe keep it to about 1% of a long quickstart run (README, "Overhead").
         k: number of top eigenvalues to compute and log as a spectrum.
         trace_outputs: use the ``(n, n)`` kernel summed over outputs.
         method: ``"auto"`` (exact up to ``max_exact_size``), ``"exact"`` or ``"lanczos"``.

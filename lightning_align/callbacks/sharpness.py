@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -69,16 +70,16 @@ class Sharpness(MeasurementCallback):
     a warm start needs a handful of products (``max_matvecs`` caps it); twice that for Adam; plus
     ``trace_basis + trace_samples`` for the trace and ``density_steps · density_vectors`` for the density.
     On the quickstart (MLP 128x3 on digits, batch 64, one CPU thread; ``benchmarks/sharpness_overhead.py``)
-    a warm measurement costs about 3 training steps with ``probe_size=16, min_eig=False``, 5 with
-    ``probe_size=64``, and 10-17 with the defaults (probe 256, ``min_eig``: the bottom of the spectrum
-    converges slowest); the first, cold measurement 2-4x that. Every 100 steps that is 3-17 %.
+    a warm measurement costs about 3 training steps with ``probe_size=16``, 5 with ``probe_size=64`` and
+    8 with the default probe of 256 (twice that with ``min_eig=True``: the bottom of the spectrum converges
+    slowest); the first, cold measurement 2-4x that. At the default ``every_n_steps=500`` that is 2-3 %.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0). The default (500) keeps a
-            warm-started measurement (a few Hessian-vector products on the probe) to a few % of training
-            (README, "Overhead").
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (500) keeps it to
+            2-3% of a long quickstart run (README, "Overhead").
         k: number of top eigenvalues.
-        min_eig: also the smallest eigenvalue (from the same Lanczos run).
+        min_eig: also the smallest eigenvalue (from the same Lanczos run; off by default: a warm-started
+            measurement then needs about twice the Hessian-vector products).
         trace: log a Hutch++-style trace estimate and its standard error.
         density: log the spectral density figure (stochastic Lanczos quadrature).
         preconditioned: the Adam-preconditioned sharpness: ``None`` = when the (single) optimizer is
@@ -122,7 +123,7 @@ class Sharpness(MeasurementCallback):
         self,
         every_n_steps: int = 500,
         k: int = 1,
-        min_eig: bool = True,
+        min_eig: bool = False,
         trace: bool = False,
         density: bool = False,
         preconditioned: bool | None = None,
@@ -219,7 +220,11 @@ class Sharpness(MeasurementCallback):
         reduce = (lambda t: self.all_reduce_mean(trainer, t)) if trainer.world_size > 1 else None
         generator = torch.Generator().manual_seed(self.seed + trainer.global_step)
         loss_model = self.probe_loss_model(pl_module)
-        with hessian_operator(loss_model, _identity_loss, (batch, None), method=self.method, reduce=reduce) as op:
+        with contextlib.ExitStack() as stack:
+            try:
+                op = stack.enter_context(hessian_operator(loss_model, _identity_loss, (batch, None), method=self.method, reduce=reduce))
+            except ValueError as err:
+                raise ValueError(f"Sharpness on {type(pl_module).__name__}: {err}") from err
             loss = float(op.loss if reduce is None else reduce(op.loss.reshape(1)))  # same decision on every rank
             if not math.isfinite(loss):
                 return self._nan_metrics(trainer, loss)

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_align.callbacks.base import MeasurementCallback
-from lightning_align.callbacks.elr import check_invariance_test_args, grad_scale, layer_lrs, tracked_modules
+from lightning_align.callbacks.elr import check_invariance_test_args, grad_scale, layer_lrs, outputs_finite, tracked_modules
 from lightning_align.measure.elr import ScaleInvariance, critical_lr, detect_scale_invariance, grad_weight_ratios, weight_group
 
 
@@ -169,9 +169,17 @@ class ELRWarmup(MeasurementCallback):
 
     # ----------------------------------------------------------------------------------------------
     def _detect(self, pl_module: pl.LightningModule, batch: Any) -> None:
-        found = detect_scale_invariance(
-            self.probe_outputs_model(pl_module), batch, self._modules, factor=self.scale_factor, rtol=self.invariance_rtol
-        )
+        model = self.probe_outputs_model(pl_module)
+        try:
+            found = detect_scale_invariance(model, batch, self._modules, factor=self.scale_factor, rtol=self.invariance_rtol)
+        except ValueError as err:
+            if outputs_finite(model, batch):
+                raise
+            raise ValueError(
+                f"ELRWarmup: {type(pl_module).__name__} gives non-finite outputs (NaN/Inf) on the probe batch before "
+                "training, so its scale-invariant weights cannot be found and the warm-up cannot be set; check the data "
+                "(NaN inputs?) and the model's initialization, or remove ELRWarmup."
+            ) from err
         invariant = {n: r for n, r in found.items() if r.scale_invariant}
         if not invariant:
             raise ValueError(

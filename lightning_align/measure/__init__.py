@@ -62,7 +62,7 @@ from lightning_align.measure.rank import (
     weight_matrix,
     weight_spectrum,
 )
-from lightning_align.measure.state import preserved_rng, preserved_state
+from lightning_align.measure.state import preserved_rng, preserved_state, probe_dtype, upcast_floating
 
 __all__ = [
     "adam_preconditioner",
@@ -117,6 +117,8 @@ __all__ = [
     "participation_ratio",
     "preserved_rng",
     "preserved_state",
+    "probe_dtype",
+    "upcast_floating",
     "representation_ranks",
     "ScaleInvariance",
     "singular_values",

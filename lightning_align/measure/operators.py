@@ -260,6 +260,11 @@ def _double_backward_operator(
     model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, params: FlatParams
 ) -> FlatOperator:
     loss = check_scalar_loss(loss_fn(model(inputs), targets))
+    if not loss.requires_grad:
+        raise ValueError(
+            "the loss does not depend on any trainable parameter (it carries no gradient), so there is no Hessian "
+            "to measure: make sure the loss uses parameters with requires_grad=True (e.g. not only frozen ones)."
+        )
     grads = torch.autograd.grad(loss, params.tensors, create_graph=True, allow_unused=True)
     flat_grad = params.flatten(list(grads))
 

@@ -135,6 +135,10 @@ def probe_dtype(model: nn.Module) -> torch.dtype:
 
     A bfloat16/float16 model (``precision="bf16-true"``/``"16-true"``) is probed in float32, a float64
     model (``"64-true"``) in float64, so a measurement is never less precise than the model's own arithmetic.
+
+    Example:
+        >>> probe_dtype(nn.Linear(2, 2).to(torch.bfloat16)), probe_dtype(nn.Linear(2, 2).double())
+        (torch.float32, torch.float64)
     """
     for t in itertools.chain(model.parameters(), model.buffers()):
         if t.is_floating_point():
