@@ -1,7 +1,8 @@
 """Overhead of the measurement suite on the quickstart, side by side with plain training in one process.
 
 The quickstart model and data (``configs/quickstart.yaml``: MLP width 128, depth 3, BatchNorm, SGD with
-momentum, the bundled digits, batch 64: 23 optimizer steps per epoch) are trained with all six
+momentum, the bundled digits, batch 64: 23 optimizer steps per epoch; a TensorBoard logger, so the suite's
+histograms and figures are written as in the quickstart) are trained with all six
 measurement callbacks and without any callback, alternately (same process, same data, same seed); each
 configuration's time is the minimum over ``--repeats`` runs. ``--schedules defaults`` (the default) builds
 every callback with its constructor defaults; ``--schedules quickstart`` with the ``init_args`` of
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -35,6 +37,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
 
 import lightning_align
 from example_modules import MLP, DigitsDataModule
@@ -72,16 +75,18 @@ def timed(callback: MeasurementCallback, spent: dict[str, float]) -> Measurement
 
 
 def fit_once(callbacks: list[pl.Callback], epochs: int) -> float:
+    """Wall time of one fit, with a TensorBoard logger as in the quickstart (histograms and figures are written)."""
     pl.seed_everything(0, verbose=False)
     model = MLP(width=128, depth=3, norm="batch", lr=0.1, momentum=0.9)
-    trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[*callbacks, AlignSummary(progress_bar=False, table=False)] if callbacks else [],
-    )
-    start = time.perf_counter()
-    trainer.fit(model, DigitsDataModule(batch_size=64))
-    return time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as logs:
+        trainer = pl.Trainer(
+            max_epochs=epochs, accelerator="cpu", logger=TensorBoardLogger(logs, default_hp_metric=False),
+            enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+            callbacks=[*callbacks, AlignSummary(progress_bar=False, table=False)] if callbacks else [],
+        )
+        start = time.perf_counter()
+        trainer.fit(model, DigitsDataModule(batch_size=64))
+        return time.perf_counter() - start
 
 
 def measure(epochs: int, repeats: int, arguments: dict[str, dict[str, Any]], alone: bool) -> None:

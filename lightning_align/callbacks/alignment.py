@@ -76,7 +76,8 @@ class FeatureAlignment(MeasurementCallback):
       (equal to ``speed`` when the layer output is a cut of the network: sequential layers, residual-stream
       outputs such as ``blocks.i``; not for the output of a residual *branch*);
     - ``align/loss_decrease``: the first-order loss decrease of the step on the probe;
-    - a TensorBoard figure ``align/cos_vs_depth`` every ``figure_every`` measurements.
+    - with ``figure_every > 0``: a TensorBoard figure ``align/cos_vs_depth`` every ``figure_every`` measurements
+      (from the first; each costs ~40 ms of matplotlib, so figures are off by default).
 
     At step 0 (before training) there is no update yet: the step measured is the gradient step
     ``Δθ = −lr·∇L`` with each parameter's optimizer-group learning rate (for Adam this is not the first
@@ -92,7 +93,7 @@ class FeatureAlignment(MeasurementCallback):
             under 1% of a long quickstart run (README, "Overhead").
         modules: layer names or regexes whose outputs are the features (default: every Linear/Conv and
             attention block, i.e. ``nn.MultiheadAttention`` or modules with ``attn_scale``/``head_dim``).
-        figure_every: draw the cos-vs-depth figure every this many measurements (0: never).
+        figure_every: draw the cos-vs-depth figure every this many measurements (0, the default: never).
         schedule, probe_size, probe_seed, bn_mode: see :class:`MeasurementCallback`.
 
     Raises:
@@ -116,7 +117,7 @@ class FeatureAlignment(MeasurementCallback):
         self,
         every_n_steps: int = 500,
         modules: list[str] | None = None,
-        figure_every: int = 10,
+        figure_every: int = 0,
         schedule: ScheduleName = "linear",
         probe_size: int = 256,
         probe_seed: int = 0,
