@@ -47,8 +47,9 @@ class FeatureSpeedControl(MeasurementCallback):
     layer's learning rate is the *scheduled* learning rate times the layer's multiplier ``m_ℓ``: it is
     scaled just before ``optimizer.step()`` and put back right after, so schedulers keep working on the
     scheduled values (global optimizer-step hooks, which torch runs around each optimizer's own hooks: the
-    multipliers compose exactly with :class:`ELRWarmup`'s factor in either callback order). Every ``every_n_steps`` steps, the last real update (whatever the optimizer) is
-    measured on the probe batch with :func:`~lightning_align.measure.feature_speed`, and
+    multipliers compose exactly with :class:`ELRWarmup`'s factor in either callback order). Every
+    ``every_n_steps`` steps, the last real update (whatever the optimizer) is measured on the probe batch
+    with :func:`~lightning_align.measure.feature_speed`, and
     ``m_ℓ = (C_ℓ − Σ_{k<ℓ} m_k d_k) / d_ℓ``, ``C_ℓ = s_ℓ‖f_ℓ‖‖b_ℓ‖cos θ_ℓ`` (see the module docstring),
     clipped to ``[min_multiplier, max_multiplier]`` and smoothed geometrically:
     ``m ← m_old^smoothing · m_new^(1−smoothing)``. A layer whose decrease per unit multiplier ``d_ℓ`` or
@@ -58,7 +59,7 @@ class FeatureSpeedControl(MeasurementCallback):
     Logged: ``align/control_multiplier/<layer>``, ``align/control_lr/<layer>`` (scheduled lr × multiplier),
     ``align/control_speed/<layer>`` (measured speed of the step just taken) and ``align/control_cos/<layer>``.
 
-    Cost per control step: a copy of the trainable weights, then one forward+backward and one jvp pass on
+    Cost per control step: a copy of the trainable weights, then one forward and three backward passes on
     the probe batch (as :class:`FeatureAlignment`).
 
     Args:
