@@ -89,8 +89,8 @@ class FeatureAlignment(MeasurementCallback):
     rank measures the whole probe under DDP.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0). The default (500) keeps it
-            under 1% of a long quickstart run (README, "Overhead").
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) keeps it
+            under 1% of a long quickstart run (README, "Speed and overhead").
         modules: layer names or regexes whose outputs are the features (default: every Linear/Conv and
             attention block, i.e. ``nn.MultiheadAttention`` or modules with ``attn_scale``/``head_dim``).
         figure_every: draw the cos-vs-depth figure every this many measurements (0, the default: never).
@@ -115,7 +115,7 @@ class FeatureAlignment(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 500,
+        every_n_steps: int = 1000,
         modules: list[str] | None = None,
         figure_every: int = 0,
         schedule: ScheduleName = "linear",

@@ -33,8 +33,8 @@ class CoordCheck(MeasurementCallback):
     (probe size × layer width floats per layer).
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0). The default (100) keeps it
-            under 1% of a long quickstart run (README, "Overhead").
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (250) keeps it
+            under 1% of a long quickstart run (README, "Speed and overhead").
         layers: module names or regexes whose outputs are recorded (default: every Linear/Conv/Embedding).
         schedule, probe_size, probe_seed, bn_mode, dropout: see :class:`MeasurementCallback`.
 
@@ -54,7 +54,7 @@ class CoordCheck(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int = 250,
         layers: list[str] | None = None,
         schedule: ScheduleName = "linear",
         probe_size: int = 256,

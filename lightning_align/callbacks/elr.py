@@ -60,8 +60,8 @@ class EffectiveLR(MeasurementCallback):
 
     Args:
         every_n_steps: measure every this many optimizer steps (each measurement covers the one step
-            before it). The default (25) keeps it under 1% of a long quickstart run (README, "Overhead");
-            use 1 to follow every step.
+            before it). The default (50) keeps it under 1% of a long quickstart run (README, "Speed and
+            overhead"); use 1 to follow every step.
         weights: module names or regexes whose ``weight`` is tracked (default: every Linear/Conv/Embedding
             with a trainable weight).
         figure_every_n_steps: how often to draw the ELR profile figure (0, the default: never; each figure
@@ -88,7 +88,7 @@ class EffectiveLR(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 25,
+        every_n_steps: int = 50,
         weights: list[str] | None = None,
         figure_every_n_steps: int = 0,
         scale_factor: float = 2.0,

@@ -62,8 +62,8 @@ class NTKSpectrum(MeasurementCallback):
     eigenvectors).
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0). The default (500) and the
-            small default probe keep it to about 1% of a long quickstart run (README, "Overhead").
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) and the
+            small default probe keep it under 1% of a long quickstart run (README, "Speed and overhead").
         k: number of top eigenvalues to compute and log as a spectrum.
         trace_outputs: use the ``(n, n)`` kernel summed over outputs.
         method: ``"auto"`` (exact up to ``max_exact_size``), ``"exact"`` or ``"lanczos"``.
@@ -93,7 +93,7 @@ class NTKSpectrum(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 500,
+        every_n_steps: int = 1000,
         k: int = 10,
         trace_outputs: bool = False,
         method: NTKMethod = "auto",

@@ -34,8 +34,8 @@ class RankMonitor(MeasurementCallback):
     Cost: one SVD per weight and one forward plus one SVD per representation layer, every ``every_n_steps``.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0). The default (500) keeps it to
-            about 1% of a long quickstart run (README, "Overhead").
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) keeps it
+            under 1% of a long quickstart run (README, "Speed and overhead").
         weights: module names or regexes whose ``weight`` is analysed (default: every Linear/Conv/Embedding).
         layers: module names or regexes whose outputs are the representations (default: same as weights).
         threshold: singular values above it count in ``weight_above``.
@@ -62,7 +62,7 @@ class RankMonitor(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 500,
+        every_n_steps: int = 1000,
         weights: list[str] | None = None,
         layers: list[str] | None = None,
         threshold: float = 0.5,

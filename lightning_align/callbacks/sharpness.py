@@ -72,11 +72,11 @@ class Sharpness(MeasurementCallback):
     On the quickstart (MLP 128x3 on digits, batch 64, one CPU thread; ``benchmarks/sharpness_overhead.py``)
     a warm measurement costs about 3 training steps with ``probe_size=16``, 5 with ``probe_size=64`` and
     8 with the default probe of 256 (twice that with ``min_eig=True``: the bottom of the spectrum converges
-    slowest); the first, cold measurement 2-4x that. At the default ``every_n_steps=500`` that is 2-3 %.
+    slowest); the first, cold measurement 2-4x that. At the default ``every_n_steps=1000`` that is 1-2 %.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0). The default (500) keeps it to
-            2-3% of a long quickstart run (README, "Overhead").
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) keeps it to
+            1-2% of a long quickstart run (README, "Speed and overhead").
         k: number of top eigenvalues.
         min_eig: also the smallest eigenvalue (from the same Lanczos run; off by default: a warm-started
             measurement then needs about twice the Hessian-vector products).
@@ -121,7 +121,7 @@ class Sharpness(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 500,
+        every_n_steps: int = 1000,
         k: int = 1,
         min_eig: bool = False,
         trace: bool = False,
