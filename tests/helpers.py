@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from lightning_align import CoordCheck, EffectiveLR, FeatureAlignment, NTKSpectrum, RankMonitor, Sharpness
 from lightning_align.logging import MemoryLogger  # noqa: F401  (re-exported for the tests)
@@ -56,6 +56,14 @@ def tiny_loader(n: int = 64, in_features: int = 8, num_classes: int = 3, batch_s
     x = torch.randn(n, in_features, generator=g)
     y = torch.randint(0, num_classes, (n,), generator=g)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+
+
+def ddp_order_loader(data: Dataset, batch_size: int) -> DataLoader:
+    """One process seeing the global batches of a DDP run: under DDP Lightning gives the training loader a
+    ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED)`` (even with ``shuffle=False``), rank ``r`` taking
+    entries ``r, r+R, ...`` of one permutation per epoch; the same sampler with one replica and ``R`` times the
+    per-rank batch gives, batch for batch, the union of the ranks' batches (seed 0: ``seed_everything(0)`` or none)."""
+    return DataLoader(data, batch_size=batch_size, sampler=DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0))
 
 
 def fit(

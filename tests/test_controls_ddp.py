@@ -23,8 +23,9 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import ddp_order_loader
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_align.callbacks.feature_speed_control import FeatureSpeedControl
 from lightning_align.callbacks.parametrization import Parametrization
@@ -69,7 +70,7 @@ def loader(batch_size: int, n: int = 64, seed: int = 0, ddp_order: bool = False)
     g = torch.Generator().manual_seed(seed)
     data = TensorDataset(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
     if ddp_order:
-        return DataLoader(data, batch_size=batch_size, sampler=DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0))
+        return ddp_order_loader(data, batch_size)
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 

@@ -24,7 +24,7 @@ from lightning_align.callbacks.coord_check import CoordCheck
 from lightning_align.callbacks.ntk import NTKSpectrum
 from lightning_align.callbacks.rank import RankMonitor
 from lightning_align.callbacks.sharpness import Sharpness
-from lightning_align.measure.state import fp32_copy, probe_dtype, upcast_floating
+from lightning_align.measure.state import at_least_fp32, probe_dtype, upcast_floating
 
 FAMILIES = ("align", "sharpness", "ntk", "elr", "rank", "coord")
 
@@ -69,7 +69,7 @@ def test_upcast_leaves_float32_and_float64_alone() -> None:
     assert probe_dtype(net32) == probe_dtype(nn.Linear(2, 2).to(torch.bfloat16)) == torch.float32
     assert probe_dtype(net64) == torch.float64
     w = torch.ones(2, dtype=torch.float16)
-    assert fp32_copy(w).dtype == torch.float32 and fp32_copy(net64.weight).dtype == torch.float64
+    assert at_least_fp32(w.dtype) == torch.float32 and at_least_fp32(net64.weight.dtype) == torch.float64
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import measurement_suite, tiny_loader
+from helpers import ddp_order_loader, measurement_suite, tiny_loader
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from lightning_align import AlignSummary
 
@@ -72,7 +72,7 @@ def run(folder: Path, devices: int) -> None:
     if devices > 1:  # Lightning replaces the sampler by a DistributedSampler over the ranks
         loader = DataLoader(data, batch_size=16)
     else:
-        loader = DataLoader(data, batch_size=32, sampler=DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0))
+        loader = ddp_order_loader(data, batch_size=32)
     trainer.fit(LayerNormNet(), loader)
 
 

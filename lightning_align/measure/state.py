@@ -125,11 +125,6 @@ def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else dtype
 
 
-def fp32_copy(t: torch.Tensor) -> torch.Tensor:
-    """A detached copy of ``t`` in at least float32 (for snapshots of low-precision weights)."""
-    return t.detach().to(dtype=at_least_fp32(t.dtype), copy=True)
-
-
 def probe_dtype(model: nn.Module) -> torch.dtype:
     """The dtype probes of ``model`` compute in: its first floating parameter's dtype, at least float32.
 
