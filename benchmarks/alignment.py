@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from example_modules import GPT, MLP, ResMLP
-from lightning_align.callbacks.alignment import default_feature_modules
+from lightning_align.measure.modules import select_modules
 from lightning_align.measure.alignment import feature_speed
 from lightning_align.measure.modules import captured_outputs
 
@@ -60,7 +60,7 @@ def main() -> None:
     print(f"{'model':<16} {'layers':>6} {'train step ms':>14} {'feature_speed ms':>17} {'naive FD ms':>12} {'fs/step':>8} {'fs/FD':>6}")
     for name, model, batch in cases(args.quick):
         x, y = batch
-        mods = default_feature_modules(model, None, "benchmark")
+        mods = select_modules(model, None, "features", owner="benchmark")
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         params = dict(model.named_parameters())
 

@@ -43,16 +43,17 @@ def _as_float(value: Any) -> float:
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
     """Log scalar metrics to every attached logger and to ``trainer.callback_metrics``.
 
-    Non-finite values are logged as they are (NaN is information) with one warning per tag.
+    Non-finite values are logged as they are (NaN is information), with one warning per call naming them.
 
     Returns:
         The metrics as plain floats.
     """
     step = trainer.global_step if step is None else step
     values = {name: _as_float(v) for name, v in metrics.items()}
-    for name, v in values.items():
-        if not math.isfinite(v):
-            rank_zero_warn(f"lightning_align: {name} is {v} at step {step}; logged as is, training goes on.")
+    bad = [name for name, v in values.items() if not math.isfinite(v)]
+    if bad:
+        shown = ", ".join(f"{n}={values[n]}" for n in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        rank_zero_warn(f"lightning_align: non-finite values at step {step} ({shown}); logged as they are, training goes on.")
     for logger in trainer.loggers:
         logger.log_metrics(values, step=step)
     trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})

@@ -118,13 +118,14 @@ def assert_same_training_state(a: tuple[pl.LightningModule, pl.Trainer], b: tupl
 
 
 
-def measurement_suite(every_n_steps: int = 2, **sharpness: Any) -> list[Callback]:
-    """Every measurement callback at once, with small probes (``sharpness`` overrides Sharpness arguments)."""
+def measurement_suite(every_n_steps: int = 2, jacobian_points: int = 2, **sharpness: Any) -> list[Callback]:
+    """Every measurement callback at once, with small probes (``sharpness`` overrides Sharpness arguments;
+    ``jacobian_points=0`` for models on token inputs)."""
     return [
         FeatureAlignment(every_n_steps=every_n_steps, probe_size=32),
         Sharpness(every_n_steps=every_n_steps, probe_size=32, **{"k": 2, **sharpness}),
         NTKSpectrum(every_n_steps=every_n_steps, probe_size=8, k=4),
         EffectiveLR(every_n_steps=1, probe_size=32),
-        RankMonitor(every_n_steps=every_n_steps, probe_size=32, jacobian_points=2),
+        RankMonitor(every_n_steps=every_n_steps, probe_size=32, jacobian_points=jacobian_points),
         CoordCheck(every_n_steps=every_n_steps, probe_size=32),
     ]

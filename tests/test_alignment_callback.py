@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_align.callbacks.alignment import FeatureAlignment, default_feature_modules
+from lightning_align.callbacks.alignment import FeatureAlignment
+from lightning_align.measure.modules import select_modules
 from lightning_align.measure.modules import captured_outputs
 
 
@@ -130,9 +131,9 @@ def test_default_modules_are_linear_conv_and_attention():
             self.qkv = nn.Linear(4, 12)
 
     model = nn.Sequential(nn.Conv1d(1, 2, 3), Attn(), nn.MultiheadAttention(4, 1), nn.Embedding(3, 4), nn.ReLU())
-    assert list(default_feature_modules(model, None, "x")) == ["0", "1", "1.qkv", "2", "2.out_proj"]
+    assert list(select_modules(model, None, "features", owner="x")) == ["0", "1", "1.qkv", "2", "2.out_proj"]
     with pytest.raises(ValueError, match="no Linear"):
-        default_feature_modules(nn.Sequential(nn.ReLU()), None, "x")
+        select_modules(nn.Sequential(nn.ReLU()), None, "features", owner="x")
 
 
 def test_figure_and_tags_with_tensorboard_on_an_example_module(tmp_path):

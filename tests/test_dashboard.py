@@ -99,7 +99,7 @@ def test_layout_written_once_per_writer(tmp_path: Path, monkeypatch: pytest.Monk
     calls: list[dict] = []
     monkeypatch.setattr(logger.experiment, "add_custom_scalars", lambda layout: calls.append(layout))
     for _ in range(2):  # two callbacks, two fits: one layout
-        fit([RankMonitor(every_n_steps=2, probe_size=16), RankMonitor(every_n_steps=3, probe_size=16)], max_steps=2, logger=logger)
+        fit([RankMonitor(every_n_steps=2, probe_size=16), RankMonitor(every_n_steps=3, probe_size=16, name="second")], max_steps=2, logger=logger)
     assert calls == [custom_scalars_layout(["rank"])]
 
 

@@ -137,7 +137,7 @@ def test_clear_errors() -> None:
     x = torch.randn(16, 8)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randn(16, 5)), batch_size=8)
     with pytest.raises(ValueError, match="alignment=False"):
-        fit([NTKSpectrum(probe_size=4)], loader=loader, max_steps=1)
+        fit([NTKSpectrum(probe_size=4, alignment=True)], loader=loader, max_steps=1)
 
 
 def test_example_mlp_with_batchnorm() -> None:

@@ -20,27 +20,11 @@ from torch import nn
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import log_figure, new_figure, tag, tensorboard_writers
 from lightning_align.measure.alignment import FeatureSpeedResults, feature_speed
-from lightning_align.measure.modules import WEIGHT_LAYER_TYPES, select_modules
+from lightning_align.measure.modules import select_modules
 from lightning_align.measure.optim import learning_rates_by_parameter
 from lightning_align.schedules import ScheduleName
 
 PREFIX = "module."  # parameter names of ProbeLoss / ProbeOutputs carry it
-
-
-def is_attention(module: nn.Module) -> bool:
-    """An attention block: ``nn.MultiheadAttention`` or a module exposing ``attn_scale`` and ``head_dim``."""
-    return isinstance(module, nn.MultiheadAttention) or (hasattr(module, "attn_scale") and hasattr(module, "head_dim"))
-
-
-def default_feature_modules(model: nn.Module, patterns: list[str] | None, owner: str) -> dict[str, nn.Module]:
-    """The selected layers: ``patterns`` (names/regexes), or every Linear/Conv and attention block."""
-    if patterns is not None:
-        return select_modules(model, patterns, owner=owner)
-    layer_types = tuple(t for t in WEIGHT_LAYER_TYPES if t is not nn.Embedding)
-    chosen = {n: m for n, m in model.named_modules() if n and (isinstance(m, layer_types) or is_attention(m))}
-    if not chosen:
-        raise ValueError(f"{owner}: {type(model).__name__} has no Linear, Conv or attention layer; name the layers with `modules`")
-    return chosen
 
 
 def snapshot_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -91,8 +75,8 @@ class FeatureAlignment(MeasurementCallback):
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) keeps it
             under 1% of a long quickstart run (README, "Speed and overhead").
-        modules: layer names or regexes whose outputs are the features (default: every Linear/Conv and
-            attention block, i.e. ``nn.MultiheadAttention`` or modules with ``attn_scale``/``head_dim``).
+        modules: layer names or regexes whose outputs are the features (default: every Linear/Conv/``Conv1D`` and
+            attention block: :data:`~lightning_align.measure.modules.LayerKind` ``"features"``).
         figure_every: draw the cos-vs-depth figure every this many measurements (0, the default: never).
         schedule, probe_size, probe_seed, bn_mode: see :class:`MeasurementCallback`.
 
@@ -112,6 +96,7 @@ class FeatureAlignment(MeasurementCallback):
     """
 
     family = "align"
+    needs_loss = True
 
     def __init__(
         self,
@@ -122,8 +107,9 @@ class FeatureAlignment(MeasurementCallback):
         probe_size: int = 256,
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "train",
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode)
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, name=name)
         if isinstance(modules, str):
             modules = [modules]
         if not isinstance(figure_every, int) or figure_every < 0:
@@ -135,7 +121,7 @@ class FeatureAlignment(MeasurementCallback):
         self._before: dict[str, torch.Tensor] | None = None
 
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._layers = default_feature_modules(pl_module, self.modules, owner="FeatureAlignment(modules=...)")
+        self._layers = select_modules(pl_module, self.modules, "features", owner="FeatureAlignment(modules=...)")
 
     def before_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._before = snapshot_trainable(pl_module)

@@ -35,7 +35,19 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_align.callbacks.probe import ProbeLoss, ProbeOutputs, draw_probe_batch, prepare_probe_batch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import IterableDataset
+
+from lightning_align.callbacks.probe import (
+    ProbeLoss,
+    ProbeOutputs,
+    draw_probe_batch,
+    prepare_probe_batch,
+    single_dataloader,
+    slice_batch,
+)
+from lightning_align.measure.batch import batch_size_of
+from lightning_align.measure.modules import NORMS_WITH_STATS
 from lightning_align.dashboard import write_dashboard
 from lightning_align.headlines import HeadlineHistory, progress_bar_values
 from lightning_align.callbacks.strategy import check_strategy
@@ -44,7 +56,6 @@ from lightning_align.measure.state import default_dtype_at_least_fp32, preserved
 from lightning_align.schedules import ScheduleName, StepSchedule
 
 BatchNormMode = Literal["train", "eval"]
-_NORM_WITH_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 class MeasurementCallback(Callback):
@@ -62,7 +73,12 @@ class MeasurementCallback(Callback):
         probe_seed: seed that picks the probe samples.
         bn_mode: BatchNorm during probes: ``"train"`` uses batch statistics (the objective being
             optimized; running buffers are restored), ``"eval"`` uses running statistics.
-        dropout: keep dropout active during probes (off by default, so the probed function is deterministic).
+        dropout: keep dropout active during probes. Off by default: inside a probe every module is in eval
+            mode (except normalisation layers with running statistics, per ``bn_mode``), so dropout keyed
+            on ``self.training`` (``nn.Dropout``, attention ``dropout_p``, drop-path) is off and the probed
+            function is deterministic.
+        name: distinguishes two instances of one callback class in a checkpoint (Lightning's state key is
+            the class name plus this name; schedule settings may change across a resume).
 
     Example::
 
@@ -81,6 +97,9 @@ class MeasurementCallback(Callback):
     #: Run :meth:`measure` inside :meth:`probe_context`. A callback that only reads weights (no forward
     #: pass on the probe) sets ``False`` and skips the context's cost at every measurement.
     measure_in_probe_context: ClassVar[bool] = True
+    #: The measurement differentiates the training loss: under manual optimization the module must define
+    #: ``probe_loss(batch)`` (its ``training_step`` steps the optimizer), checked at fit start.
+    needs_loss: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -90,6 +109,8 @@ class MeasurementCallback(Callback):
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "train",
         dropout: bool = False,
+        *,
+        name: str | None = None,
     ) -> None:
         self.schedule = StepSchedule(every_n_steps=every_n_steps, schedule=schedule)
         if not isinstance(probe_size, int) or probe_size < 1:
@@ -101,7 +122,10 @@ class MeasurementCallback(Callback):
         self.probe_seed = probe_seed
         self.bn_mode = bn_mode
         self.dropout = dropout
+        self.name = name
         self.probe_batch: Any = None
+        self._state_loaded = False
+        self._awaiting_stream = False
         self._explicit_probe: Any = None
         self.last_step = -1
         #: First and last headline values of this fit (read by the end-of-fit summary).
@@ -157,15 +181,19 @@ class MeasurementCallback(Callback):
             stack.enter_context(default_dtype_at_least_fp32())
             stack.enter_context(upcast_floating(pl_module, torch.float32))
             stack.enter_context(_uncompiled(pl_module))
+            stack.enter_context(refused_training_steps(pl_module, type(self).__name__))
             self._set_probe_modes(pl_module)
             yield
 
     def _set_probe_modes(self, pl_module: nn.Module) -> None:
+        """Eval mode everywhere (functional dropout reads ``self.training``), norms per ``bn_mode``."""
         for m in pl_module.modules():
-            if isinstance(m, nn.modules.dropout._DropoutNd):
-                m.train(self.dropout)
-            elif isinstance(m, _NORM_WITH_STATS):
-                m.train(self.bn_mode == "train")
+            if isinstance(m, NORMS_WITH_STATS):
+                m.training = self.bn_mode == "train"
+            elif isinstance(m, nn.modules.dropout._DropoutNd):
+                m.training = self.dropout
+            elif not self.dropout:
+                m.training = False
 
     def probe_loss_model(self, pl_module: pl.LightningModule) -> ProbeLoss:
         """``nn.Module`` with ``forward(batch) -> loss`` (see :mod:`lightning_align.callbacks.probe`)."""
@@ -184,14 +212,47 @@ class MeasurementCallback(Callback):
     # ----------------------------------------------------------------------------------------------
     # Lightning hooks
     # ----------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # State is per fit: objects reused for another Trainer start fresh (a checkpoint restores after this),
+        # unless state was loaded by hand (`load_state_dict`) since the last fit.
+        if stage == "fit":
+            if not self._state_loaded:
+                self.load_state_dict({})
+            self.probe_batch = None
+            self.headline_history.clear()
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # FSDP/DeepSpeed: refused before validate
         check_strategy(trainer, type(self).__name__)
-        self.headline_history.clear()
+        if self.needs_loss and not pl_module.automatic_optimization and not hasattr(pl_module, "probe_loss"):
+            raise ValueError(
+                f"{type(self).__name__}: {type(pl_module).__name__} uses manual optimization (automatic_optimization="
+                "False), so its training_step steps the optimizer and cannot be run by a probe. Define "
+                "`probe_loss(self, batch)` returning the scalar training loss (no backward, no optimizer step)."
+            )
         self.validate(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         write_dashboard(trainer, [cb.family for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)])
+        if trainer.ckpt_path and not self._state_loaded:
+            rank_zero_warn(
+                f"{type(self).__name__}{'(name=%r)' % self.name if self.name else ''}: the checkpoint {trainer.ckpt_path} "
+                "has no saved state for this callback (saved without it, or under another `name`): it starts afresh, "
+                "so distance-from-init quantities are measured from the resume point."
+            )
+        if self._explicit_probe is None and _is_stream(trainer):
+            self._awaiting_stream = True  # the probe is the first training batch (on_train_batch_start)
+            return
+        self._start(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._awaiting_stream:
+            self._awaiting_stream = False
+            self.probe_batch = self._stream_probe(trainer, pl_module, batch)
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Probe batch, :meth:`prepare` and the first measurement, before the first optimizer step."""
         self.ensure_probe_batch(trainer, pl_module)
         if type(self).prepare is not MeasurementCallback.prepare:
             with self.probe_context(pl_module):
@@ -217,6 +278,8 @@ class MeasurementCallback(Callback):
         # One table for the whole suite: printed by the first measurement callback, unless AlignSummary decides.
         from lightning_align.callbacks.summary import find_summary, print_fit_summary
 
+        if stage == "fit":
+            self._state_loaded = False  # the next fit starts fresh unless a checkpoint or the user loads state
         if stage != "fit" or find_summary(trainer) is not None:
             return
         # The leader: the first measurement callback (subclasses overriding teardown call super()).
@@ -229,14 +292,15 @@ class MeasurementCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
+        self._state_loaded = bool(state)
         self.last_step = int(state.pop("last_step", -1))
         self.load_extra_state(state)
 
     @functools.cached_property
     def state_key(self) -> str:  # type: ignore[override]
-        # Lightning reads this at every hook call of every callback (profiler names): after the first read
-        # it is a plain instance attribute (cached_property), not a function call per hook.
-        return self._generate_state_key(every_n_steps=self.every_n_steps, probe_size=self.probe_size)
+        # The class and `name` only: schedule and probe settings may change across a resume. Lightning reads
+        # this at every hook call (profiler names), so it is cached as a plain instance attribute.
+        return self._generate_state_key(name=self.name)
 
     # ----------------------------------------------------------------------------------------------
     # Internals
@@ -245,12 +309,28 @@ class MeasurementCallback(Callback):
         """Draw the fixed probe batch if not done yet (also callable by subclasses before step 0)."""
         if self.probe_batch is not None:
             return
+        owner = type(self).__name__
         if self._explicit_probe is not None:
             raw = self._explicit_probe
         else:
             rank, world = (trainer.global_rank, trainer.world_size) if self.shard_probe else (0, 1)
-            raw = draw_probe_batch(trainer.train_dataloader, self.probe_size, self.probe_seed, rank, world)
+            raw = draw_probe_batch(trainer.train_dataloader, self.probe_size, self.probe_seed, rank, world, owner=owner)
         self.probe_batch = prepare_probe_batch(raw, pl_module.device, probe_dtype(pl_module))
+
+    def _stream_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+        """The probe of an iterable (stream) data set: a copy of the first training batch, so that no sample is
+        taken away from training; under DDP rank 0's batch for every rank (each its own for a sharded probe)."""
+        owner = type(self).__name__
+        size = batch_size_of(batch)
+        if size < self.probe_size:
+            rank_zero_warn(
+                f"{owner}(probe_size={self.probe_size}): the training data is a stream (IterableDataset), so the probe "
+                f"is a copy of its first batch, {size} samples; pass a larger batch with `set_probe_batch` before fit."
+            )
+        probe = slice_batch(batch, min(size, self.probe_size))
+        if trainer.world_size > 1 and not self.shard_probe:
+            probe = trainer.strategy.broadcast(probe, src=0)
+        return prepare_probe_batch(probe, pl_module.device, probe_dtype(pl_module))
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe_batch is None:
@@ -272,6 +352,47 @@ class MeasurementCallback(Callback):
         if summary is None or summary.progress_bar:
             # The progress bar shows trainer.progress_bar_metrics; values stay until the next measurement.
             trainer.progress_bar_metrics.update(progress_bar_values(values))
+
+
+def _is_stream(trainer: pl.Trainer) -> bool:
+    """The training data is an ``IterableDataset`` (it may not restart: the probe must not read it)."""
+    try:
+        loader = single_dataloader(trainer.train_dataloader)
+    except TypeError:
+        return False
+    return isinstance(loader.dataset, IterableDataset)
+
+
+@contextlib.contextmanager
+def refused_training_steps(pl_module: nn.Module, owner: str) -> Iterator[None]:
+    """Inside a probe, ``optimizer.step()`` and ``manual_backward`` raise (before changing anything)."""
+    trainer = getattr(pl_module, "_trainer", None)
+    optimizers = list(trainer.optimizers) if trainer is not None else []
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            f"{owner}: the probe reached an optimizer step (`optimizer.step()` or `manual_backward`) in "
+            f"{type(pl_module).__name__}; it was refused and the weights are unchanged. Under manual optimization "
+            "define `probe_loss(self, batch)` returning the loss without backward or step."
+        )
+
+    saved = [(opt, opt.__dict__.get("step")) for opt in optimizers]
+    saved_backward = pl_module.__dict__.get("manual_backward")
+    for opt in optimizers:
+        opt.step = refuse
+    pl_module.manual_backward = refuse
+    try:
+        yield
+    finally:
+        for opt, step in saved:
+            if step is None:
+                opt.__dict__.pop("step", None)
+            else:
+                opt.step = step
+        if saved_backward is None:
+            pl_module.__dict__.pop("manual_backward", None)
+        else:
+            pl_module.manual_backward = saved_backward
 
 
 def _device_type(module: nn.Module) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import tag
-from lightning_align.measure.modules import WEIGHT_LAYER_TYPES, captured_outputs, select_modules
+from lightning_align.measure.modules import captured_outputs, select_modules
 from lightning_align.schedules import ScheduleName
 
 
@@ -61,14 +61,15 @@ class CoordCheck(MeasurementCallback):
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "train",
         dropout: bool = False,
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, dropout)
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, dropout, name=name)
         self.layers = layers
         self._modules: dict[str, torch.nn.Module] = {}
         self._h0: dict[str, torch.Tensor] = {}
 
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._modules = select_modules(pl_module, self.layers, WEIGHT_LAYER_TYPES, owner="CoordCheck(layers=...)")
+        self._modules = select_modules(pl_module, self.layers, "weights", owner="CoordCheck(layers=...)")
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
         model = self.probe_outputs_model(pl_module)

@@ -23,7 +23,7 @@ from lightning_align.measure.elr import (
     grad_weight_ratios,
     weight_group,
 )
-from lightning_align.measure.modules import WEIGHT_LAYER_TYPES, select_modules
+from lightning_align.measure.modules import select_modules
 from lightning_align.measure.optim import learning_rates_by_parameter
 from lightning_align.measure.state import map_tensors
 from lightning_align.schedules import ScheduleName
@@ -96,9 +96,10 @@ class EffectiveLR(MeasurementCallback):
         schedule: ScheduleName = "linear",
         probe_size: int = 256,
         probe_seed: int = 0,
+        name: str | None = None,
     ) -> None:
         # Batch statistics: scale invariance is a property of the train-mode function (see the test).
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode="train")
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode="train", name=name)
         if not isinstance(figure_every_n_steps, int) or figure_every_n_steps < 0:
             raise ValueError(f"EffectiveLR: figure_every_n_steps must be an int >= 0, got {figure_every_n_steps!r}")
         check_invariance_test_args("EffectiveLR", scale_factor, invariance_rtol)
@@ -233,7 +234,7 @@ def tracked_modules(model: nn.Module, patterns: list[str] | None, owner: str) ->
         if not chosen:
             raise ValueError(f"{owner}: {type(model).__name__} has no Linear/Conv/Embedding layer with a trainable weight")
         return chosen
-    chosen = select_modules(model, patterns, WEIGHT_LAYER_TYPES, owner=owner)
+    chosen = select_modules(model, patterns, "weights", owner=owner)
     bad = [n for n, m in chosen.items() if not (isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.requires_grad)]
     if bad:
         raise ValueError(f"{owner}: modules {bad} of {type(model).__name__} have no trainable `weight` parameter")

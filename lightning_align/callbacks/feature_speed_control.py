@@ -19,7 +19,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from lightning_align.callbacks.alignment import PREFIX, default_feature_modules, real_update, snapshot_trainable
+from lightning_align.callbacks.alignment import PREFIX, real_update, snapshot_trainable
+from lightning_align.measure.modules import select_modules
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import tag
 from lightning_align.measure.alignment import FeatureSpeedResults, feature_speed
@@ -86,6 +87,7 @@ class FeatureSpeedControl(MeasurementCallback):
     """
 
     family = "align"
+    needs_loss = True
 
     def __init__(
         self,
@@ -99,8 +101,9 @@ class FeatureSpeedControl(MeasurementCallback):
         probe_size: int = 256,
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "train",
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode)
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, name=name)
         targets = [target_speed] if isinstance(target_speed, (int, float)) else list(target_speed)
         if not targets or any(not isinstance(t, (int, float)) or not t > 0 or not math.isfinite(t) for t in targets):
             raise ValueError(f"FeatureSpeedControl: target_speed must be a positive float or a list of them, got {target_speed!r}")
@@ -129,7 +132,7 @@ class FeatureSpeedControl(MeasurementCallback):
     # Setup: layers, the per-layer plan, optimizer groups
     # ----------------------------------------------------------------------------------------------
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._layers = default_feature_modules(pl_module, self.modules, owner="FeatureSpeedControl(modules=...)")
+        self._layers = select_modules(pl_module, self.modules, "features", owner="FeatureSpeedControl(modules=...)")
         if len(self._targets) not in (1, len(self._layers)):
             raise ValueError(
                 f"FeatureSpeedControl(target_speed=...): {len(self._targets)} targets for {len(self._layers)} layers "

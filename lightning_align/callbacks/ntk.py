@@ -9,12 +9,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
-from lightning_align.callbacks.probe import ProbeOutputs
-from lightning_align.measure.batch import batch_inputs, batch_targets
+from lightning_align.callbacks.probe import slice_batch
+from lightning_align.measure.batch import batch_size_of, batch_targets, prediction
 from lightning_align.logging import log_figure, log_histogram, new_figure
 from lightning_align.measure.ntk import (
     check_sample_independent,
@@ -26,7 +26,10 @@ from lightning_align.measure.ntk import (
 )
 from lightning_align.schedules import ScheduleName
 
+PREFIX = "model.module."  # parameter names of the differentiated model: SequenceReduced(ProbeOutputs(pl_module))
+
 NTKMethod = Literal["auto", "exact", "lanczos"]
+SequenceOutput = Literal["mean", "last", "all"]
 
 
 class NTKSpectrum(MeasurementCallback):
@@ -52,6 +55,12 @@ class NTKSpectrum(MeasurementCallback):
       measurement on). Both reference kernels are kept across a resume. On the matrix-free path (Lanczos on ``J(Jᵀv)``) these need the whole kernel
       and are not logged; a warning says so once.
 
+    Sequence models (outputs ``(n, T, c)``, e.g. a language model's logits; Hugging Face ``ModelOutput`` gives
+    ``.logits``) are reduced over positions by ``sequence_output``: ``"mean"`` (the default: the kernel of the
+    position-averaged output, ``n·c`` rows), ``"last"`` (the last position, the next-token prediction of a
+    causal LM) or ``"all"`` (every position, ``n·T·c`` rows). A kernel above ``max_rows`` rows is refused,
+    naming the argument to change.
+
     BatchNorm in train mode mixes samples, so the per-sample kernel is undefined: probes use running
     statistics (``bn_mode="eval"``, the default; ``"train"`` is refused). Dropout is off during probes.
     Every rank measures the whole probe (no collective), so all ranks log the same values.
@@ -70,7 +79,11 @@ class NTKSpectrum(MeasurementCallback):
         max_exact_size: largest kernel size built by ``"auto"``.
         params: names or regexes (full match) of the parameters of the LightningModule to differentiate;
             default all trainable ones.
-        alignment: log the kernel-target alignment (needs targets matching the outputs).
+        alignment: log the kernel-target alignment: ``True`` requires targets matching the outputs (class
+            labels, or real targets of the output's shape), ``None`` (the default) logs it when they match and
+            says once when they do not (e.g. token targets of a language model), ``False`` never.
+        sequence_output: ``"mean"``, ``"last"`` or ``"all"`` positions of a sequence output (see above).
+        max_rows: the largest kernel (``n·c`` rows) measured at all, exact or matrix-free.
         histograms: log the spectrum as a TensorBoard histogram.
         figures: log a log-scale plot of the top-``k`` spectrum to TensorBoard.
         tol, max_matvecs: Lanczos settings of the matrix-free path.
@@ -99,7 +112,9 @@ class NTKSpectrum(MeasurementCallback):
         method: NTKMethod = "auto",
         max_exact_size: int = 2048,
         params: list[str] | None = None,
-        alignment: bool = True,
+        alignment: bool | None = None,
+        sequence_output: SequenceOutput = "mean",
+        max_rows: int = 65536,
         histograms: bool = True,
         figures: bool = False,
         tol: float = 1e-4,
@@ -108,8 +123,9 @@ class NTKSpectrum(MeasurementCallback):
         probe_size: int = 32,
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "eval",
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode)
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, name=name)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"NTKSpectrum: k must be a positive int, got {k!r}")
         if method not in ("auto", "exact", "lanczos"):
@@ -126,7 +142,12 @@ class NTKSpectrum(MeasurementCallback):
         self.method = method
         self.max_exact_size = max_exact_size
         self.params = params
+        if sequence_output not in ("mean", "last", "all"):
+            raise ValueError(f"NTKSpectrum: sequence_output must be 'mean', 'last' or 'all', got {sequence_output!r}")
         self.alignment = alignment
+        self.sequence_output = sequence_output
+        self.max_rows = max_rows
+        self._alignment_skipped = False
         self.histograms = histograms
         self.figures = figures
         self.tol = tol
@@ -161,9 +182,12 @@ class NTKSpectrum(MeasurementCallback):
         self._param_names = [n for n in trainable if n in chosen]
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
-        model, inputs, prefix = _outputs_model(pl_module, batch)
+        model, inputs = SequenceReduced(self.probe_outputs_model(pl_module), self.sequence_output), batch
         check_sample_independent(model, owner="NTKSpectrum")
-        params = None if self._param_names is None else [re.escape(prefix + n) for n in self._param_names]
+        rows = self._check_rows(model, batch)
+        # Targets are checked before the kernel is built: a mismatch costs nothing
+        targets = self._targets(batch, batch_size_of(batch) if self.trace_outputs else rows) if self.alignment is not False else None
+        params = None if self._param_names is None else [re.escape(PREFIX + n) for n in self._param_names]
         try:
             res = ntk_spectrum(
                 model, inputs, self.k, self.trace_outputs, method=self.method, max_exact_size=self.max_exact_size,
@@ -173,15 +197,16 @@ class NTKSpectrum(MeasurementCallback):
         except ValueError as err:
             raise ValueError(f"NTKSpectrum (probe_size={self.probe_size}, k={self.k}): {err}") from err
         except torch.linalg.LinAlgError:  # a non-finite kernel (NaN/Inf in the probe or the weights)
-            return dict.fromkeys(("ntk/max_eig", "ntk/trace", "ntk/cond"), math.nan)  # logged with a warning
+            exact_tags = ("ntk/cond", "ntk/effective_rank", "ntk/distance_from_init") + (("ntk/alignment",) if targets is not None else ())
+            return dict.fromkeys(("ntk/max_eig", "ntk/trace", *exact_tags), math.nan)  # logged with a warning
         values = res.values
         metrics: dict[str, float] = {"ntk/max_eig": float(values[0])}
         if res.kernel is not None:
             kernel = res.kernel
             summary = ntk_summary(kernel, eigenvalues=res.eigenvalues)
             metrics.update({"ntk/trace": summary.trace, "ntk/cond": summary.cond, "ntk/effective_rank": summary.effective_rank})
-            if self.alignment:
-                metrics["ntk/alignment"] = kernel_target_alignment(kernel, self._targets(batch, kernel.shape[0]))
+            if targets is not None:
+                metrics["ntk/alignment"] = kernel_target_alignment(kernel, targets)
             metrics.update(self._distances(kernel))
         else:
             if bool(torch.isfinite(res.vectors).all()):  # a NaN warm start would stick
@@ -207,7 +232,32 @@ class NTKSpectrum(MeasurementCallback):
         return metrics
 
     # ----------------------------------------------------------------------------------------------
-    def _targets(self, batch: Any, size: int) -> torch.Tensor:
+    def _check_rows(self, model: nn.Module, batch: Any) -> int:
+        """Refuse a kernel above ``max_rows`` rows before building anything (one sample's forward to count)."""
+        with torch.no_grad():
+            per_sample = prediction(model(slice_batch(batch, 1))).numel()
+        rows = per_sample * batch_size_of(batch)
+        if rows > self.max_rows:
+            raise ValueError(
+                f"NTKSpectrum: the kernel would have {rows} rows ({batch_size_of(batch)} probe samples x {per_sample} "
+                f"outputs each), above max_rows={self.max_rows}; lower probe_size, use sequence_output='mean' or "
+                "'last' for a sequence model, or raise max_rows"
+            )
+        return rows
+
+    def _targets(self, batch: Any, size: int) -> torch.Tensor | None:
+        """Targets matching the kernel, or ``None`` (said once) when they cannot and ``alignment`` is ``None``."""
+        try:
+            return self._matching_targets(batch, size)
+        except ValueError as err:
+            if self.alignment:
+                raise
+            if not self._alignment_skipped:
+                self._alignment_skipped = True
+                rank_zero_info(f"{err}; ntk/alignment is not logged")
+            return None
+
+    def _matching_targets(self, batch: Any, size: int) -> torch.Tensor:
         """Targets as an ``(n, c)`` real matrix matching the kernel (class labels one-hot)."""
         try:
             y = batch_targets(batch)
@@ -255,13 +305,21 @@ class NTKSpectrum(MeasurementCallback):
         return {"k0": self._k0, "k_prev": self._k_prev}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._warm = None
         self._k0, self._k_prev = (
             t.detach().float().cpu() if isinstance(t, torch.Tensor) else None for t in (state.get("k0"), state.get("k_prev"))
         )
 
 
-def _outputs_model(pl_module: pl.LightningModule, batch: Any) -> tuple[nn.Module, Any, str]:
-    """The model to differentiate, its inputs and the prefix of its parameter names."""
-    if hasattr(pl_module, "probe_outputs"):
-        return ProbeOutputs(pl_module), batch, "module."
-    return pl_module, batch_inputs(batch), ""
+class SequenceReduced(nn.Module):
+    """Outputs of ``model`` with a sequence dimension (``(n, T, ...)``, ``ndim >= 3``) reduced over positions."""
+
+    def __init__(self, model: nn.Module, how: str) -> None:
+        super().__init__()
+        self.model, self.how = model, how
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        out = self.model(batch)
+        if out.ndim < 3 or self.how == "all":
+            return out
+        return out.mean(dim=1) if self.how == "mean" else out[:, -1]

@@ -9,11 +9,11 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_align.callbacks.strategy import check_strategy
 from lightning_align.logging import log_text, markdown_table
-from lightning_align.parametrize.apply import INITS, Parametrized, retarget_scheduler
+from lightning_align.parametrize.apply import INITS, UNSCALABLE_ATTENTION, Parametrized, retarget_scheduler
 from lightning_align.parametrize.auto import auto_parametrize
 from lightning_align.parametrize.roles import ROLE_TABLE_HEADER, ROLES, role_table_rows
 from lightning_align.parametrize.rules import SCHEMES
@@ -21,6 +21,7 @@ from lightning_align.parametrize.rules import SCHEMES
 SchemeName = Literal["sp", "ntk", "mup", "depth_mup", "completep"]
 InitName = Literal["default", "normal", "orthogonal"]
 FamilyName = Literal["auto", "adam", "sgd"]
+UnscalableName = Literal["error", "warn"]
 _MARK = "_lightning_align_parametrization"
 
 
@@ -32,8 +33,9 @@ class Parametrization(Callback):
     dimensions scale), as microsoft/mup's ``set_base_shapes(model, base, delta)`` does. Then, once per
     model: the init is rescaled (μP: readout and biases width-constant; optional ``orthogonal``/``normal``
     re-draw at each role's μP scale; optional zero readout), forward multipliers are attached as hooks
-    (readout input ``× output_mult/m``, input ``× input_mult``, residual branches ``× (L/L0)^-α``, attention
-    ``attn_scale × √(d0/d)``), and the module's ``configure_optimizers`` is wrapped so the optimizer it
+    (readout input ``× output_mult/m``, input ``× input_mult``, residual branches ``× (L/L0)^-α``), the
+    attention scale is multiplied by ``√(d0/d)`` (``attn_scale`` in ours, ``scaling`` in Hugging Face,
+    ``scale`` in timm), and the module's ``configure_optimizers`` is wrapped so the optimizer it
     returns (also one LightningCLI builds from ``optimizer:``) has its param groups split with per-group
     ``lr``/``weight_decay``/``eps`` factors (tables in :mod:`lightning_align.parametrize.rules`) and its LR
     schedulers follow. At the base width and depth every scheme is SP, bit for bit.
@@ -43,16 +45,25 @@ class Parametrization(Callback):
     ``state_dict``; weights are rescaled once per model (a second ``fit`` does not rescale; on a
     ``ckpt_path`` resume the checkpoint weights replace them).
 
+    Hugging Face and timm models need no code change: save their config as a hyper-parameter and name
+    widths and depth by path (``width_keys=["config.n_embd"]``, ``depth_keys=["config.n_layer"]``); a
+    readout tied to the embedding (GPT-2, Llama with ``tie_word_embeddings``) is handled as mup's
+    ``MuSharedReadout``; the residual branches of their standard blocks are found without
+    ``branch_pattern``.
+
     Args:
         scheme: ``sp | ntk | mup | depth_mup | completep``.
         base_width: width at which the model is SP (``None``: the current width, so widths only
             scale relative to the model as configured). With several ``width_keys``, the first key takes
             this value and the others scale by the same ratio.
         base_depth: depth at which depth schemes are SP (``None``: the current depth).
-        width_keys: hyper-parameter names that set the width (``None``: ``["width"]``).
-        depth_keys: hyper-parameter names that set the depth (``None``: ``["depth"]``); the first is ``L``.
+        width_keys: hyper-parameter names, or dotted paths into one (``config.n_embd``), that set the width
+            (``None``: ``["width"]``). Sizes that must scale together are listed together
+            (``["config.hidden_size", "config.intermediate_size"]``).
+        depth_keys: hyper-parameter names or paths that set the depth (``None``: ``["depth"]``); the first is ``L``.
         branch_pattern: regex (full match) of residual branch module names; ``None`` uses the module's
-            ``residual_branches`` property (required by ``depth_mup``/``completep``).
+            ``residual_branches`` property, else the branches of standard Hugging Face / timm blocks
+            (``attn``/``self_attn`` and ``mlp``; timm layer scales ``ls1``/``ls2``). Depth schemes need one.
         init: ``default`` (the module's own init, μP-rescaled), ``normal`` or ``orthogonal``.
         readout_zero_init: zero-initialise the readout (μP's recommended option).
         input_mult: μP's input multiplier α_in (on the outputs of input-role layers).
@@ -60,6 +71,8 @@ class Parametrization(Callback):
         decoupled_wd: do not width-scale weight decay (mup's ``decoupled_wd``).
         optimizer_family: ``auto`` (from the optimizer class), ``adam`` or ``sgd``.
         role_overrides: ``{parameter regex: role}``, roles ``input|hidden|output|vector|fixed``.
+        unscalable_attention: ``error`` (default) or ``warn`` when an attention's head dimension changes
+            with width but its scale cannot be set (e.g. ``nn.MultiheadAttention``).
         verbose: print the role and LR tables once.
 
     Example::
@@ -90,12 +103,17 @@ class Parametrization(Callback):
         decoupled_wd: bool = False,
         optimizer_family: FamilyName = "auto",
         role_overrides: dict[str, str] | None = None,
+        unscalable_attention: UnscalableName = "error",
         verbose: bool = True,
     ) -> None:
         if scheme not in SCHEMES:
             raise ValueError(f"Parametrization: unknown scheme {scheme!r}; choose one of {list(SCHEMES)}")
         if init not in INITS:
             raise ValueError(f"Parametrization: init must be one of {list(INITS)}, got {init!r}")
+        if unscalable_attention not in UNSCALABLE_ATTENTION:
+            raise ValueError(
+                f"Parametrization: unscalable_attention must be one of {list(UNSCALABLE_ATTENTION)}, got {unscalable_attention!r}"
+            )
         if optimizer_family not in ("auto", "adam", "sgd"):
             raise ValueError(f"Parametrization: optimizer_family must be 'auto', 'adam' or 'sgd', got {optimizer_family!r}")
         for what, value in (("base_width", base_width), ("base_depth", base_depth)):
@@ -124,6 +142,7 @@ class Parametrization(Callback):
         self.decoupled_wd = decoupled_wd
         self.optimizer_family = optimizer_family
         self.role_overrides = dict(role_overrides) if role_overrides else None
+        self.unscalable_attention = unscalable_attention
         self.verbose = verbose
         self.parametrized: Parametrized | None = None
         self.applied = False
@@ -163,6 +182,7 @@ class Parametrization(Callback):
             "depth_mult": p.depth_mult if p else None,
             "roles": {n: i.as_dict() for n, i in p.infos.items()} if p else {},
             "attention": dict(p.attention) if p else {},
+            "tied": dict(p.tied) if p else {},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -205,6 +225,8 @@ class Parametrization(Callback):
             decoupled_wd=self.decoupled_wd,
             role_overrides=self.role_overrides,
             rescale_init=rescale,
+            unscalable_attention=self.unscalable_attention,
+            warn=rank_zero_warn,
         )
         self.parametrized = p
         pl_module.__dict__[_MARK] = self._token  # a plain string: the module stays picklable/deep-copyable
@@ -213,6 +235,7 @@ class Parametrization(Callback):
         header = (
             f"scheme={self.scheme}, widths={p.widths} (base {p.base_widths}), depth mult={p.depth_mult:g}, "
             f"branches={len(p.branches)}, attention rescaled={list(p.attention)}"
+            + (f", tied readouts={p.tied}" if p.tied else "")
         )
         if self.verbose:
             rank_zero_info(f"Parametrization: {header}\n{table}")

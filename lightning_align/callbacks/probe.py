@@ -5,10 +5,12 @@ How a callback evaluates a LightningModule on the probe batch without any change
 - **loss**: ``pl_module.probe_loss(batch)`` if the module defines it, else the loss returned by the
   module's own ``training_step(batch, 0)`` (a tensor, or a mapping with ``"loss"``), with
   ``self.log``/``self.log_dict`` silenced while it runs.
-- **outputs** (kernels, features): ``pl_module.probe_outputs(batch)`` if defined, else
-  ``pl_module(batch[0])``.
+- **outputs** (kernels, features): ``pl_module.probe_outputs(batch)`` if defined, else the prediction
+  tensor of ``pl_module(batch[0])``: the output itself, the first tensor of a tuple, or ``.logits`` /
+  ``.last_hidden_state`` of a Hugging Face ``ModelOutput``.
 - **inputs/targets**: ``batch[0]`` and ``batch[1]`` for a tuple/list batch, ``batch["x"]``/``batch["y"]``
-  (or ``"input"``/``"target"``) for a mapping.
+  (or ``"input"``/``"target"``) for a mapping; a Hugging Face mapping (``input_ids``, ``pixel_values``, ...)
+  goes to the model as keyword arguments, less its ``labels`` (the targets).
 
 :class:`ProbeLoss` and :class:`ProbeOutputs` wrap a module as an ``nn.Module`` whose ``forward`` takes the
 whole batch, so the ``measure`` functions (which take ``(model, loss_fn, batch)``) and ``torch.func``
@@ -22,16 +24,16 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_align.measure.batch import batch_inputs, batch_size_of
+from lightning_align.measure.batch import batch_inputs, batch_size_of, call_model, prediction
 from lightning_align.measure.state import floating_to, map_tensors, preserved_rng
 
 def extract_loss(output: Any, where: str) -> torch.Tensor:
     """The scalar loss from what ``training_step`` returned."""
-    loss = output.get("loss") if isinstance(output, Mapping) else output
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", output)
     if not isinstance(loss, torch.Tensor):
         raise TypeError(
             f"{where} returned {type(output).__name__}, not a loss tensor (or a mapping with 'loss'): "
@@ -72,16 +74,16 @@ class ProbeLoss(nn.Module):
 
 
 class ProbeOutputs(nn.Module):
-    """``forward(batch) -> outputs`` of a module (``probe_outputs(batch)`` or ``module(batch[0])``)."""
+    """``forward(batch) -> prediction tensor`` of a module (``probe_outputs(batch)`` or ``module(batch[0])``)."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
 
-    def forward(self, batch: Any) -> Any:
+    def forward(self, batch: Any) -> torch.Tensor:
         if hasattr(self.module, "probe_outputs"):
-            return self.module.probe_outputs(batch)
-        return self.module(batch_inputs(batch))
+            return prediction(self.module.probe_outputs(batch), f"{type(self.module).__name__}.probe_outputs")
+        return prediction(call_model(self.module, batch_inputs(batch)), type(self.module).__name__)
 
 
 def _silence_logging(module: nn.Module) -> list[str]:
@@ -103,7 +105,7 @@ def _no_op(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _single_dataloader(loader: Any) -> DataLoader:
+def single_dataloader(loader: Any) -> DataLoader:
     """The one training DataLoader (the first of several), with a clear error otherwise."""
     if isinstance(loader, CombinedLoader):
         loader = loader.iterables
@@ -119,8 +121,12 @@ def _single_dataloader(loader: Any) -> DataLoader:
     return loader
 
 
-def draw_probe_batch(loader: Any, size: int, seed: int, rank: int = 0, world_size: int = 1) -> Any:
+def draw_probe_batch(
+    loader: Any, size: int, seed: int, rank: int = 0, world_size: int = 1, *, owner: str = "lightning_align"
+) -> Any:
     """A fixed probe batch: ``size`` samples drawn once with ``seed``, this rank's shard of them.
+
+    A ``size`` above the data set's length is capped to it, with a warning naming ``owner``.
 
     Map-style datasets are indexed directly (seeded permutation, collated with the loader's
     ``collate_fn``), so no training randomness is consumed. Iterable datasets are read from a fresh
@@ -129,12 +135,17 @@ def draw_probe_batch(loader: Any, size: int, seed: int, rank: int = 0, world_siz
     Raises:
         ValueError: if the data set is empty or this rank's shard would be empty.
     """
-    loader = _single_dataloader(loader)
+    loader = single_dataloader(loader)
     dataset = loader.dataset
     if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
         n = len(dataset)
         if n == 0:
             raise ValueError(f"the training data set ({type(dataset).__name__}) is empty: no probe batch can be drawn")
+        if size > n:
+            rank_zero_warn(
+                f"{owner}(probe_size={size}): the training data set has only {n} samples; the probe is all {n} of them. "
+                "Lower probe_size to silence this."
+            )
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(size, n)]
         shard = order[rank::world_size].tolist()
         if not shard:
@@ -150,6 +161,11 @@ def draw_probe_batch(loader: Any, size: int, seed: int, rank: int = 0, world_siz
     if not parts:
         raise ValueError(f"the training data loader over {type(dataset).__name__} yielded no batch: no probe batch")
     return _concat_batches(parts, size)
+
+
+def slice_batch(batch: Any, size: int) -> Any:
+    """The first ``size`` samples of every tensor in a (nested) batch."""
+    return map_tensors(batch, lambda t: t[:size] if t.ndim else t)
 
 
 def _concat_batches(parts: list[Any], size: int) -> Any:

@@ -8,13 +8,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import log_histogram, tag
-from lightning_align.measure.modules import WEIGHT_LAYER_TYPES, captured_outputs, select_modules
+from lightning_align.measure.modules import captured_outputs, select_modules
 from lightning_align.measure.rank import jacobian_rank, representation_ranks, weight_spectrum
 from lightning_align.schedules import ScheduleName
-from lightning_align.measure.batch import batch_inputs
+from lightning_align.measure.batch import batch_inputs, batch_size_of
 
 
 class RankMonitor(MeasurementCallback):
@@ -74,8 +75,9 @@ class RankMonitor(MeasurementCallback):
         probe_size: int = 256,
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "eval",
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode)
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, name=name)
         if threshold <= 0 or near_one_tol <= 0 or repr_tol <= 0:
             raise ValueError("RankMonitor: threshold, near_one_tol and repr_tol must be positive")
         if jacobian_points < 0:
@@ -91,12 +93,12 @@ class RankMonitor(MeasurementCallback):
         self._repr_modules: dict[str, torch.nn.Module] = {}
 
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        weights = select_modules(pl_module, self.weights, WEIGHT_LAYER_TYPES, owner="RankMonitor(weights=...)")
+        weights = select_modules(pl_module, self.weights, "weights", owner="RankMonitor(weights=...)")
         missing = [n for n, m in weights.items() if not _has_matrix_weight(m)]
         if missing:
             raise ValueError(f"RankMonitor(weights=...): modules {missing} have no 2-D or higher `weight` to analyse")
         self._weight_modules = weights
-        self._repr_modules = select_modules(pl_module, self.layers, WEIGHT_LAYER_TYPES, owner="RankMonitor(layers=...)")
+        self._repr_modules = select_modules(pl_module, self.layers, "weights", owner="RankMonitor(layers=...)")
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
         metrics: dict[str, float] = {}
@@ -114,6 +116,7 @@ class RankMonitor(MeasurementCallback):
         model = self.probe_outputs_model(pl_module)
         with torch.no_grad(), captured_outputs(self._repr_modules) as features:
             model(batch)
+        self._check_features(features, batch_size_of(batch))
         for name in self._repr_modules:
             if not _finite(features[name]):
                 metrics.update({tag("rank", what, name): math.nan for what in _REPR_TAGS})
@@ -126,7 +129,14 @@ class RankMonitor(MeasurementCallback):
             for m in pl_module.modules():  # per-sample Jacobians: running statistics (restored after the probe)
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.eval()
-            points = batch_inputs(batch)[: self.jacobian_points]
+            points = batch_inputs(batch, owner="RankMonitor(jacobian_points=...)")
+            if not isinstance(points, torch.Tensor) or not points.is_floating_point():
+                raise ValueError(
+                    f"RankMonitor(jacobian_points={self.jacobian_points}): the input-output Jacobian needs real-valued "
+                    f"inputs, but the probe inputs are {_describe(points)} (integer token ids have no derivative); "
+                    "set jacobian_points=0"
+                )
+            points = points[: self.jacobian_points]
             try:
                 ranks_j, logdets = jacobian_rank(pl_module, points, tol=self.repr_tol)
             except torch.linalg.LinAlgError:  # a non-finite Jacobian: logged as NaN, with a warning
@@ -136,8 +146,40 @@ class RankMonitor(MeasurementCallback):
         return metrics
 
 
+    def _check_features(self, features: Mapping[str, torch.Tensor], n: int) -> None:
+        """Every representation layer ran on the probe and gives one row per sample."""
+        unused = [name for name in self._repr_modules if name not in features or not _per_sample(features[name], n)]
+        if unused and self.layers is None:  # a default layer with no per-sample output has no representation rank
+            rank_zero_info(
+                f"RankMonitor: layers {unused} are not called by the forward pass or give no per-sample output "
+                "(e.g. a position embedding); no representation rank for them"
+            )
+            self._repr_modules = {k: m for k, m in self._repr_modules.items() if k not in unused}
+        for name in self._repr_modules:
+            if name not in features:
+                raise ValueError(
+                    f"RankMonitor(layers=...): module {name!r} was not called by the forward pass on the probe batch; "
+                    "remove it from `layers`"
+                )
+            if not _per_sample(features[name], n):
+                raise ValueError(
+                    f"RankMonitor(layers=...): the output of {name!r} has shape {tuple(features[name].shape)}, not one row "
+                    f"per probe sample ({n}); it does not depend on the sample (e.g. a position embedding): remove it from `layers`"
+                )
+
+
 _WEIGHT_TAGS = ("weight_stable", "weight_above", "weight_near_one", "weight_fro_sq")
 _REPR_TAGS = ("repr_effective", "repr_participation", "repr_numerical")
+
+
+def _per_sample(features: torch.Tensor, n: int) -> bool:
+    return features.ndim > 0 and features.shape[0] == n
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
 
 
 def _finite(t: torch.Tensor) -> bool:

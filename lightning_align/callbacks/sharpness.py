@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import log_figure, new_figure, tag, tensorboard_writers
@@ -117,6 +117,7 @@ class Sharpness(MeasurementCallback):
     """
 
     family = "sharpness"
+    needs_loss = True
     shard_probe = True  # every Hessian-vector product is all-reduced over ranks
 
     def __init__(
@@ -141,8 +142,9 @@ class Sharpness(MeasurementCallback):
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "train",
         dropout: bool = False,
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, dropout)
+        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, dropout, name=name)
         for name, value, low in (
             ("k", k, 1),
             ("max_matvecs", max_matvecs, 1),
@@ -256,6 +258,12 @@ class Sharpness(MeasurementCallback):
         """Warm start from the last vectors; cold, from the loss gradient (cuts the products by ~1/3)."""
         if not self.warm_start:
             return None
+        if saved is not None and saved.shape[0] != op.dim:  # the trainable set changed (e.g. a backbone unfrozen)
+            rank_zero_info(
+                f"Sharpness: the trainable parameters changed ({saved.shape[0]} -> {op.dim} entries); "
+                "the warm start restarts from the loss gradient"
+            )
+            saved = self._vectors = self._pre_vectors = None
         start = saved if saved is not None else op.gradient
         return None if start is None else start.to(device=op.device, dtype=op.dtype)
 
@@ -324,10 +332,14 @@ class Sharpness(MeasurementCallback):
         metrics: dict[str, Any] = {tag("sharpness", "max_eig"): nan, tag("sharpness", "probe_loss"): loss}
         for i in range(1, self.k):
             metrics[tag("sharpness", f"eig_{i + 1}")] = nan
+        metrics[tag("sharpness", "max_eig_residual")] = nan
         if self.min_eig:
             metrics[tag("sharpness", "min_eig")] = nan
+        if self.trace:
+            metrics[tag("sharpness", "trace")] = metrics[tag("sharpness", "trace_stderr")] = nan
         if trainer.optimizers:
-            metrics[tag("sharpness", "lr_x_max_eig")] = nan
+            metrics[tag("sharpness", "lr_x_max_eig")] = metrics[tag("sharpness", "eos_ratio")] = nan
+            metrics[tag("sharpness", "threshold")] = stability_threshold(trainer.optimizers[0])
         metrics[tag("sharpness", "matvecs")] = 0
         return metrics
 

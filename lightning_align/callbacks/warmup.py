@@ -72,8 +72,9 @@ class ELRWarmup(MeasurementCallback):
         invariance_rtol: float = 1e-3,
         probe_size: int = 256,
         probe_seed: int = 0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, "linear", probe_size, probe_seed, bn_mode="train")
+        super().__init__(every_n_steps, "linear", probe_size, probe_seed, bn_mode="train", name=name)
         check_invariance_test_args("ELRWarmup", scale_factor, invariance_rtol)
         self.weights = weights
         self.scale_factor = scale_factor

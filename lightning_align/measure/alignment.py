@@ -294,7 +294,7 @@ def resolve_modules(model: nn.Module, modules: ModuleSpec, *, owner: str = "ligh
         if bad:
             raise TypeError(f"{owner}: entries {bad} are not nn.Module instances")
         return dict(modules)
-    return select_modules(model, modules, owner=owner)
+    return select_modules(model, modules, "features", owner=owner)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,14 +5,18 @@
 - :func:`batch_statistics_without_update`: train-mode BatchNorm normalises with batch statistics (the
   objective being optimized) without its in-place running-statistics update, which ``torch.func``
   transforms cannot run (pytorch#85533) and which a measurement must not do anyway.
+- :func:`call_with_fresh_buffers`: a functional call whose buffers are copies made inside the call, so a
+  forward that updates its own buffers in place runs under ``torch.func`` transforms.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -45,3 +49,14 @@ def batch_statistics_without_update(model: nn.Module) -> Iterator[None]:
     finally:
         for m in changed:
             m.track_running_stats = True
+
+
+def call_with_fresh_buffers(model: nn.Module, params: Mapping[str, Tensor], args: tuple[Any, ...]) -> Any:
+    """``functional_call(model, params, args)`` with copies of the module's buffers made inside the call.
+
+    Inside ``torch.func`` transforms a forward that updates a buffer in place (``self.calls += 1``, a running
+    average) would mutate a tensor captured from outside, which functorch refuses; copies made inside the
+    transformed function may be mutated, and the real buffers are never touched.
+    """
+    buffers = {n: b.clone() for n, b in model.named_buffers() if n not in params}
+    return functional_call(model, {**buffers, **params}, args)

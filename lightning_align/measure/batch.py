@@ -1,6 +1,9 @@
-"""Reading a batch: which part is the input, which the target, how many samples.
+"""Reading a batch and a model's output: which part is the input, which the target, which the prediction.
 
-A batch is ``(inputs, targets, ...)`` or a mapping with input/target keys (``x``/``y``, ``input``/``target``, ...).
+A batch is ``(inputs, targets, ...)``, a mapping with input/target keys (``x``/``y``, ``input``/``target``, ...),
+or a Hugging Face mapping (``input_ids``, ``attention_mask``, ``pixel_values``, ``labels``, ...), whose inputs are
+passed to the model as keyword arguments (:func:`call_model`). A model output is a tensor, a tuple (first
+tensor), or a Hugging Face ``ModelOutput``-like object (``.logits``, else ``.last_hidden_state``): :func:`prediction`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,41 @@ import torch
 
 INPUT_KEYS = ("x", "input", "inputs")
 TARGET_KEYS = ("y", "target", "targets", "label", "labels")
+#: A mapping batch with one of these keys is a Hugging Face batch: every key but the labels goes to the model.
+HF_INPUT_KEYS = ("input_ids", "pixel_values", "inputs_embeds", "input_values", "input_features")
+HF_LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")
+
+
+class ModelKwargs(dict):
+    """Inputs passed to the model as keyword arguments (``model(**inputs)``): a Hugging Face batch less its labels."""
+
+
+def call_model(model: Any, inputs: Any) -> Any:
+    """``model(**inputs)`` for :class:`ModelKwargs`, else ``model(inputs)``."""
+    return model(**inputs) if isinstance(inputs, ModelKwargs) else model(inputs)
+
+
+def prediction(output: Any, owner: str = "lightning_align") -> torch.Tensor:
+    """The prediction tensor of a model output: itself, ``.logits`` / ``.last_hidden_state`` of a Hugging Face
+    ``ModelOutput`` (or a mapping with those keys), or the first tensor of a tuple.
+
+    Example:
+        >>> prediction((torch.ones(2), "aux")).shape
+        torch.Size([2])
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("logits", "last_hidden_state"):
+        value = output.get(key) if isinstance(output, Mapping) else getattr(output, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"{owner}: the model returned {type(output).__name__}, which holds no prediction tensor (a tensor, a tuple "
+        "starting with one, or an output with `.logits` / `.last_hidden_state`); define `probe_outputs(batch)` "
+        "on your LightningModule to return the tensor to measure."
+    )
 
 
 def batch_inputs(batch: Any, owner: str = "lightning_align") -> Any:
@@ -37,13 +75,16 @@ def batch_targets(batch: Any, owner: str = "lightning_align") -> Any:
 def _batch_part(batch: Any, index: int, keys: tuple[str, ...], what: str, owner: str) -> Any:
     if isinstance(batch, (tuple, list)) and len(batch) > index:
         return batch[index]
+    if isinstance(batch, Mapping) and index == 0 and any(k in batch for k in HF_INPUT_KEYS):
+        return ModelKwargs((k, v) for k, v in batch.items() if k not in HF_LABEL_KEYS)
     if isinstance(batch, Mapping):
         for k in keys:
             if k in batch:
                 return batch[k]
     raise TypeError(
         f"{owner}: cannot find the {what} in a batch of type {type(batch).__name__}: expected a tuple/list "
-        f"(inputs, targets, ...) or a mapping with one of the keys {list(keys)}; or define "
+        f"(inputs, targets, ...) or a mapping with one of the keys {list(keys)} (or {list(HF_INPUT_KEYS)} for "
+        "model inputs); or define "
         f"`probe_loss(batch)` / `probe_outputs(batch)` on your LightningModule."
     )
 

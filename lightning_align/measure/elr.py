@@ -33,14 +33,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lightning_align.measure.modules import WEIGHT_LAYER_TYPES
+from lightning_align.measure.modules import NORMS_WITH_STATS, is_weight_layer
 from lightning_align.measure.state import preserved_state
 
 #: A weight: one tensor, or several tensors that scale together (e.g. a weight and its bias).
 WeightLike = Union[torch.Tensor, Sequence[torch.Tensor]]
 
-_NORMS_WITH_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-_NORMS = (*_NORMS_WITH_STATS, nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+_NORMS = (*NORMS_WITH_STATS, nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 #: ``eps`` of the norm layers during the invariance test (see :func:`detect_scale_invariance`).
 _TEST_EPS = 1e-30
 
@@ -268,7 +267,7 @@ def default_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {
         name: m
         for name, m in model.named_modules()
-        if name and isinstance(m, WEIGHT_LAYER_TYPES) and isinstance(getattr(m, "weight", None), nn.Parameter)
+        if name and is_weight_layer(m) and isinstance(getattr(m, "weight", None), nn.Parameter)
         and m.weight.requires_grad
     }
 
@@ -378,7 +377,7 @@ def detect_scale_invariance(
 
 def _test_modes(model: nn.Module) -> None:
     for m in model.modules():
-        if isinstance(m, _NORMS_WITH_STATS):
+        if isinstance(m, NORMS_WITH_STATS):
             m.train(True)
         elif isinstance(m, nn.modules.dropout._DropoutNd):
             m.train(False)

@@ -9,28 +9,60 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
+#: Normalisation layers with running statistics (train/eval changes what they compute).
+NORMS_WITH_STATS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+#: ``"weights"``: every layer with a weight matrix (Linear, conv, embedding, Hugging Face ``Conv1D``);
+#: ``"features"``: the layers whose outputs are features (the same without embeddings, plus attention blocks).
+LayerKind = Literal["weights", "features"]
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's linear layer, weight ``(in, out)``), recognised without importing it."""
+    w = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor) and w.ndim == 2
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """A layer with a weight matrix: ``nn.Linear``, a convolution, ``nn.Embedding`` or HF ``Conv1D``."""
+    return isinstance(module, WEIGHT_LAYER_TYPES) or is_hf_conv1d(module)
+
+
+def is_attention(module: nn.Module) -> bool:
+    """An attention block: ``nn.MultiheadAttention``; ours (``attn_scale``); HF (``scaling``) or timm (``scale``)
+    attention, each with a ``head_dim`` or ``num_heads``."""
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    heads = hasattr(module, "head_dim") or hasattr(module, "num_heads")
+    return heads and any(hasattr(module, a) for a in ("attn_scale", "scaling", "scale"))
+
+
+def is_layer_of_kind(module: nn.Module, kind: LayerKind) -> bool:
+    """Whether the default selection of ``kind`` takes ``module``."""
+    if kind == "weights":
+        return is_weight_layer(module)
+    return (is_weight_layer(module) and not isinstance(module, nn.Embedding)) or is_attention(module)
 
 
 def select_modules(
     model: nn.Module,
     patterns: Sequence[str] | None,
-    default_types: tuple[type[nn.Module], ...] = WEIGHT_LAYER_TYPES,
+    kind: LayerKind = "weights",
     *,
     owner: str = "lightning_align",
 ) -> dict[str, nn.Module]:
-    """Modules of ``model`` by qualified name, in ``named_modules()`` order.
+    """Modules of ``model`` by qualified name, in ``named_modules()`` order: the one place that chooses layers.
 
     Args:
         model: the model to search.
-        patterns: exact names or regular expressions (full match). ``None`` selects every module of
-            ``default_types``.
-        default_types: the module types selected when ``patterns`` is ``None``.
+        patterns: exact names or regular expressions (full match). ``None`` selects the default layers
+            of ``kind`` (see :data:`LayerKind`).
+        kind: the default selection when ``patterns`` is ``None``.
         owner: who is asking (named in error messages).
 
     Raises:
@@ -45,10 +77,10 @@ def select_modules(
     """
     named = [(n, m) for n, m in model.named_modules() if n]
     if patterns is None:
-        chosen = {n: m for n, m in named if isinstance(m, default_types)}
+        chosen = {n: m for n, m in named if is_layer_of_kind(m, kind)}
         if not chosen:
-            kinds = ", ".join(t.__name__ for t in default_types)
-            raise ValueError(f"{owner}: {type(model).__name__} has no layer of type {kinds}; name the layers to use")
+            kinds = "Linear, Conv or attention" if kind == "features" else "Linear, Conv, Embedding or Conv1D"
+            raise ValueError(f"{owner}: {type(model).__name__} has no {kinds} layer; name the layers to use")
         return chosen
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -89,7 +121,9 @@ def captured_outputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, tor
     """Record each module's output during forward passes inside the block (last call wins).
 
     The rest of the forward pass receives a copy of the recorded tensor, so a later in-place operation
-    (e.g. ``ReLU(inplace=True)``) cannot change what was recorded; gradients flow through the copy.
+    (e.g. ``ReLU(inplace=True)``) cannot change what was recorded; gradients flow through the copy. With
+    grad enabled, the output of a layer that depends on no trainable parameter (a frozen input layer) is
+    recorded as a leaf that requires grad, so the loss can still be differentiated with respect to it.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(inplace=True))
@@ -104,6 +138,9 @@ def captured_outputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, tor
 
         def hook(_m: nn.Module, _inp: Any, out: Any, name: str = name) -> Any:
             recorded = first_tensor(out)
+            if torch.is_grad_enabled() and recorded.is_floating_point() and not recorded.requires_grad:
+                with contextlib.suppress(RuntimeError):  # inside torch.func transforms a leaf cannot be made
+                    recorded = recorded.detach().requires_grad_(True)  # a frozen layer's output: still differentiable
             store[name] = recorded
             copy = recorded.clone()
             if isinstance(out, torch.Tensor):

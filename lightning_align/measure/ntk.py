@@ -39,9 +39,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.func import jacrev, jvp, vjp, vmap
 
-from lightning_align.measure.autodiff import math_attention
+from lightning_align.measure.autodiff import call_with_fresh_buffers, math_attention
 from lightning_align.measure.state import map_tensors, preserved_state
 
 Method = Literal["auto", "exact", "lanczos"]
@@ -485,7 +485,7 @@ class _Plan:
         def f_single(gen: dict[str, Tensor], probes: dict[str, list[Tensor]], x: Any) -> tuple[Tensor, dict[str, list[Tensor]]]:
             seen: dict[str, list[Tensor]] = {name: [] for name in layers}
             with _probe_hooks(layers, probes, seen):
-                out = functional_call(model, gen, (map_tensors(x, lambda t: t.unsqueeze(0)),))
+                out = call_with_fresh_buffers(model, gen, (map_tensors(x, lambda t: t.unsqueeze(0)),))
             return out.reshape(-1), seen
 
         jac = jacrev(f_single, argnums=(0, 1), has_aux=True)
@@ -538,7 +538,7 @@ class _Plan:
         scales = {k: self.lr[k] for k in names}
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(model, p, (inputs,)).reshape(n, c)
+            return call_with_fresh_buffers(model, p, (inputs,)).reshape(n, c)
 
         with math_attention():
             _, vjp_fn = vjp(f, primals)

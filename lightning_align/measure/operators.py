@@ -27,9 +27,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vjp
+from torch.func import jacrev, jvp, vjp
 
-from lightning_align.measure.autodiff import batch_statistics_without_update, math_attention
+from lightning_align.measure.autodiff import batch_statistics_without_update, call_with_fresh_buffers, math_attention
 from lightning_align.measure.state import preserved_state
 
 Method = Literal["auto", "forward", "double_backward"]
@@ -238,11 +238,10 @@ def _refuse_affine_norms(model: nn.Module) -> None:
 
 
 def _forward_operator(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, params: FlatParams) -> FlatOperator:
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
     p0 = params.detached()
 
     def loss_of(p: dict[str, Tensor]) -> Tensor:
-        return check_scalar_loss(loss_fn(functional_call(model, (p, buffers), (inputs,)), targets))
+        return check_scalar_loss(loss_fn(call_with_fresh_buffers(model, p, (inputs,)), targets))
 
     with torch.no_grad(), batch_statistics_without_update(model):
         loss = loss_of(p0).detach()
@@ -352,11 +351,10 @@ def ggn_operator(model: nn.Module, loss_fn: LossFn, batch: Any, *, reduce: Reduc
     params = FlatParams.of(model)
     inputs, targets = _split_batch(batch)
     with preserved_state(model), torch.enable_grad(), batch_statistics_without_update(model):
-        buffers = {n: b.detach() for n, b in model.named_buffers()}
         p0 = params.detached()
 
         def outputs_of(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(model, (p, buffers), (inputs,))
+            return call_with_fresh_buffers(model, p, (inputs,))
 
         with torch.no_grad():
             out0 = outputs_of(p0)

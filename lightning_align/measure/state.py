@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -63,7 +63,11 @@ def preserved_rng(devices: list[torch.device] | None = None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module, *, rng: bool = True) -> Iterator[None]:
-    """Restore buffers, ``.grad``, train/eval flags and RNG streams of ``model`` on exit.
+    """Restore buffers, plain attributes, ``.grad``, train/eval flags and RNG streams of ``model`` on exit.
+
+    Buffers are put back by object and value, so a forward that re-assigns one (``self.calls = self.calls + 1``)
+    or updates it in place leaves no trace; so are each module's plain Python attributes (counters, lists,
+    dicts: what ``forward`` may change besides tensors).
 
     Args:
         model: the module a probe will run on.
@@ -77,8 +81,10 @@ def preserved_state(model: nn.Module, *, rng: bool = True) -> Iterator[None]:
         >>> torch.equal(net[1].running_mean, before)  # ...which are put back
         True
     """
-    flags = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modules = list(model.modules())
+    flags = [(m, m.training) for m in modules]
+    buffers = [(m, dict(m._buffers), [(b, b.detach().clone()) for b in m._buffers.values() if b is not None]) for m in modules]
+    attributes = [(m, _plain_attributes(m)) for m in modules]
     params = list(model.parameters())
     grads = [p.grad for p in params]
     for p in params:
@@ -89,25 +95,71 @@ def preserved_state(model: nn.Module, *, rng: bool = True) -> Iterator[None]:
             yield
     finally:
         with torch.no_grad():
-            for live, saved in buffers:
-                if live.shape == saved.shape:
-                    live.copy_(saved)
+            for m, named, values in buffers:
+                m._buffers.clear()
+                m._buffers.update(named)
+                for live, saved in values:
+                    if live.shape == saved.shape:
+                        live.copy_(saved)
+        for m, saved_attrs in attributes:
+            _restore_attributes(m, saved_attrs)
         for p, g in zip(params, grads):
             p.grad = g
         for m, was_training in flags:
             m.training = was_training
 
 
+_PLAIN = (bool, int, float, complex, str, bytes, tuple, type(None))
+_CONTAINERS = (list, dict, set)
+
+
+def _plain_attributes(module: nn.Module) -> dict[str, Any]:
+    """A module's plain Python attributes (numbers, strings, and shallow copies of lists/dicts/sets of them)."""
+    saved: dict[str, Any] = {}
+    for key, value in vars(module).items():
+        if key == "training" or (key.startswith("_") and ("hook" in key or key in _MODULE_INTERNALS)):
+            continue
+        if isinstance(value, _PLAIN):
+            saved[key] = (value, None)
+        elif type(value) in _CONTAINERS:
+            saved[key] = (value, type(value)(value))
+    return saved
+
+
+def _restore_attributes(module: nn.Module, saved: dict[str, Any]) -> None:
+    state = vars(module)
+    for key, (value, contents) in saved.items():
+        if contents is not None:  # a container: same object, contents as before (it may be mutated in place)
+            value.clear()
+            if isinstance(value, list):
+                value.extend(contents)
+            else:
+                value.update(contents)
+        state[key] = value
+
+
+_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_state_dict_pre_hooks"})
+
+
 def map_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Apply ``fn`` to every tensor inside nested lists/tuples/named tuples/dicts."""
     if isinstance(data, torch.Tensor):
         return fn(data)
-    if isinstance(data, dict):
-        return {k: map_tensors(v, fn) for k, v in data.items()}
+    if isinstance(data, Mapping):
+        mapped = {k: map_tensors(v, fn) for k, v in data.items()}
+        return mapped if type(data) is dict else _same_mapping_type(data, mapped)
     if isinstance(data, (tuple, list)):
         mapped = [map_tensors(x, fn) for x in data]
         return type(data)(*mapped) if hasattr(data, "_fields") else type(data)(mapped)
     return data
+
+
+def _same_mapping_type(original: Mapping[str, Any], mapped: dict[str, Any]) -> Mapping[str, Any]:
+    """``mapped`` as the type of ``original`` when it can be built from a dict (``ModelKwargs``, ``OrderedDict``)."""
+    try:
+        return type(original)(mapped)
+    except Exception:  # e.g. a mapping type without a dict constructor: a plain dict is the best we can do
+        return mapped
 
 
 def floating_to(data: Any, dtype: torch.dtype) -> Any:

@@ -7,6 +7,7 @@ Lightning layer over :func:`auto_parametrize`, and :func:`coord_check` is the of
 from lightning_align.parametrize.apply import Parametrized, optimizer_family, parametrize, retarget_scheduler
 from lightning_align.parametrize.auto import auto_parametrize
 from lightning_align.parametrize.coord_check import CoordCheckResult, coord_check
+from lightning_align.parametrize.ecosystem import standard_branches
 from lightning_align.parametrize.roles import ROLES, ParamInfo, infer_roles
 from lightning_align.parametrize.rules import SCHEMES, ParamRule, Scale, branch_multiplier, optimizer_rule
 
@@ -26,4 +27,5 @@ __all__ = [
     "optimizer_rule",
     "parametrize",
     "retarget_scheduler",
+    "standard_branches",
 ]

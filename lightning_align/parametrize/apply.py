@@ -11,8 +11,16 @@ call it directly.
   its role's μP scale.
 - **Forward multipliers** are forward hooks holding plain floats (they trace under ``torch.compile`` and
   cost one scalar multiply): the readout input ``× output_mult / m`` (a pre-hook, as ``MuReadout``), the
-  input layers' outputs ``× input_mult``, residual branches' outputs ``× m_L^-α``. Modules exposing
-  ``attn_scale`` and ``head_dim`` get ``attn_scale × √(d0/d)`` (``1/d`` logits, equal to SP at the base).
+  input layers' outputs ``× input_mult``, residual branches' outputs ``× m_L^-α``.
+- **Tied readouts** (a ``Linear`` whose weight is an embedding's, e.g. GPT-2's ``lm_head``) are handled as
+  mup's ``MuSharedReadout``: the shared weight keeps the embedding's init and LR rules, the readout's input
+  gets the ``output_mult / m`` multiplier. Unlike ``set_base_shapes`` with ``MuSharedReadout``, the shared
+  weight is not rescaled by ``√m`` (it is the embedding's, whose μP init is width-constant).
+- **Attention** gets ``1/d`` logits (``× √(d0/d)``, equal to SP at the base) through the attribute its
+  forward reads: ``attn_scale`` (ours), ``scaling`` (Hugging Face), ``scale`` (timm, whose fused path
+  ignores it, so ``fused_attn`` is turned off on that module). An attention-like module whose scale
+  cannot be set (``nn.MultiheadAttention``, an unknown ``...Attention`` class) is an error, or a warning
+  with ``unscalable_attention="warn"``, when its head dimension changes with width.
 - **Optimizer**: an optimizer's param groups are split by per-parameter factor in place (lr,
   ``initial_lr``, ``max_lr``, ``min_lr``, weight decay, ``eps``), and LR schedulers built on it follow
   (:func:`retarget_scheduler`).
@@ -34,15 +42,17 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_align.parametrize.roles import ParamInfo, branch_parameters, infer_roles
+from lightning_align.parametrize.ecosystem import attention_scale_attr, head_dim, is_conv1d, looks_like_attention
+from lightning_align.parametrize.roles import ParamInfo, branch_parameters, infer_roles, tied_readouts
 from lightning_align.parametrize.rules import (
     MUP_FAMILY,
     SCHEMES,
@@ -54,6 +64,7 @@ from lightning_align.parametrize.rules import (
 )
 
 INITS: tuple[str, ...] = ("default", "normal", "orthogonal")
+UNSCALABLE_ATTENTION: tuple[str, ...] = ("error", "warn")
 _ADAM_LIKE = (
     torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
     torch.optim.Adagrad, torch.optim.RMSprop,
@@ -124,10 +135,12 @@ class Parametrized:
         infos: role table ``{parameter name: ParamInfo}``.
         scheme: the scheme applied.
         depth_mult: ``L / L0``.
-        branches: residual branch module names.
-        attention: ``{module name: factor applied to attn_scale}``.
+        branches: residual branch module names (their outputs are scaled).
+        attention: ``{module name: factor applied to its attention scale}``.
         handles: forward-hook handles of the multipliers.
         widths / base_widths: width hyper-parameters (filled by ``auto_parametrize``).
+        tied: ``{readout module: shared embedding parameter}`` (``MuSharedReadout``-style readouts).
+        branch_members: ``{branch: other modules whose parameters are in it}``.
 
     Example::
 
@@ -147,6 +160,8 @@ class Parametrized:
     handles: list[Any] = field(default_factory=list)
     widths: dict[str, int] = field(default_factory=dict)
     base_widths: dict[str, int] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
+    branch_members: dict[str, list[str]] = field(default_factory=dict)
     _rewritten: Any = field(default_factory=weakref.WeakSet)
 
     # -- rules ------------------------------------------------------------------------------------
@@ -158,6 +173,11 @@ class Parametrized:
     def readout_modules(self) -> dict[str, ParamInfo]:
         """``{module name: info of its weight}`` for output-role weights."""
         return {i.module: i for i in self.infos.values() if i.role == "output" and i.name.endswith("weight")}
+
+    @property
+    def tied_readout_modules(self) -> dict[str, ParamInfo]:
+        """``{module name: info of the shared weight}`` for readouts tied to an embedding."""
+        return {m: self.infos[n] for m, n in self.tied.items()}
 
     @property
     def input_modules(self) -> list[str]:
@@ -179,6 +199,9 @@ class Parametrized:
                     for p in (getattr(module, "weight", None), getattr(module, "bias", None)):
                         if p is not None:
                             p.mul_(mult**0.5)
+                elif name in self.tied:  # MuSharedReadout: its own bias is width-constant, the shared weight untouched
+                    if isinstance(getattr(module, "bias", None), nn.Parameter):
+                        module.bias.mul_(self.infos[self.tied[name]].width_mult ** 0.5)
                 elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and module.bias is not None:
                     info = self.infos.get(f"{name}.weight")
                     if info is not None:
@@ -202,28 +225,68 @@ class Parametrized:
                 for p in (getattr(modules[name], "weight", None), getattr(modules[name], "bias", None)):
                     if p is not None:
                         p.zero_()
+            for name in self.tied:  # as MuSharedReadout: the shared weight is the embedding's, only the bias is zeroed
+                if isinstance(getattr(modules[name], "bias", None), nn.Parameter):
+                    modules[name].bias.zero_()
 
-    def apply_attention(self, base: nn.Module) -> None:
-        """Set ``attn_scale *= √(d0/d)`` on modules exposing ``attn_scale`` and ``head_dim`` (μP family)."""
+    def apply_attention(
+        self, base: nn.Module, unscalable: str = "error", warn: Callable[[str], Any] | None = None
+    ) -> None:
+        """``1/d`` attention logits (μP family): the module's scale attribute ``× √(d0/d)``.
+
+        The attribute is the one its forward reads (:func:`~lightning_align.parametrize.ecosystem.attention_scale_attr`):
+        ``attn_scale`` (ours), ``scaling`` (Hugging Face), ``scale`` (timm, with ``fused_attn = False``
+        since timm's fused path ignores ``scale``). An attention-like module without such an attribute whose
+        head dimension changes with width raises (``unscalable="error"``) or warns (``"warn"``).
+        """
+        if unscalable not in UNSCALABLE_ATTENTION:
+            raise ValueError(f"Parametrization: unscalable_attention must be one of {list(UNSCALABLE_ATTENTION)}, got {unscalable!r}")
         if self.scheme not in MUP_FAMILY:
             return
         base_modules = dict(base.named_modules())
+        seen: list[str] = []
+        unset: list[str] = []
+        plan: list[tuple[str, nn.Module, str, float]] = []
         for name, module in self.model.named_modules():
-            if not (hasattr(module, "attn_scale") and hasattr(module, "head_dim")):
+            if any(name.startswith(s + ".") for s in seen):
                 continue
-            d, d0 = int(module.head_dim), int(getattr(base_modules.get(name), "head_dim", module.head_dim))
-            if d != d0:
-                factor = math.sqrt(d0 / d)
-                module.attn_scale = float(module.attn_scale) * factor
-                self.attention[name] = factor
+            attr, base_module = attention_scale_attr(module), base_modules.get(name)
+            if attr is not None:
+                seen.append(name)
+                d = int(head_dim(module) or 0)
+                d0 = head_dim(base_module) or d
+                if d != d0:
+                    plan.append((name, module, attr, math.sqrt(d0 / d)))
+            elif looks_like_attention(module) and not any(attention_scale_attr(m) for m in module.modules() if m is not module):
+                seen.append(name)
+                if _width_changes(module, base_module):
+                    unset.append(f"{name!r} ({type(module).__name__})")
+        if unset:
+            msg = (
+                f"Parametrization(scheme={self.scheme!r}): cannot set the attention scale of {', '.join(unset)}: "
+                "its head dimension changes with width, so μP needs 1/head_dim attention logits, but the module "
+                "has no scale attribute its forward reads (`scaling` as in Hugging Face, `scale` with `fused_attn` "
+                "as in timm, or `attn_scale` with `head_dim`). Keep head_dim fixed across widths (scale the number "
+                "of heads with `width_keys`), or compute attention with an explicit scale read from `attn_scale` "
+                "and expose `head_dim`; pass `unscalable_attention='warn'` to train with 1/sqrt(head_dim) logits."
+            )
+            if unscalable == "error":
+                raise ValueError(msg)  # before any module is changed
+            (warn or _warn)(msg)
+        for name, module, attr, factor in plan:
+            setattr(module, attr, float(getattr(module, attr)) * factor)
+            if attr == "scale":  # timm: F.scaled_dot_product_attention is called without scale=
+                module.fused_attn = False
+            self.attention[name] = factor
 
     def register_hooks(self) -> None:
         """Register the forward multipliers (readout, input, branches); multipliers equal to 1 are skipped."""
         modules = dict(self.model.named_modules())
-        for name, info in self.readout_modules.items():
+        for name, info in {**self.readout_modules, **self.tied_readout_modules}.items():
             div = readout_multiplier_divisor(self.scheme, info)
             if self.output_mult != 1 or div != 1:
-                _require_layer(modules[name], info.name, "readout multiplier", (nn.Linear, nn.modules.conv._ConvNd))
+                if not is_conv1d(modules[name]):
+                    _require_layer(modules[name], info.name, "readout multiplier", (nn.Linear, nn.modules.conv._ConvNd))
                 self.handles.append(modules[name].register_forward_pre_hook(ScaleReadoutInput(self.output_mult, div)))
         if self.input_mult != 1:
             for name in self.input_modules:
@@ -297,6 +360,21 @@ class Parametrized:
 
 
 _INPUT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _width_changes(module: nn.Module, base: nn.Module | None) -> bool:
+    """Whether an attention module's head dimension (or, if unknown, any of its shapes) differs from the base's."""
+    d, d0 = head_dim(module), head_dim(base)
+    if d is not None and d0 is not None:
+        return d != d0
+    if base is None:
+        return True
+    base_shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    return any(base_shapes.get(n) != tuple(p.shape) for n, p in module.named_parameters())
 
 
 def _require_layer(module: nn.Module, name: str, what: str, kinds: tuple[type[nn.Module], ...]) -> None:
@@ -382,6 +460,9 @@ def parametrize(
     decoupled_wd: bool = False,
     role_overrides: Mapping[str, str] | None = None,
     rescale_init: bool = True,
+    branch_members: Mapping[str, Sequence[str]] | None = None,
+    unscalable_attention: str = "error",
+    warn: Callable[[str], Any] | None = None,
 ) -> Parametrized:
     """Apply ``scheme`` to ``model`` given base/delta models (same architecture, other widths).
 
@@ -398,6 +479,10 @@ def parametrize(
         decoupled_wd: do not width-scale weight decay.
         role_overrides: ``{regex: role}``.
         rescale_init: change the weights (set ``False`` when they come from a μP checkpoint).
+        branch_members: ``{branch: other modules whose parameters are in that branch}``.
+        unscalable_attention: ``error`` or ``warn`` for an attention whose scale cannot be set while its
+            head dimension changes with width.
+        warn: how warnings are emitted (default :func:`warnings.warn`; Lightning passes ``rank_zero_warn``).
 
     Returns:
         The :class:`Parametrized` record; use ``rewrite_optimizer`` on the optimizer afterwards.
@@ -409,16 +494,39 @@ def parametrize(
     """
     if scheme not in SCHEMES:
         raise ValueError(f"Parametrization: unknown scheme {scheme!r}; choose one of {list(SCHEMES)}")
-    infos = branch_parameters(infer_roles(model, base, delta, role_overrides), list(branches))
+    if unscalable_attention not in UNSCALABLE_ATTENTION:
+        raise ValueError(
+            f"Parametrization: unscalable_attention must be one of {list(UNSCALABLE_ATTENTION)}, got {unscalable_attention!r}"
+        )
+    members = {b: list(m) for b, m in (branch_members or {}).items()}
+    infos = branch_parameters(infer_roles(model, base, delta, role_overrides), list(branches), members)
     modules = dict(model.named_modules())
-    missing = [b for b in branches if b not in modules]
+    missing = [b for b in [*branches, *(m for ms in members.values() for m in ms)] if b not in modules]
     if missing:
         raise ValueError(f"Parametrization: residual branches {missing} are not modules of {type(model).__name__}")
+    if scheme != "sp" and not any(i.ninf for i in infos.values()):
+        raise ValueError(
+            f"Parametrization: no parameter of {type(model).__name__} changes shape between the base and the "
+            f"second width, so the width does not reach the network and {scheme!r} would change nothing. The width "
+            "argument must build the layers (a network with no width argument, such as torchvision's resnet18(), "
+            "cannot be rebuilt at another width: wrap one that takes a width, e.g. a LightningModule whose __init__ "
+            "takes `width`, builds the network from it and calls self.save_hyperparameters())."
+        )
     p = Parametrized(
         model, infos, scheme, float(depth_mult), list(branches), float(input_mult), float(output_mult), decoupled_wd
     )
+    p.tied = tied_readouts(model, infos)
+    p.branch_members = members
+    readouts = [*p.readout_modules, *p.tied]
+    if scheme != "sp" and len(readouts) > 1:
+        (warn or _warn)(
+            f"Parametrization: {len(readouts)} layers are treated as readouts (fan-in scales with width, fan-out "
+            f"does not): {readouts}. If some are not output layers, a size that must scale with the width is "
+            "missing from `width_keys` (e.g. the MLP or head size with the hidden size), or give them a role "
+            "with `role_overrides`."
+        )
+    p.apply_attention(base, unscalable_attention, warn)  # before any weight changes: it may refuse the model
     if rescale_init:
         p.apply_init(init, readout_zero_init)
-    p.apply_attention(base)
     p.register_hooks()
     return p

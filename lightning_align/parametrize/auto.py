@@ -5,6 +5,12 @@ A module that saves its init arguments (``self.save_hyperparameters()`` in a Lig
 ``type(model)(**{**hparams, "width": base_width})`` under ``torch.device("meta")``. Comparing those shapes
 with a second width gives every parameter's role, with no change to the model's code. No Lightning import.
 
+Width and depth keys are hyper-parameter names or dotted paths into them: ``config.n_embd`` reads
+``hparams["config"].n_embd`` (an attribute, e.g. of a Hugging Face ``PretrainedConfig``, or a mapping
+key). The base and second-width models get a deep copy of that hyper-parameter with the path changed. A
+config whose ``head_dim`` was derived (``hidden_size // num_attention_heads``, e.g. ``LlamaConfig``) keeps
+it derived when ``hidden_size`` changes, unless ``head_dim`` is itself a width key.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -26,15 +32,26 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_align.parametrize.apply import Parametrized, parametrize
+from lightning_align.parametrize.ecosystem import standard_branches
 from lightning_align.parametrize.rules import SCHEMES, depth_alpha
+
+_MISSING = object()
+_NO_WIDTH_HINT = (
+    "A network built from a config object saved as a hyper-parameter names its width by path, e.g. "
+    "width_keys=['config.n_embd'] (GPT-2) or ['config.hidden_size', 'config.intermediate_size'] (Llama). A network "
+    "with no width argument (e.g. torchvision's resnet18()) cannot be rebuilt at another width: wrap one that "
+    "takes it, e.g. a LightningModule whose __init__ takes `width`, builds the network from it and calls "
+    "self.save_hyperparameters()."
+)
 
 
 def saved_hparams(model: nn.Module, owner: str = "Parametrization") -> dict[str, Any]:
@@ -43,7 +60,9 @@ def saved_hparams(model: nn.Module, owner: str = "Parametrization") -> dict[str,
     if not hparams:
         raise ValueError(
             f"{owner}: {type(model).__name__} has no saved hyper-parameters, so it cannot be re-instantiated at "
-            "the base width. Call `self.save_hyperparameters()` in its __init__."
+            "the base width. Build it in a LightningModule whose __init__ takes the width (e.g. `width`, or a "
+            "config object) and calls `self.save_hyperparameters()`; for a config, name the width by path, e.g. "
+            "width_keys=['config.n_embd']."
         )
     return {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}
 
@@ -54,15 +73,15 @@ def width_values(
     """``(current, base, delta)`` values of the width keys; the base scales every key by one ratio."""
     if not width_keys:
         raise ValueError(f"{owner}: width_keys must name at least one hyper-parameter")
-    missing = [k for k in width_keys if k not in hparams]
+    missing = [k for k in width_keys if k not in hparams and k.split(".", 1)[0] not in hparams]
     if missing:
         raise ValueError(
             f"{owner}: width key(s) {missing} are not hyper-parameters of {type(model).__name__} "
-            f"(saved: {sorted(hparams)}). Name the width arguments with `width_keys`."
+            f"(saved: {sorted(hparams)}). Name the width arguments with `width_keys`. {_NO_WIDTH_HINT}"
         )
     widths: dict[str, int] = {}
     for k in width_keys:
-        v = hparams[k]
+        v = hparam_value(hparams, k, "width", owner)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{owner}: width key {k!r} of {type(model).__name__} is {v!r}, not a positive int")
         widths[k] = v
@@ -80,6 +99,81 @@ def width_values(
             )
         base[k] = int(b)
     return widths, base, {k: 2 * v for k, v in base.items()}
+
+
+def hparam_value(hparams: Mapping[str, Any], key: str, what: str = "width", owner: str = "Parametrization") -> Any:
+    """Value of a hyper-parameter name, or of a dotted path into one (``config.n_embd``), else a clear error.
+
+    Example:
+        >>> hparam_value({"config": {"n_embd": 64}}, "config.n_embd")
+        64
+    """
+    if key in hparams:
+        return hparams[key]
+    head, *rest = key.split(".")
+    if head not in hparams:
+        raise ValueError(f"{owner}: {what} key {key!r} is not a hyper-parameter (saved: {sorted(hparams)})")
+    obj, path = hparams[head], head
+    for part in rest:
+        nxt = _get(obj, part)
+        if nxt is _MISSING:
+            kind = "key" if isinstance(obj, Mapping) else "attribute"
+            raise ValueError(
+                f"{owner}: {what} key {key!r} does not exist: {path} ({type(obj).__name__}) has no {kind} {part!r}"
+            )
+        obj, path = nxt, f"{path}.{part}"
+    return obj
+
+
+def _get(obj: Any, name: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, _MISSING)
+    return getattr(obj, name, _MISSING)
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    if isinstance(obj, MutableMapping):
+        obj[name] = value
+    else:
+        setattr(obj, name, value)
+
+
+def with_values(hparams: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Init arguments with some keys or dotted paths changed; a changed path's hyper-parameter is deep-copied.
+
+    A config whose ``head_dim`` equalled ``hidden_size // num_attention_heads`` keeps that relation when
+    those change (``LlamaConfig`` stores ``head_dim`` at construction), unless ``head_dim`` is in ``values``.
+
+    Example:
+        >>> cfg = {"n_embd": 64, "n_layer": 2}
+        >>> new = with_values({"config": cfg, "lr": 0.1}, {"config.n_embd": 16})
+        >>> new["config"], cfg["n_embd"]
+        ({'n_embd': 16, 'n_layer': 2}, 64)
+    """
+    kwargs = dict(hparams)
+    copies: dict[str, Any] = {}
+    parents: dict[str, tuple[Any, Any]] = {}  # path -> (original object, its copy)
+    for key, value in values.items():
+        if key in hparams:
+            kwargs[key] = value
+            continue
+        head, *rest = key.split(".")
+        if head not in copies:
+            copies[head] = kwargs[head] = copy.deepcopy(hparams[head])
+        original, obj, path = hparams[head], copies[head], head
+        for part in rest[:-1]:
+            original, obj, path = _get(original, part), _get(obj, part), f"{path}.{part}"
+        _set(obj, rest[-1], value)
+        parents[path] = (original, obj)
+    for path, (original, obj) in parents.items():
+        if f"{path}.head_dim" in values:
+            continue
+        hd, hidden, heads = (_get(original, k) for k in ("head_dim", "hidden_size", "num_attention_heads"))
+        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hd, hidden, heads)) and hd * heads == hidden:
+            new_hidden, new_heads = _get(obj, "hidden_size"), _get(obj, "num_attention_heads")
+            if (new_hidden, new_heads) != (hidden, heads) and new_hidden % new_heads == 0:
+                _set(obj, "head_dim", new_hidden // new_heads)
+    return kwargs
 
 
 def meta_instance(model: nn.Module, kwargs: dict[str, Any], what: str, owner: str = "Parametrization") -> nn.Module:
@@ -106,8 +200,13 @@ def meta_instance(model: nn.Module, kwargs: dict[str, Any], what: str, owner: st
 
 def resolve_branches(
     model: nn.Module, scheme: str, branch_pattern: str | None, owner: str = "Parametrization"
-) -> list[str]:
-    """Residual branch module names: ``branch_pattern`` matches, else ``model.residual_branches`` (depth schemes)."""
+) -> dict[str, list[str]]:
+    """Residual branches ``{module whose output is scaled: other modules in the branch}``.
+
+    ``branch_pattern`` matches, else ``model.residual_branches``, else (depth schemes) the branches of
+    standard Hugging Face / timm / GPT-style blocks
+    (:func:`~lightning_align.parametrize.ecosystem.standard_branches`).
+    """
     if branch_pattern is not None:
         try:
             regex = re.compile(branch_pattern)
@@ -120,16 +219,20 @@ def resolve_branches(
                 f"{owner}: branch_pattern {branch_pattern!r} matches no module of {type(model).__name__}; "
                 f"module names look like {names[:8]}"
             )
-        return [b for b in hits if not any(b.startswith(o + ".") for o in hits)]
+        return {b: [] for b in hits if not any(b.startswith(o + ".") for o in hits)}
     if depth_alpha(scheme) is None:
-        return []
+        return {}
     declared = getattr(model, "residual_branches", None)
-    if not declared:
+    if declared:
+        return {b: [] for b in declared}
+    standard = standard_branches(model)
+    if not standard:
         raise ValueError(
             f"{owner}(scheme={scheme!r}) needs the residual branches of {type(model).__name__}: pass "
-            "`branch_pattern` (a regex of module names) or give the module a `residual_branches` property."
+            "`branch_pattern` (a regex of module names) or give the module a `residual_branches` property "
+            "(standard Hugging Face / timm blocks with `attn`/`self_attn` and `mlp` children are found alone)."
         )
-    return list(declared)
+    return {b: [m for m in members if m != b] for b, members in standard.items()}
 
 
 def depth_multiplier(
@@ -140,12 +243,13 @@ def depth_multiplier(
     if depth_alpha(scheme) is None:
         return 1.0
     key = depth_keys[0] if depth_keys else None
-    if key is None or key not in hparams:
+    if key is None or (key not in hparams and key.split(".", 1)[0] not in hparams):
         raise ValueError(
             f"{owner}(scheme={scheme!r}): depth key {key!r} is not a hyper-parameter of {type(model).__name__} "
-            f"(saved: {sorted(hparams)}); name it with `depth_keys`."
+            f"(saved: {sorted(hparams)}); name it with `depth_keys` (a dotted path such as 'config.n_layer' "
+            "reads a saved config)."
         )
-    depth = hparams[key]
+    depth = hparam_value(hparams, key, "depth", owner)
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ValueError(f"{owner}: depth key {key!r} is {depth!r}, not a positive int")
     return depth / (base_depth if base_depth is not None else depth)
@@ -172,7 +276,7 @@ def auto_parametrize(
         owner: named in error messages.
         **options: forwarded to :func:`~lightning_align.parametrize.apply.parametrize` (``init``,
             ``readout_zero_init``, ``input_mult``, ``output_mult``, ``decoupled_wd``, ``role_overrides``,
-            ``rescale_init``).
+            ``rescale_init``, ``unscalable_attention``, ``warn``).
 
     Returns:
         The :class:`Parametrized` record (with ``widths`` and ``base_widths`` filled in).
@@ -188,8 +292,10 @@ def auto_parametrize(
     widths, base_widths, delta_widths = width_values(model, hparams, list(width_keys), base_width, owner)
     branches = resolve_branches(model, scheme, branch_pattern, owner)
     depth_mult = depth_multiplier(model, hparams, scheme, list(depth_keys), base_depth, owner)
-    base = meta_instance(model, {**hparams, **base_widths}, "base", owner)
-    delta = meta_instance(model, {**hparams, **delta_widths}, "delta", owner)
-    p = parametrize(model, base, delta, scheme, depth_mult=depth_mult, branches=branches, **options)
+    base = meta_instance(model, with_values(hparams, base_widths), "base", owner)
+    delta = meta_instance(model, with_values(hparams, delta_widths), "delta", owner)
+    p = parametrize(
+        model, base, delta, scheme, depth_mult=depth_mult, branches=list(branches), branch_members=branches, **options
+    )
     p.widths, p.base_widths = widths, base_widths
     return p

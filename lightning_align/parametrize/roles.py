@@ -39,6 +39,8 @@ from typing import Any, Literal
 
 from torch import nn
 
+from lightning_align.parametrize.ecosystem import is_conv1d
+
 Role = Literal["input", "hidden", "output", "vector", "fixed"]
 ROLES: tuple[str, ...] = ("input", "hidden", "output", "vector", "fixed")
 _FAN_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
@@ -146,6 +148,7 @@ def infer_roles(
                 "sizes, not the set of layers; check `width_keys`."
             )
     modules = dict(model.named_modules())
+    owners = parameter_owners(model)
     compiled = _compile_overrides(overrides, shapes, owner)
     infos: dict[str, ParamInfo] = {}
     for name, shape in shapes.items():
@@ -155,6 +158,11 @@ def infer_roles(
         infinite = tuple(bi != di for bi, di in zip(b, d))
         owner_name = name.rsplit(".", 1)[0] if "." in name else ""
         role = _auto_role(name, infinite, modules.get(owner_name), owner)
+        if role == "output":  # a readout weight shared with an embedding is the embedding's (MuSharedReadout)
+            for other in owners.get(name, [])[1:]:
+                if _auto_role(name, infinite, modules.get(other), owner) == "input":
+                    role, owner_name = "input", other
+                    break
         for regex, forced in compiled:
             if regex.fullmatch(name):
                 role = forced
@@ -197,14 +205,68 @@ def _auto_role(name: str, infinite: tuple[bool, ...], module: nn.Module | None, 
         return "hidden"
     if isinstance(module, _FAN_LAYERS):
         return "input" if infinite[0] else "output"
+    if is_conv1d(module) and len(infinite) == 2:  # HF Conv1D stores (fan_in, fan_out)
+        return "input" if infinite[1] else "output"
     return "input"  # embedding tables and raw parameters: a lookup, fan-in fixed
 
 
-def branch_parameters(infos: Mapping[str, ParamInfo], branches: list[str]) -> dict[str, ParamInfo]:
-    """Copy of ``infos`` with ``in_branch`` set for parameters inside any of the ``branches`` modules."""
+def parameter_owners(model: nn.Module) -> dict[str, list[str]]:
+    """``{parameter name: names of every module holding it}``, the owner in ``named_parameters()`` first.
+
+    A parameter held by several modules is tied (e.g. GPT-2's ``lm_head.weight is transformer.wte.weight``);
+    ``named_parameters()`` lists it once, under its first owner.
+
+    Example:
+        >>> emb = nn.Embedding(10, 4)
+        >>> model = nn.ModuleDict({"emb": emb, "head": nn.Linear(4, 10, bias=False)})
+        >>> model["head"].weight = emb.weight
+        >>> parameter_owners(model)["emb.weight"]
+        ['emb', 'head']
+    """
+    first: dict[int, str] = {}
+    out: dict[str, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        key = first.setdefault(id(p), name)
+        out.setdefault(key, [])
+        if module not in out[key]:
+            out[key].append(module)
+    return out
+
+
+def tied_readouts(model: nn.Module, infos: Mapping[str, ParamInfo]) -> dict[str, str]:
+    """``{readout module: shared parameter name}`` for linear readouts whose weight is an embedding's.
+
+    A ``Linear`` whose ``weight`` is a parameter with an input (embedding) role, listed under another
+    module, and whose fan-in (dimension 1) scales with width while its fan-out does not: microsoft/mup's
+    ``MuSharedReadout``. The shared weight keeps the embedding's init and learning rate; the readout
+    multiplier goes on this module's input.
+    """
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    out: dict[str, str] = {}
+    for name, holders in parameter_owners(model).items():
+        info = infos.get(name)
+        if info is None or info.role != "input" or info.infinite != (False, True):
+            continue
+        for holder in holders:
+            module = modules.get(holder)
+            if holder != info.module and isinstance(module, nn.Linear) and module.weight is params[name]:
+                out[holder] = name
+    return out
+
+
+def branch_parameters(
+    infos: Mapping[str, ParamInfo], branches: list[str], members: Mapping[str, list[str]] | None = None
+) -> dict[str, ParamInfo]:
+    """Copy of ``infos`` with ``in_branch`` set for parameters inside any of the ``branches`` modules.
+
+    ``members`` adds, per branch, other modules whose parameters belong to it (e.g. the attention a timm
+    layer scale multiplies, when the layer scale is the hooked branch output).
+    """
+    scopes = list(branches) + [m for b in branches for m in (members or {}).get(b, [])]
     out = {}
     for name, info in infos.items():
-        inside = any(info.module == b or info.module.startswith(b + ".") for b in branches)
+        inside = any(info.module == b or info.module.startswith(b + ".") for b in scopes)
         out[name] = ParamInfo(**{**info.as_dict(), "in_branch": inside})
     return out
 
