@@ -202,3 +202,39 @@ def test_feature_alignment_under_gradient_checkpointing_equals_the_plain_run() -
     for step, value in plain.items():
         assert checkpointed[step] == pytest.approx(value, rel=1e-5), step
     assert all(math.isfinite(v) for v in plain.values())
+
+
+class TorchvisionResNet(pl.LightningModule):
+    """torchvision's ResNet-18 (BatchNorm everywhere) on small images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torchvision
+
+        self.net = torchvision.models.resnet18(num_classes=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_training_with_the_suite_is_bit_identical_on_torchvision_resnet18() -> None:
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 3, (16,), generator=g))
+    loader = DataLoader(data, batch_size=8)
+    suite = [
+        FeatureAlignment(every_n_steps=2, probe_size=8),
+        Sharpness(every_n_steps=2, probe_size=8, k=1, max_matvecs=20, tol=1e-2),
+        NTKSpectrum(every_n_steps=2, probe_size=2, k=2, params=[r"net\.fc\..*"]),
+        *[cb for cb in measurement_suite(every_n_steps=2) if type(cb).__name__ in ("EffectiveLR", "RankMonitor", "CoordCheck")],
+    ]
+    for cb in suite:
+        cb.probe_size = min(cb.probe_size, 8)
+    plain = fit([], TorchvisionResNet, loader=loader, max_steps=3)
+    measured = fit(suite, TorchvisionResNet, loader=loader, max_steps=3)
+    assert_same_training_state(plain, measured)
