@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import log_histogram, tag
-from lightning_align.measure.modules import captured_outputs, select_modules
+from lightning_align.measure.modules import captured_outputs, running_statistics, select_modules
 from lightning_align.measure.rank import jacobian_rank, representation_ranks, weight_spectrum
 from lightning_align.schedules import ScheduleName
 from lightning_align.measure.batch import batch_inputs, batch_size_of
@@ -126,9 +126,6 @@ class RankMonitor(MeasurementCallback):
             metrics[tag("rank", "repr_participation", name)] = ranks.participation_ratio
             metrics[tag("rank", "repr_numerical", name)] = ranks.numerical_rank
         if self.jacobian_points:
-            for m in pl_module.modules():  # per-sample Jacobians: running statistics (restored after the probe)
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
             points = batch_inputs(batch, owner="RankMonitor(jacobian_points=...)")
             if not isinstance(points, torch.Tensor) or not points.is_floating_point():
                 raise ValueError(
@@ -138,7 +135,8 @@ class RankMonitor(MeasurementCallback):
                 )
             points = points[: self.jacobian_points]
             try:
-                ranks_j, logdets = jacobian_rank(pl_module, points, tol=self.repr_tol)
+                with running_statistics(pl_module):  # a per-sample Jacobian needs a sample-wise function
+                    ranks_j, logdets = jacobian_rank(pl_module, points, tol=self.repr_tol)
             except torch.linalg.LinAlgError:  # a non-finite Jacobian: logged as NaN, with a warning
                 ranks_j, logdets = [math.nan], [math.nan]
             metrics["rank/jacobian_numerical"] = sum(ranks_j) / len(ranks_j)

@@ -102,6 +102,19 @@ def select_modules(
     return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
 
 
+@contextlib.contextmanager
+def running_statistics(model: nn.Module) -> Iterator[None]:
+    """Normalisation layers with running statistics use them inside the block (flags restored after)."""
+    norms = [(m, m.training) for m in model.modules() if isinstance(m, NORMS_WITH_STATS)]
+    for m, _ in norms:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, was_training in norms:
+            m.training = was_training
+
+
 def train_mode_batchnorms(model: nn.Module) -> list[str]:
     """Names of BatchNorm layers in training mode (they mix samples and update buffers)."""
     return [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
