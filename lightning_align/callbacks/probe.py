@@ -1,20 +1,8 @@
-"""The probe protocol: a fixed batch, and how a callback gets a loss or outputs from a module.
+"""The probe batch: drawn once from the training data (seeded), or the first batch of a stream.
 
-How a callback evaluates a LightningModule on the probe batch without any change to the model's code:
-
-- **loss**: ``pl_module.probe_loss(batch)`` if the module defines it, else the loss returned by the
-  module's own ``training_step(batch, 0)`` (a tensor, or a mapping with ``"loss"``), with
-  ``self.log``/``self.log_dict`` silenced while it runs.
-- **outputs** (kernels, features): ``pl_module.probe_outputs(batch)`` if defined, else the prediction
-  tensor of ``pl_module(batch[0])``: the output itself, the first tensor of a tuple, or ``.logits`` /
-  ``.last_hidden_state`` of a Hugging Face ``ModelOutput``.
-- **inputs/targets**: ``batch[0]`` and ``batch[1]`` for a tuple/list batch, ``batch["x"]``/``batch["y"]``
-  (or ``"input"``/``"target"``) for a mapping; a Hugging Face mapping (``input_ids``, ``pixel_values``, ...)
-  goes to the model as keyword arguments, less its ``labels`` (the targets).
-
-:class:`ProbeLoss` and :class:`ProbeOutputs` wrap a module as an ``nn.Module`` whose ``forward`` takes the
-whole batch, so the ``measure`` functions (which take ``(model, loss_fn, batch)``) and ``torch.func``
-can use them like any model. Their parameters are the wrapped module's, under the prefix ``module.``.
+The protocol that turns a module and a batch into a loss or outputs (:class:`ProbeLoss`,
+:class:`ProbeOutputs`) is pure PyTorch and lives in :mod:`lightning_align.measure.probe`; it is
+re-exported here.
 """
 
 from __future__ import annotations
@@ -25,84 +13,13 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
-from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_align.measure.batch import batch_inputs, batch_size_of, call_model, prediction
+from lightning_align.measure.batch import batch_size_of
+from lightning_align.measure.probe import ProbeLoss, ProbeOutputs, extract_loss
 from lightning_align.measure.state import floating_to, map_tensors, preserved_rng
 
-def extract_loss(output: Any, where: str) -> torch.Tensor:
-    """The scalar loss from what ``training_step`` returned."""
-    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", output)
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(
-            f"{where} returned {type(output).__name__}, not a loss tensor (or a mapping with 'loss'): "
-            "define `probe_loss(batch)` on the LightningModule to tell lightning_align how to get the loss."
-        )
-    if loss.numel() != 1:
-        raise ValueError(
-            f"{where} returned a loss of shape {tuple(loss.shape)}; a scalar (mean) loss is needed. "
-            "Reduce it in the module or define `probe_loss(batch)`."
-        )
-    return loss.reshape(())
-
-
-class ProbeLoss(nn.Module):
-    """``forward(batch) -> scalar loss`` of a LightningModule (``probe_loss`` or ``training_step``).
-
-    Example:
-        >>> from lightning.pytorch.demos.boring_classes import BoringModel
-        >>> loss = ProbeLoss(BoringModel())(torch.randn(4, 32))
-        >>> loss.shape
-        torch.Size([])
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        module = self.module
-        if hasattr(module, "probe_loss"):
-            return extract_loss(module.probe_loss(batch), f"{type(module).__name__}.probe_loss")
-        silenced = _silence_logging(module)
-        try:
-            out = module.training_step(batch, 0)
-        finally:
-            _restore_logging(module, silenced)
-        return extract_loss(out, f"{type(module).__name__}.training_step")
-
-
-class ProbeOutputs(nn.Module):
-    """``forward(batch) -> prediction tensor`` of a module (``probe_outputs(batch)`` or ``module(batch[0])``)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        if hasattr(self.module, "probe_outputs"):
-            return prediction(self.module.probe_outputs(batch), f"{type(self.module).__name__}.probe_outputs")
-        return prediction(call_model(self.module, batch_inputs(batch)), type(self.module).__name__)
-
-
-def _silence_logging(module: nn.Module) -> list[str]:
-    """Replace ``log``/``log_dict`` by no-ops on the instance; returns what to undo."""
-    patched = []
-    for name in ("log", "log_dict"):
-        if hasattr(module, name):
-            setattr(module, name, _no_op)
-            patched.append(name)
-    return patched
-
-
-def _restore_logging(module: nn.Module, patched: list[str]) -> None:
-    for name in patched:
-        module.__dict__.pop(name, None)
-
-
-def _no_op(*args: Any, **kwargs: Any) -> None:
-    return None
+__all__ = ["ProbeLoss", "ProbeOutputs", "draw_probe_batch", "extract_loss", "prepare_probe_batch", "single_dataloader", "slice_batch"]
 
 
 def single_dataloader(loader: Any) -> DataLoader:

@@ -7,7 +7,11 @@ SP the hidden activations and outputs grow after one step. We record, per module
 
 - ``l1``: ``mean |h|`` (mup's default statistic);
 - ``rms``: ``sqrt(mean h²)``;
-- ``delta_rms``: ``rms(h_t − h_1)``, the size of the feature change (0 at t = 1).
+- ``delta_rms``: ``rms(h_t − h_1)``, the size of the feature change (0 at t = 1);
+- ``delta``: ``‖h_t − h_1‖ / ‖h_1‖``, the relative change, as the ``CoordCheck`` callback logs it.
+
+Layers, loss and recorded outputs come from the same code the callbacks use (``select_modules`` with the
+``"weights"`` default, :class:`~lightning_align.measure.probe.ProbeLoss`, ``captured_outputs``).
 
 :meth:`CoordCheckResult.slopes` fits the log-log slope of a statistic against width (or depth);
 :meth:`CoordCheckResult.spread` gives max/min over widths. No Lightning import: a LightningModule works as
@@ -28,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
-STATS: tuple[str, ...] = ("l1", "rms", "delta_rms")
+from lightning_align.measure.modules import captured_outputs, select_modules
+from lightning_align.measure.probe import ProbeLoss
+
+STATS: tuple[str, ...] = ("l1", "rms", "delta_rms", "delta")
 
 
 @dataclass
@@ -45,7 +51,7 @@ class CoordCheckResult:
 
     Attributes:
         records: dicts with keys ``width``, ``depth``, ``seed``, ``step``, ``module``, ``l1``, ``rms``,
-            ``delta_rms``, ``loss``.
+            ``delta_rms``, ``delta``, ``loss``.
         modules: recorded module names, in model order.
 
     Example::
@@ -145,8 +151,8 @@ def coord_check(
             model's ``configure_optimizers()``.
         steps: number of recorded steps (t = 1 .. steps; updates happen between them).
         seeds: seeds averaged over (seed ``s`` seeds the model's init).
-        modules: module names or regexes (full match) to record; default every module that owns
-            parameters directly (Linear, Conv, Embedding, norms).
+        modules: module names or regexes (full match) to record; default every weight layer (Linear,
+            Conv, Embedding, Hugging Face ``Conv1D``), as the ``CoordCheck`` callback.
 
     Returns:
         A :class:`CoordCheckResult`. The caller's RNG streams are not advanced.
@@ -179,61 +185,39 @@ def _run_one(
     steps: int, loss_fn: Callable[[Any, Any], torch.Tensor] | None, patterns: Sequence[str] | None,
     result: CoordCheckResult,
 ) -> None:  # fmt: skip
-    chosen = _select(model, patterns)
+    chosen = select_modules(model, patterns, "weights", owner="coord_check(modules=...)")
     if not result.modules:
         result.modules = list(chosen)
     model.train()
+    loss_of = ProbeLoss(model) if loss_fn is None else (lambda b: loss_fn(model(b[0]), b[1]))
     first: dict[str, torch.Tensor] = {}
-    store: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(_Recorder(store, n)) for n, m in chosen.items()]
-    try:
-        for t in range(1, steps + 1):
-            store.clear()
-            loss = _loss(model, batch, loss_fn)
-            for name, h in store.items():
-                if t == 1:
-                    first[name] = h
-                delta = (h - first[name]).pow(2).mean().sqrt().item() if name in first else math.nan
-                result.records.append(
-                    {"width": width, "depth": depth, "seed": seed, "step": t, "module": name,
-                     "l1": h.abs().mean().item(), "rms": h.pow(2).mean().sqrt().item(), "delta_rms": delta,
-                     "loss": loss.item()}  # fmt: skip
-                )
-            if t < steps:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-    finally:
-        for h in handles:
-            h.remove()
+    for t in range(1, steps + 1):
+        with captured_outputs(chosen) as store:
+            loss = loss_of(batch)
+        for name, out in store.items():
+            h = out.detach().float()
+            first.setdefault(name, h)
+            stats = coordinate_stats(h, first[name])
+            result.records.append(
+                {"width": width, "depth": depth, "seed": seed, "step": t, "module": name, **stats, "loss": loss.item()}
+            )
+        if t < steps:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
 
-class _Recorder:
-    def __init__(self, store: dict[str, torch.Tensor], name: str) -> None:
-        self.store, self.name = store, name
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        if isinstance(out, torch.Tensor):
-            self.store[self.name] = out.detach().float().clone()
-
-
-def _select(model: nn.Module, patterns: Sequence[str] | None) -> dict[str, nn.Module]:
-    named = [(n, m) for n, m in model.named_modules() if n]
-    if patterns is None:
-        chosen = {n: m for n, m in named if any(True for _ in m.parameters(recurse=False))}
-    else:
-        chosen = {}
-        for pattern in patterns:
-            regex = re.compile(pattern)
-            hits = {n: m for n, m in named if n == pattern or regex.fullmatch(n)}
-            if not hits:
-                raise ValueError(f"coord_check: module pattern {pattern!r} matches no module of {type(model).__name__}")
-            chosen.update(hits)
-        chosen = {n: m for n, m in named if n in chosen}
-    if not chosen:
-        raise ValueError(f"coord_check: no module of {type(model).__name__} to record; pass `modules`")
-    return chosen
+def coordinate_stats(h: torch.Tensor, h0: torch.Tensor) -> dict[str, float]:
+    """The coordinate statistics of a layer output ``h`` against its first value ``h0``: ``l1 = mean|h|``,
+    ``rms``, ``delta_rms = rms(h − h0)`` and ``delta = ‖h − h0‖ / ‖h0‖`` (what ``CoordCheck`` logs as
+    ``coord/delta``; 0 when ``h0`` is 0)."""
+    change, base = (h - h0).pow(2).sum(), h0.pow(2).sum()
+    return {
+        "l1": h.abs().mean().item(),
+        "rms": h.pow(2).mean().sqrt().item(),
+        "delta_rms": (change / h.numel()).sqrt().item(),
+        "delta": (change / base).sqrt().item() if base > 0 else 0.0,
+    }
 
 
 def _configure(model: nn.Module) -> Any:
@@ -250,24 +234,3 @@ def _first_optimizer(out: Any) -> torch.optim.Optimizer:
     if isinstance(out, (list, tuple)) and out:
         return _first_optimizer(out[0])
     raise ValueError(f"coord_check: cannot find an optimizer in {type(out).__name__}")
-
-
-def _loss(model: nn.Module, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor] | None) -> torch.Tensor:
-    if loss_fn is not None:
-        return loss_fn(model(batch[0]), batch[1])
-    if not hasattr(model, "training_step"):
-        raise ValueError("coord_check: pass `loss_fn` (the model has no training_step)")
-    saved = {k: model.__dict__.get(k) for k in ("log", "log_dict")}
-    model.__dict__["log"] = model.__dict__["log_dict"] = lambda *a, **k: None
-    try:
-        out = model.training_step(batch, 0)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                model.__dict__.pop(k, None)
-            else:
-                model.__dict__[k] = v
-    loss = out["loss"] if isinstance(out, Mapping) else out
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ValueError("coord_check: training_step must return a scalar loss (or pass `loss_fn`)")
-    return loss
