@@ -59,6 +59,32 @@ def nan_loader() -> DataLoader:
     return DataLoader(data, batch_size=16)
 
 
+class StringOutput(TinyClassifier):
+    def forward(self, x: torch.Tensor) -> Any:
+        return {"scores": self.net(x)}  # no tensor the suite can read as the prediction
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0])["scores"], batch[1])
+
+
+class Manual(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        opt.step()
+
+
+class ConfigModule(NoHparams):
+    def __init__(self, config: dict | None = None) -> None:
+        super().__init__((config or {"hidden": 16})["hidden"])
+        self.save_hyperparameters()
+
+
 def dict_loader() -> DataLoader:
     data = [{"features": torch.randn(8), "label": torch.tensor(1)} for _ in range(16)]
     return DataLoader(data, batch_size=4)
@@ -79,6 +105,12 @@ FIT_CASES: list[tuple[str, Callable[[], list[pl.Callback]], Callable[[], pl.Ligh
     ("probe batch without inputs", lambda: [RankMonitor()], TinyClassifier, dict_loader, "cannot find the inputs"),
     ("Parametrization of a module without saved hyper-parameters", lambda: [Parametrization("mup", base_width=8)], NoHparams, tiny_loader, "NoHparams"),
     ("Parametrization with a missing width key", lambda: [Parametrization("mup", base_width=8, width_keys=["d_model"])], TinyClassifier, tiny_loader, "d_model"),
+    ("an output the suite cannot read", lambda: [CoordCheck()], StringOutput, tiny_loader, r"returned dict.*probe_outputs"),
+    ("manual optimization without probe_loss", lambda: [FeatureAlignment()], Manual, tiny_loader, r"FeatureAlignment: Manual uses manual optimization.*probe_loss"),
+    ("two instances of one callback without names", lambda: [RankMonitor(), RankMonitor(every_n_steps=5)], TinyClassifier, tiny_loader, "state_key"),
+    ("NTK kernel above max_rows", lambda: [NTKSpectrum(probe_size=64, max_rows=100)], TinyClassifier, tiny_loader, r"max_rows=100.*lower probe_size"),
+    ("Parametrization width path that does not exist", lambda: [Parametrization("mup", base_width=8, width_keys=["config.width"])],
+     ConfigModule, tiny_loader, "config.width"),
     ("Parametrization branch pattern that matches nothing", lambda: [Parametrization("depth_mup", base_width=8, base_depth=1, branch_pattern=r"blocks\.\d+")],
      TinyClassifier, tiny_loader, "blocks"),
 ]

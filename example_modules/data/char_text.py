@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -27,19 +28,29 @@ def stdlib_corpus(max_bytes: int) -> bytes:
     return b"".join(chunks)[:max_bytes]
 
 
-class ByteWindows(Dataset):
-    """Windows ``x = text[i : i+T]``, ``y = text[i+1 : i+T+1]`` at stride ``T`` over a byte tensor."""
+BatchFormat = Literal["tuple", "hf"]
 
-    def __init__(self, data: torch.Tensor, block_size: int) -> None:
+
+class ByteWindows(Dataset):
+    """Windows ``x = text[i : i+T]``, ``y = text[i+1 : i+T+1]`` at stride ``T`` over a byte tensor.
+
+    ``batch_format="hf"`` serves ``{"input_ids": x, "labels": x}`` instead (Hugging Face causal LMs shift
+    the labels themselves, so both are the same window).
+    """
+
+    def __init__(self, data: torch.Tensor, block_size: int, batch_format: BatchFormat = "tuple") -> None:
         if len(data) <= block_size:
             raise ValueError(f"text of {len(data)} bytes is too short for block_size {block_size}")
-        self.data, self.block_size = data, block_size
+        self.data, self.block_size, self.batch_format = data, block_size, batch_format
 
     def __len__(self) -> int:
         return (len(self.data) - 1) // self.block_size
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
         s = i * self.block_size
+        if self.batch_format == "hf":
+            x = self.data[s : s + self.block_size]
+            return {"input_ids": x, "labels": x.clone()}
         chunk = self.data[s : s + self.block_size + 1]
         return chunk[:-1], chunk[1:]
 
@@ -53,12 +64,18 @@ class CharTextDataModule(SplitDataModule):
         max_bytes: read at most this many bytes.
         val_fraction: the last fraction of the text is the validation split.
         batch_size, num_workers: loaders.
+        batch_format: ``tuple`` serves ``(x, y)`` with ``y`` shifted by one byte (for :class:`GPT`); ``hf`` serves
+            Hugging Face mappings ``{"input_ids": x, "labels": x}`` (for :class:`HFCausalLM`).
 
     Example:
         >>> dm = CharTextDataModule(block_size=16, max_bytes=20_000, batch_size=4)
         >>> x, y = next(iter(dm.train_dataloader()))
         >>> tuple(x.shape), bool((x[:, 1:] == y[:, :-1]).all())
         ((4, 16), True)
+        >>> hf = CharTextDataModule(block_size=16, max_bytes=20_000, batch_size=4, batch_format="hf")
+        >>> batch = next(iter(hf.train_dataloader()))
+        >>> sorted(batch), bool((batch["input_ids"] == batch["labels"]).all())
+        (['input_ids', 'labels'], True)
     """
 
     def __init__(
@@ -69,11 +86,15 @@ class CharTextDataModule(SplitDataModule):
         val_fraction: float = 0.1,
         batch_size: int = 32,
         num_workers: int = 0,
+        batch_format: BatchFormat = "tuple",
     ) -> None:
         super().__init__(batch_size, num_workers)
         self.save_hyperparameters()
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"CharTextDataModule: val_fraction must be in (0, 1), got {val_fraction}")
+        if batch_format not in ("tuple", "hf"):
+            raise ValueError(f"CharTextDataModule: batch_format must be 'tuple' or 'hf', got {batch_format!r}")
+        self.batch_format = batch_format
         self.path, self.block_size, self.max_bytes, self.val_fraction = path, block_size, max_bytes, val_fraction
 
     def build(self) -> tuple[Dataset, Dataset]:
@@ -86,4 +107,5 @@ class CharTextDataModule(SplitDataModule):
             raw = file.read_bytes()[: self.max_bytes]
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
         split = int(len(data) * (1 - self.val_fraction))
-        return ByteWindows(data[:split], self.block_size), ByteWindows(data[split:], self.block_size)
+        fmt = self.batch_format
+        return ByteWindows(data[:split], self.block_size, fmt), ByteWindows(data[split:], self.block_size, fmt)

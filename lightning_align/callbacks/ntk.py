@@ -262,26 +262,26 @@ class NTKSpectrum(MeasurementCallback):
         try:
             y = batch_targets(batch)
         except TypeError as err:
-            raise ValueError(f"NTKSpectrum(alignment=True): {err}; or set alignment=False") from err
+            raise ValueError(f"NTKSpectrum(alignment=...): {err}; or set alignment=False") from err
         if not isinstance(y, torch.Tensor):
-            raise ValueError(f"NTKSpectrum(alignment=True): the probe targets are {type(y).__name__}, not a tensor; set alignment=False")
+            raise ValueError(f"NTKSpectrum(alignment=...): the probe targets are {type(y).__name__}, not a tensor; set alignment=False")
         n = y.shape[0] if y.ndim else 0
         c = size // n if n and not self.trace_outputs else None
         if not y.is_floating_point():
             classes = c if c is not None else int(y.max()) + 1
             if y.ndim != 1 or (c is not None and int(y.max()) >= c):
                 raise ValueError(
-                    f"NTKSpectrum(alignment=True): integer targets of shape {tuple(y.shape)} cannot be one-hot encoded "
+                    f"NTKSpectrum(alignment=...): integer targets of shape {tuple(y.shape)} cannot be one-hot encoded "
                     f"to the model's {c} outputs; set alignment=False or define `probe_outputs`"
                 )
             y = torch.nn.functional.one_hot(y.long(), classes).to(torch.float64)
         y = y.reshape(y.shape[0], -1)
         if self.trace_outputs:
             if y.shape[0] != size:
-                raise ValueError(f"NTKSpectrum(alignment=True): {y.shape[0]} targets for a kernel over {size} samples")
+                raise ValueError(f"NTKSpectrum(alignment=...): {y.shape[0]} targets for a kernel over {size} samples")
         elif y.numel() != size:
             raise ValueError(
-                f"NTKSpectrum(alignment=True): targets of shape {tuple(y.shape)} do not match the {size} kernel rows "
+                f"NTKSpectrum(alignment=...): targets of shape {tuple(y.shape)} do not match the {size} kernel rows "
                 "(n samples × c outputs); set alignment=False or make the targets match the outputs"
             )
         return y if self.trace_outputs else y.reshape(-1)
