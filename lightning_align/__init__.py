@@ -28,7 +28,22 @@ _CALLBACKS = (
     "Sharpness",
 )
 
-__all__ = [*_CALLBACKS, "__version__", "measure", "parametrize"]
+__all__ = [
+    "AlignSummary",
+    "CoordCheck",
+    "ELRWarmup",
+    "EffectiveLR",
+    "FeatureAlignment",
+    "FeatureSpeedControl",
+    "MeasurementCallback",
+    "NTKSpectrum",
+    "Parametrization",
+    "RankMonitor",
+    "Sharpness",
+    "__version__",
+    "measure",
+    "parametrize",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_align import measure, parametrize

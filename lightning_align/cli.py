@@ -5,6 +5,8 @@ Usage::
     lightning-align fit --config configs/quickstart.yaml
     lightning-align fit --config configs/quickstart.yaml --trainer.max_epochs 5
     lightning-align fit --model MLP --data DigitsDataModule --trainer.callbacks+=RankMonitor
+    lightning-align report lightning_logs/version_0          # HTML report from the event files
+    lightning-align sweep --config CONFIG --grid model.init_args.width=64,256 ...   # grid of fits + transfer
 
 Models and data modules are chosen in subclass mode (``class_path`` in YAML, or a short class name);
 the config is saved next to the logs (``config.yaml``, overwritten on re-runs); the logger is
@@ -12,6 +14,8 @@ TensorBoard (``lightning_logs/version_N``) unless the config says otherwise.
 """
 
 from __future__ import annotations
+
+import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
@@ -41,8 +45,22 @@ def build_cli(args: ArgsType = None, run: bool = True) -> LightningCLI:
     )
 
 
+#: Subcommands of our own, dispatched before LightningCLI (whose subcommands are fixed).
+EXTRA_SUBCOMMANDS = ("report", "sweep")
+
+
 def main(args: ArgsType = None) -> None:
-    """Entry point of the ``lightning-align`` console script."""
+    """Entry point of the ``lightning-align`` console script (``report`` and ``sweep`` are ours, the rest LightningCLI's)."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and argv and argv[0] in EXTRA_SUBCOMMANDS:
+        if argv[0] == "report":
+            from lightning_align.report import main as run
+        else:
+            from lightning_align.sweep import main as run
+        code = run([str(a) for a in argv[1:]])
+        if code:
+            sys.exit(code)
+        return
     build_cli(args)
 
 

@@ -2,12 +2,13 @@
 
 Every measurement callback logs many tags (one per layer and quantity). For the progress bar and the
 end-of-fit summary table a short, fixed set is enough: ``lr·λmax`` against the stability threshold, the
-worst alignment over layers, the spread of effective learning rates, and so on. :data:`HEADLINES` lists
-them; each is a regex over tags plus a reduction over the layers it matches (``min``/``max``/``mean``),
-computed from the metrics of *one* measurement (all layers of a family arrive together).
+worst alignment over layers, the spread of effective learning rates, and so on. Each callback class declares
+its own (``headlines`` class attribute); each is a regex over tags plus a reduction over the layers it matches
+(``min``/``max``/``mean``), computed from the metrics of *one* measurement (all layers of a family arrive
+together). :func:`suite_headlines` gathers the suite's.
 
-A family with no entry in :data:`HEADLINES` (e.g. a user's own :class:`MeasurementCallback` subclass)
-gets every layer-less tag ``<family>/<what>`` as its headlines, so nothing is hidden by omission.
+A callback that declares none (e.g. a user's own :class:`MeasurementCallback` subclass) gets every layer-less
+tag ``<family>/<what>`` as its headlines, so nothing is hidden by omission.
 """
 
 from __future__ import annotations
@@ -63,56 +64,55 @@ class Headline:
         return sum(finite) / len(finite)
 
 
-#: The headline values of each family of the suite (order = order in the summary table).
-HEADLINES: tuple[Headline, ...] = (
-    Headline("sharpness", "λmax (top Hessian eigenvalue)", r"sharpness/max_eig"),
-    Headline("sharpness", "lr·λmax", r"sharpness/lr_x_max_eig", bar="lr*eig"),
-    Headline("sharpness", "lr·λmax / threshold", r"sharpness/eos_ratio"),
-    Headline("ntk", "NTK max eigenvalue", r"ntk/max_eig"),
-    Headline("ntk", "NTK condition number", r"ntk/cond"),
-    Headline("ntk", "NTK distance from init", r"ntk/distance_from_init"),
-    Headline("ntk", "kernel-target alignment", r"ntk/alignment"),
-    Headline("align", "min cos over layers", r"align/cos/.+", "min", bar="min_cos"),
-    Headline("align", "mean feature speed", r"align/speed/.+", "mean"),
-    Headline("elr", "ELR spread (max/min)", r"elr/spread", bar="elr_spread"),
-    Headline("elr", "critical LR", r"elr/critical_lr"),
-    Headline("elr", "lr / critical LR", r"elr/lr_over_critical"),
-    Headline("elr", "warm-up factor", r"elr/warmup_factor"),
-    Headline("rank", "min weight stable rank", r"rank/weight_stable/.+", "min"),
-    Headline("rank", "min repr. effective rank", r"rank/repr_effective/.+", "min"),
-    Headline("coord", "max activation RMS", r"coord/rms/.+", "max"),
-    Headline("coord", "max change from init", r"coord/delta/.+", "max"),
-)
+def suite_headlines() -> tuple[Headline, ...]:
+    """The headlines every callback of the suite declares (``headlines`` class attribute), in table order.
 
-KNOWN_FAMILIES = frozenset(h.family for h in HEADLINES)
+    Example:
+        >>> [h.bar for h in suite_headlines() if h.bar]
+        ['lr*eig', 'min_cos', 'elr_spread']
+    """
+    from lightning_align import callbacks  # the callbacks declare them; imported on first use
+
+    order = (callbacks.Sharpness, callbacks.NTKSpectrum, callbacks.FeatureAlignment, callbacks.EffectiveLR,
+             callbacks.ELRWarmup, callbacks.RankMonitor, callbacks.CoordCheck)  # fmt: skip
+    return tuple(dict.fromkeys(h for cls in order for h in cls.headlines))
 
 
-def headline_values(metrics: Mapping[str, float], families: Iterable[str] | None = None) -> dict[tuple[str, str], float]:
+def __getattr__(name: str) -> object:
+    if name == "HEADLINES":  # the suite's headlines, gathered from the callback classes
+        return suite_headlines()
+    if name == "KNOWN_FAMILIES":
+        return frozenset(h.family for h in suite_headlines())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def headline_values(
+    metrics: Mapping[str, float], headlines: Iterable[Headline] | None = None
+) -> dict[tuple[str, str], float]:
     """Headline values found in one measurement's metrics, keyed by ``(family, label)``.
 
-    Tags of families without an entry in :data:`HEADLINES` are kept as they are when layer-less
-    (``<family>/<what>``), labelled by ``<what>``.
+    ``headlines``: those to look for (default: the suite's). Layer-less tags (``<family>/<what>``) of families
+    none of them covers (e.g. a user's own callback) are kept as they are, labelled by ``<what>``.
 
     Example:
         >>> headline_values({"elr/spread": 4.0, "elr/fc1": 0.1, "norm/total": 2.0})
         {('elr', 'ELR spread (max/min)'): 4.0, ('norm', 'total'): 2.0}
     """
-    wanted = None if families is None else set(families)
+    headlines = suite_headlines() if headlines is None else tuple(headlines)
+    known = {h.family for h in headlines} | {h.family for h in suite_headlines()}
     out: dict[tuple[str, str], float] = {}
-    for h in HEADLINES:
-        if wanted is not None and h.family not in wanted:
-            continue
+    for h in headlines:
         v = h.value(metrics)
         if v is not None:
             out[(h.family, h.label)] = v
     for name, v in metrics.items():
         parts = name.split("/")
-        if len(parts) == 2 and parts[0] not in KNOWN_FAMILIES and (wanted is None or parts[0] in wanted):
+        if len(parts) == 2 and parts[0] not in known:
             out[(parts[0], parts[1])] = float(v)
     return out
 
 
-def progress_bar_values(metrics: Mapping[str, float]) -> dict[str, float]:
+def progress_bar_values(metrics: Mapping[str, float], headlines: Iterable[Headline] | None = None) -> dict[str, float]:
     """The short progress-bar entries (``Headline.bar``) found in one measurement's metrics.
 
     Example:
@@ -120,7 +120,7 @@ def progress_bar_values(metrics: Mapping[str, float]) -> dict[str, float]:
         {'lr*eig': 1.5}
     """
     out: dict[str, float] = {}
-    for h in HEADLINES:
+    for h in suite_headlines() if headlines is None else headlines:
         if h.bar is not None:
             v = h.value(metrics)
             if v is not None:
@@ -161,9 +161,9 @@ class HeadlineHistory:
     def __init__(self) -> None:
         self.records: dict[tuple[str, str], HeadlineRecord] = {}
 
-    def add(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Record the headline values found in ``metrics`` measured at ``step``."""
-        for key, v in headline_values(metrics).items():
+    def add(self, step: int, metrics: Mapping[str, float], headlines: Iterable[Headline] | None = None) -> None:
+        """Record the headline values (of ``headlines``, default the suite's) found in ``metrics`` at ``step``."""
+        for key, v in headline_values(metrics, headlines).items():
             if key in self.records:
                 self.records[key].update(step, v)
             else:

@@ -111,10 +111,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def new_figure(width: float = 5.0, height: float = 3.5) -> tuple[Figure, Any]:
-    """A headless matplotlib figure and axes (Agg backend; no display needed)."""
+    """A headless matplotlib figure and axes (Agg backend; no display needed), laid out so nothing is clipped."""
     from matplotlib.figure import Figure as _Figure
 
-    fig = _Figure(figsize=(width, height), dpi=100)
+    fig = _Figure(figsize=(width, height), dpi=100, layout="constrained")
     return fig, fig.add_subplot(1, 1, 1)
 
 

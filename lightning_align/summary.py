@@ -11,14 +11,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from lightning_align.headlines import HEADLINES, HeadlineRecord
+from lightning_align.headlines import HeadlineRecord, suite_headlines
 
 SummaryStyle = Literal["auto", "rich", "plain"]
 TITLE = "lightning_align: first -> last measurement"
 HEADER = ("family", "quantity", "first", "last", "steps")
 
-_ORDER = {(h.family, h.label): i for i, h in enumerate(HEADLINES)}
-_FAMILY_ORDER = {f: i for i, f in enumerate(dict.fromkeys(h.family for h in HEADLINES))}
 
 
 def format_value(v: float) -> str:
@@ -42,9 +40,13 @@ def summary_rows(records: Mapping[tuple[str, str], HeadlineRecord]) -> list[tupl
         [('elr', 'ELR spread (max/min)', '2', '6', '0 -> 50')]
     """
 
+    headlines = suite_headlines()
+    order = {(h.family, h.label): i for i, h in enumerate(headlines)}
+    family_order = {f: i for i, f in enumerate(dict.fromkeys(h.family for h in headlines))}
+
     def key(item: tuple[tuple[str, str], HeadlineRecord]) -> tuple[int, int, str]:
         (family, label), _ = item
-        return (_FAMILY_ORDER.get(family, len(_FAMILY_ORDER)), _ORDER.get((family, label), len(_ORDER)), f"{family}/{label}")
+        return (family_order.get(family, len(family_order)), order.get((family, label), len(order)), f"{family}/{label}")
 
     return [
         (family, label, format_value(r.first), format_value(r.last), f"{r.first_step} -> {r.last_step}")

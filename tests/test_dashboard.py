@@ -15,7 +15,8 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from helpers import fit
 from lightning_align.callbacks.rank import RankMonitor
 from lightning_align.cli import build_cli
-from lightning_align.dashboard import LAYOUT, custom_scalars_layout, write_dashboard
+from lightning_align.callbacks.elr import EffectiveLR
+from lightning_align.dashboard import custom_scalars_layout, write_dashboard
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 FAMILIES = ["align", "sharpness", "ntk", "elr", "rank", "coord"]
@@ -67,7 +68,9 @@ def test_event_files_hold_layout_tags_histograms_figure(quickstart_run: tuple[Pa
     def matched(chart: tuple[str, str]) -> set[str]:
         return {t for r in charts[chart] for t in scalars if re.search(r, t)}
 
-    assert matched(("sharpness", "lr·λmax vs threshold")) == {"sharpness/lr_x_max_eig", "sharpness/threshold"}
+    empty = [chart for chart in charts if not matched(chart)]
+    assert not empty, f"charts with nothing logged: {empty}"  # only what the attached callbacks log
+    assert matched(("sharpness", "lr·λmax vs threshold (LR units)")) == {"sharpness/lr_x_max_eig", "sharpness/threshold"}
     assert matched(("align", "cos(-dL/df, δf) per layer")) == {t for t in scalars if t.startswith("align/cos/")}
     assert matched(("ntk", "NTK max eigenvalue")) == {"ntk/max_eig"}
     assert "ntk/distance_from_init" in matched(("ntk", "NTK distance from init and velocity"))
@@ -77,7 +80,10 @@ def test_event_files_hold_layout_tags_histograms_figure(quickstart_run: tuple[Pa
     assert matched(("coord", "activation RMS per layer")) == {t for t in scalars if t.startswith("coord/rms/")}
     histograms = set(events.Tags()["histograms"])
     assert {"rank/singular_values/layers.0", "ntk/eigenvalues"} <= histograms
-    assert events.Tags()["images"], "at least one figure"
+    images = set(events.Tags()["images"])
+    assert {"align/heatmap_cos", "elr/heatmap", "coord/heatmap_delta", "rank/heatmap_repr_effective"} <= images
+    heatmap = events.Images("elr/heatmap")[-1]
+    assert heatmap.width > 300 and heatmap.height > 200  # a real picture (PNG decoded by TensorBoard)
 
 
 def test_hyperparameters_in_the_run_itself_without_sub_run(quickstart_run: tuple[Path, EventAccumulator]) -> None:
@@ -90,6 +96,7 @@ def test_hyperparameters_in_the_run_itself_without_sub_run(quickstart_run: tuple
 
     data = plugin_data_pb2.HParamsPluginData.FromString(hparams_tags["_hparams_/experiment"])
     assert {h.name for h in data.experiment.hparam_infos} >= {"width", "lr"}
+    assert not [h.name for h in data.experiment.hparam_infos if h.name.startswith("_")]  # no _instantiator
     assert {m.name.tag for m in data.experiment.metric_infos} >= {"sharpness/lr_x_max_eig", "elr/spread", "ntk/max_eig"}
     assert "hp_metric" not in set(events.Tags()["scalars"])
 
@@ -100,14 +107,14 @@ def test_layout_written_once_per_writer(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(logger.experiment, "add_custom_scalars", lambda layout: calls.append(layout))
     for _ in range(2):  # two callbacks, two fits: one layout
         fit([RankMonitor(every_n_steps=2, probe_size=16), RankMonitor(every_n_steps=3, probe_size=16, name="second")], max_steps=2, logger=logger)
-    assert calls == [custom_scalars_layout(["rank"])]
+    assert calls == [custom_scalars_layout([RankMonitor()])]
 
 
 def test_no_tensorboard_no_layout(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import CSVLogger
 
     _, trainer = fit([RankMonitor(every_n_steps=2, probe_size=16)], max_steps=1, logger=CSVLogger(tmp_path))
-    assert write_dashboard(trainer, ["rank"]) == 0
+    assert write_dashboard(trainer, [RankMonitor()]) == 0
 
 
 @pytest.mark.parametrize(
@@ -116,5 +123,5 @@ def test_no_tensorboard_no_layout(tmp_path: Path) -> None:
      ("elr/si/layers.0", False), ("elr/warmup_factor", False), ("elr/lr_over_critical", False), ("elr/spreadsheet", True)],
 )
 def test_elr_per_layer_regex(tag: str, is_layer: bool) -> None:
-    (regex,) = LAYOUT["elr"]["effective LR per layer"][1]
+    (regex,) = EffectiveLR.charts["effective LR per layer"][1]
     assert bool(re.search(regex, tag)) is is_layer

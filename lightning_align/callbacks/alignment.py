@@ -17,8 +17,10 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
-from lightning_align.logging import log_figure, new_figure, tag, tensorboard_writers
+from lightning_align.figures import layer_profile
+from lightning_align.logging import log_figure, tag, tensorboard_writers
 from lightning_align.measure.alignment import FeatureSpeedResults, feature_speed
 from lightning_align.measure.modules import select_modules
 from lightning_align.measure.optim import learning_rates_by_parameter
@@ -97,6 +99,16 @@ class FeatureAlignment(MeasurementCallback):
 
     family = "align"
     needs_loss = True
+    headlines = (
+        Headline("align", "min cos over layers", r"align/cos/.+", "min", bar="min_cos"),
+        Headline("align", "mean feature speed", r"align/speed/.+", "mean"),
+    )
+    charts = {
+        "cos(-dL/df, δf) per layer": ["Multiline", [r"^align/cos/"]],
+        "feature speed per layer": ["Multiline", [r"^align/speed/"]],
+        "predicted feature speed per layer": ["Multiline", [r"^align/predicted_speed/"]],
+    }
+    heatmaps = {"align/cos/": "cos θ (backward-feature alignment)", "align/speed/": "relative feature speed ‖δf‖/‖f‖"}
 
     def __init__(
         self,
@@ -119,6 +131,7 @@ class FeatureAlignment(MeasurementCallback):
         self.num_measurements = 0
         self._layers: dict[str, nn.Module] = {}
         self._before: dict[str, torch.Tensor] | None = None
+        self._first_cos: dict[str, float] = {}
 
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layers = select_modules(pl_module, self.modules, "features", owner="FeatureAlignment(modules=...)")
@@ -135,6 +148,8 @@ class FeatureAlignment(MeasurementCallback):
             metrics[tag("align", "cos", name)] = r.cos_angle
             metrics[tag("align", "speed", name)] = r.speed
             metrics[tag("align", "predicted_speed", name)] = r.predicted_speed
+        if trainer.global_step == 0:
+            self._first_cos = {n: r.cos_angle for n, r in results.items()}
         if self.figure_every and self.num_measurements % self.figure_every == 0:
             self._figure(trainer, results)
         self.num_measurements += 1
@@ -160,12 +175,8 @@ class FeatureAlignment(MeasurementCallback):
         if not tensorboard_writers(trainer):
             return
         names = list(results)
-        fig, ax = new_figure(max(5.0, 0.25 * len(names)), 3.5)
-        ax.plot(range(len(names)), [results[n].cos_angle for n in names], marker="o")
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=90, fontsize=6)
-        ax.set_ylim(min(0.0, *[results[n].cos_angle for n in names if results[n].cos_angle == results[n].cos_angle]), 1.0)
-        ax.set_ylabel("cos θ (backward-feature angle)")
-        ax.set_title(f"step {trainer.global_step}")
-        fig.tight_layout()
+        curves = {f"step {trainer.global_step}": [results[n].cos_angle for n in names]}
+        if self._first_cos and list(self._first_cos) == names and trainer.global_step > 0:
+            curves = {"step 0": list(self._first_cos.values()), **curves}
+        fig = layer_profile(names, curves, ylabel="cos θ (1: features move down the loss)", title="backward-feature alignment per layer")
         log_figure(trainer, "align/cos_vs_depth", fig)

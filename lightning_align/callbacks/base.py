@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Literal
 
@@ -49,10 +50,17 @@ from lightning_align.callbacks.probe import (
 from lightning_align.measure.batch import batch_size_of
 from lightning_align.measure.modules import NORMS_WITH_STATS
 from lightning_align.dashboard import write_dashboard
-from lightning_align.headlines import HeadlineHistory, progress_bar_values
+from lightning_align.headlines import Headline, HeadlineHistory, progress_bar_values
 from lightning_align.callbacks.strategy import check_strategy
-from lightning_align.logging import log_scalars
-from lightning_align.measure.state import default_dtype_at_least_fp32, preserved_state, probe_dtype, upcast_floating
+from lightning_align.figures import layer_heatmap
+from lightning_align.logging import log_figure, log_scalars, tensorboard_writers
+from lightning_align.measure.state import (
+    default_dtype_at_least_fp32,
+    map_tensors,
+    preserved_state,
+    probe_dtype,
+    upcast_floating,
+)
 from lightning_align.schedules import ScheduleName, StepSchedule
 
 BatchNormMode = Literal["train", "eval"]
@@ -100,6 +108,14 @@ class MeasurementCallback(Callback):
     #: The measurement differentiates the training loss: under manual optimization the module must define
     #: ``probe_loss(batch)`` (its ``training_step`` steps the optimizer), checked at fit start.
     needs_loss: ClassVar[bool] = False
+    #: The few values shown in the progress bar and the end-of-fit table (see :mod:`lightning_align.headlines`).
+    headlines: ClassVar[tuple[Headline, ...]] = ()
+    #: TensorBoard Custom Scalars charts of this callback: ``{title: ["Multiline", [tag regexes]]}``, one quantity
+    #: (one scale) per chart; :meth:`dashboard_charts` may drop those a setting turns off.
+    charts: ClassVar[dict[str, list[Any]]] = {}
+    #: Per-layer tags drawn as one layer × step heatmap each at the end of fit (a TensorBoard image under
+    #: ``<family>/heatmap_<what>``): ``{tag prefix: colour-bar label}``.
+    heatmaps: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -128,12 +144,21 @@ class MeasurementCallback(Callback):
         self._awaiting_stream = False
         self._explicit_probe: Any = None
         self.last_step = -1
+        self._layer_values: dict[str, dict[str, dict[int, float]]] = {}  # heatmap prefix -> layer -> step -> value
         #: First and last headline values of this fit (read by the end-of-fit summary).
         self.headline_history = HeadlineHistory()
 
     # ----------------------------------------------------------------------------------------------
     # What subclasses implement
     # ----------------------------------------------------------------------------------------------
+    def dashboard_charts(self) -> dict[str, list[Any]]:
+        """This instance's Custom Scalars charts (the class's :attr:`charts`, less those its settings turn off)."""
+        return dict(self.charts)
+
+    def heatmap_layer(self, tag: str, prefix: str) -> str | None:
+        """The layer of a per-layer ``tag`` under a :attr:`heatmaps` prefix (``None``: not a layer's tag)."""
+        return tag[len(prefix) :] if tag.startswith(prefix) and len(tag) > len(prefix) else None
+
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check arguments against the model; raise a clear error naming the culprit. Runs at fit start."""
 
@@ -220,6 +245,7 @@ class MeasurementCallback(Callback):
                 self.load_state_dict({})
             self.probe_batch = None
             self.headline_history.clear()
+            self._layer_values = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # FSDP/DeepSpeed: refused before validate
@@ -233,7 +259,7 @@ class MeasurementCallback(Callback):
         self.validate(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        write_dashboard(trainer, [cb.family for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)])
+        write_dashboard(trainer, [cb for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)])
         if trainer.ckpt_path and not self._state_loaded:
             rank_zero_warn(
                 f"{type(self).__name__}{'(name=%r)' % self.name if self.name else ''}: the checkpoint {trainer.ckpt_path} "
@@ -274,6 +300,28 @@ class MeasurementCallback(Callback):
         if step > self.last_step and self.schedule.is_due(step):
             self._run(trainer, pl_module)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for prefix, per_layer in self._layer_values.items():
+            steps = sorted({s for values in per_layer.values() for s in values})
+            if len(steps) < 2:
+                continue
+            names = list(per_layer)
+            matrix = [[per_layer[n].get(s, math.nan) for s in steps] for n in names]
+            label = self.heatmaps[prefix]
+            fig = layer_heatmap(names, steps, matrix, label=label, title=f"{label}, per layer and step")
+            what = prefix.rstrip("/").split("/")[-1]
+            log_figure(trainer, f"{self.family}/heatmap" + ("" if what == self.family else f"_{what}"), fig)
+
+    def _record_layers(self, trainer: pl.Trainer, values: Mapping[str, float]) -> None:
+        """Keep the per-layer values of :attr:`heatmaps` for the end-of-fit heatmaps (TensorBoard only)."""
+        if not self.heatmaps or not tensorboard_writers(trainer):
+            return
+        for prefix in self.heatmaps:
+            for name, value in values.items():
+                layer = self.heatmap_layer(name, prefix)
+                if layer is not None:
+                    self._layer_values.setdefault(prefix, {}).setdefault(layer, {})[trainer.global_step] = value
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # One table for the whole suite: printed by the first measurement callback, unless AlignSummary decides.
         from lightning_align.callbacks.summary import find_summary, print_fit_summary
@@ -309,17 +357,32 @@ class MeasurementCallback(Callback):
         """Draw the fixed probe batch if not done yet (also callable by subclasses before step 0)."""
         if self.probe_batch is not None:
             return
-        owner = type(self).__name__
         if self._explicit_probe is not None:
             raw = self._explicit_probe
         else:
-            rank, world = (trainer.global_rank, trainer.world_size) if self.shard_probe else (0, 1)
-            raw = draw_probe_batch(trainer.train_dataloader, self.probe_size, self.probe_seed, rank, world, owner=owner)
+            drawn = draw_probe_batch(trainer.train_dataloader, self.probe_size, self.probe_seed, owner=type(self).__name__)
+            raw = self._same_on_every_rank(trainer, drawn)
         self.probe_batch = prepare_probe_batch(raw, pl_module.device, probe_dtype(pl_module))
+
+    def _same_on_every_rank(self, trainer: pl.Trainer, probe: Any) -> Any:
+        """Under DDP, rank 0's probe for every rank whatever each rank's sampler or data set; a sharded probe
+        (``shard_probe``) then gives each rank its samples ``rank, rank + world, ...``."""
+        if trainer.world_size == 1:
+            return probe
+        probe = trainer.strategy.broadcast(probe, src=0)
+        if not self.shard_probe:
+            return probe
+        n = batch_size_of(probe)
+        if n < trainer.world_size:
+            raise ValueError(
+                f"{type(self).__name__}(probe_size={self.probe_size}): a probe of {n} samples cannot be split over "
+                f"{trainer.world_size} processes; raise probe_size"
+            )
+        return map_tensors(probe, lambda t: t[trainer.global_rank :: trainer.world_size] if t.ndim else t)
 
     def _stream_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
         """The probe of an iterable (stream) data set: a copy of the first training batch, so that no sample is
-        taken away from training; under DDP rank 0's batch for every rank (each its own for a sharded probe)."""
+        taken away from training; under DDP rank 0's batch (see :meth:`_same_on_every_rank`)."""
         owner = type(self).__name__
         size = batch_size_of(batch)
         if size < self.probe_size:
@@ -327,9 +390,7 @@ class MeasurementCallback(Callback):
                 f"{owner}(probe_size={self.probe_size}): the training data is a stream (IterableDataset), so the probe "
                 f"is a copy of its first batch, {size} samples; pass a larger batch with `set_probe_batch` before fit."
             )
-        probe = slice_batch(batch, min(size, self.probe_size))
-        if trainer.world_size > 1 and not self.shard_probe:
-            probe = trainer.strategy.broadcast(probe, src=0)
+        probe = self._same_on_every_rank(trainer, slice_batch(batch, min(size, self.probe_size)))
         return prepare_probe_batch(probe, pl_module.device, probe_dtype(pl_module))
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -341,7 +402,8 @@ class MeasurementCallback(Callback):
             metrics = self.measure(trainer, pl_module, self.probe_batch)
         if metrics:
             values = log_scalars(trainer, metrics)
-            self.headline_history.add(trainer.global_step, values)
+            self.headline_history.add(trainer.global_step, values, self.headlines or None)
+            self._record_layers(trainer, values)
             self._show_in_progress_bar(trainer, values)
         self.last_step = trainer.global_step
 
@@ -351,7 +413,7 @@ class MeasurementCallback(Callback):
         summary = find_summary(trainer)
         if summary is None or summary.progress_bar:
             # The progress bar shows trainer.progress_bar_metrics; values stay until the next measurement.
-            trainer.progress_bar_metrics.update(progress_bar_values(values))
+            trainer.progress_bar_metrics.update(progress_bar_values(values, self.headlines))
 
 
 def _is_stream(trainer: pl.Trainer) -> bool:

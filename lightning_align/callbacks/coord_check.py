@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import tag
 from lightning_align.measure.modules import captured_outputs, select_modules
@@ -51,6 +52,15 @@ class CoordCheck(MeasurementCallback):
     """
 
     family = "coord"
+    headlines = (
+        Headline("coord", "max activation RMS", r"coord/rms/.+", "max"),
+        Headline("coord", "max change from init", r"coord/delta/.+", "max"),
+    )
+    charts = {
+        "activation RMS per layer": ["Multiline", [r"^coord/rms/"]],
+        "relative change from init per layer": ["Multiline", [r"^coord/delta/"]],
+    }
+    heatmaps = {"coord/delta/": "relative change from init ‖h−h₀‖/‖h₀‖"}
 
     def __init__(
         self,

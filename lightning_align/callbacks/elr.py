@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,8 +12,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import MeasurementCallback
-from lightning_align.logging import log_figure, log_scalars, log_text, markdown_table, new_figure, tag, tensorboard_writers
+from lightning_align.figures import layer_profile
+from lightning_align.logging import log_figure, log_scalars, log_text, markdown_table, tag, tensorboard_writers
 from lightning_align.measure.elr import (
     ScaleInvariance,
     critical_lr,
@@ -27,6 +30,10 @@ from lightning_align.measure.modules import select_modules
 from lightning_align.measure.optim import learning_rates_by_parameter
 from lightning_align.measure.state import map_tensors
 from lightning_align.schedules import ScheduleName
+
+
+#: Per-layer ELR tags are ``elr/<layer>``; these names under ``elr/`` are not layers.
+ELR_NOT_LAYER = r"(spread|log_spread_std|critical_lr|lr_over_critical|skipped_step|warmup_factor|si/.*)$"
 
 
 class EffectiveLR(MeasurementCallback):
@@ -84,6 +91,22 @@ class EffectiveLR(MeasurementCallback):
     """
 
     family = "elr"
+    headlines = (
+        Headline("elr", "ELR spread (max/min)", r"elr/spread", bar="elr_spread"),
+        Headline("elr", "critical LR", r"elr/critical_lr"),
+        Headline("elr", "lr / critical LR", r"elr/lr_over_critical"),
+    )
+    charts = {
+        "effective LR per layer": ["Multiline", [rf"^elr/(?!{ELR_NOT_LAYER})"]],
+        "ELR spread (max/min)": ["Multiline", [r"^elr/spread$"]],
+        "critical LR": ["Multiline", [r"^elr/critical_lr$"]],
+        "lr / critical LR": ["Multiline", [r"^elr/lr_over_critical$"]],
+    }
+    heatmaps = {"elr/": "effective LR ‖Δw‖/‖w‖"}
+
+    def heatmap_layer(self, tag: str, prefix: str) -> str | None:
+        layer = super().heatmap_layer(tag, prefix)
+        return None if layer is None or re.match(ELR_NOT_LAYER, layer) else layer
     measure_in_probe_context = False  # measurements only read weights; the probe is used once, in prepare()
 
     def __init__(
@@ -193,18 +216,12 @@ class EffectiveLR(MeasurementCallback):
         if not tensorboard_writers(trainer):
             return
         assert self.invariance is not None
-        fig, ax = new_figure()
         names = list(elrs)
-        xs = list(range(len(names)))
-        for invariant, marker, label in ((True, "o", "scale-invariant"), (False, "x", "other")):
-            pts = [(i, elrs[n]) for i, n in zip(xs, names) if self.invariance[n].scale_invariant == invariant]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=label)
-        ax.set_yscale("log")
-        ax.set_xlabel("layer index")
-        ax.set_ylabel("‖Δw‖/‖w‖")
-        ax.set_title(f"effective learning rates, step {trainer.global_step}")
-        ax.legend()
+        invariant = [n for n in names if self.invariance[n].scale_invariant]
+        curves = {"scale-invariant": [elrs[n] if n in invariant else math.nan for n in names]}
+        if len(invariant) < len(names):
+            curves["other (plain ‖Δw‖/‖w‖)"] = [math.nan if n in invariant else elrs[n] for n in names]
+        fig = layer_profile(names, curves, ylabel="effective LR ‖Δw‖/‖w‖ per step", title=f"effective learning rates, step {trainer.global_step}")
         log_figure(trainer, "elr/profile", fig)
 
 

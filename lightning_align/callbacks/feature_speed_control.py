@@ -88,6 +88,10 @@ class FeatureSpeedControl(MeasurementCallback):
 
     family = "align"
     needs_loss = True
+    charts = {
+        "controlled LR per layer": ["Multiline", [r"^align/control_lr/"]],
+        "controlled feature speed per layer": ["Multiline", [r"^align/control_speed/"]],
+    }
 
     def __init__(
         self,

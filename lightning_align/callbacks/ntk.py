@@ -12,10 +12,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.probe import slice_batch
 from lightning_align.measure.batch import batch_size_of, batch_targets, prediction
-from lightning_align.logging import log_figure, log_histogram, new_figure
+from lightning_align.figures import spectrum
+from lightning_align.logging import log_figure, log_histogram
 from lightning_align.measure.ntk import (
     check_sample_independent,
     kernel_distance,
@@ -103,6 +105,23 @@ class NTKSpectrum(MeasurementCallback):
     """
 
     family = "ntk"
+    headlines = (
+        Headline("ntk", "NTK max eigenvalue", r"ntk/max_eig"),
+        Headline("ntk", "NTK condition number", r"ntk/cond"),
+        Headline("ntk", "NTK distance from init", r"ntk/distance_from_init"),
+        Headline("ntk", "kernel-target alignment", r"ntk/alignment"),
+    )
+    charts = {
+        "NTK max eigenvalue": ["Multiline", [r"^ntk/max_eig$"]],
+        "NTK trace": ["Multiline", [r"^ntk/trace$"]],
+        "NTK distance from init and velocity": ["Multiline", [r"^ntk/(distance_from_init|velocity)$"]],
+        "NTK condition number": ["Multiline", [r"^ntk/cond$"]],
+        "NTK effective rank": ["Multiline", [r"^ntk/effective_rank$"]],
+        "kernel-target alignment": ["Multiline", [r"^ntk/alignment$"]],
+    }
+
+    def dashboard_charts(self) -> dict[str, list[Any]]:
+        return {t: c for t, c in self.charts.items() if self.alignment is not False or t != "kernel-target alignment"}
 
     def __init__(
         self,
@@ -223,11 +242,7 @@ class NTKSpectrum(MeasurementCallback):
         if self.histograms:
             log_histogram(trainer, "ntk/eigenvalues", values)
         if self.figures:
-            fig, ax = new_figure()
-            ax.semilogy(range(1, len(values) + 1), values.clamp_min(1e-30).tolist(), marker="o")
-            ax.set_xlabel("index")
-            ax.set_ylabel("NTK eigenvalue")
-            ax.set_title(f"NTK spectrum, step {trainer.global_step}")
+            fig = spectrum(values.tolist(), ylabel="NTK eigenvalue", title=f"top-{len(values)} NTK eigenvalues, step {trainer.global_step}")
             log_figure(trainer, "ntk/spectrum", fig)
         return metrics
 

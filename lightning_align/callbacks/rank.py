@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import log_histogram, tag
 from lightning_align.measure.modules import captured_outputs, running_statistics, select_modules
@@ -60,6 +61,16 @@ class RankMonitor(MeasurementCallback):
     """
 
     family = "rank"
+    headlines = (
+        Headline("rank", "min weight stable rank", r"rank/weight_stable/.+", "min"),
+        Headline("rank", "min repr. effective rank", r"rank/repr_effective/.+", "min"),
+    )
+    charts = {
+        "weight stable rank per layer": ["Multiline", [r"^rank/weight_stable/"]],
+        "representation effective rank per layer": ["Multiline", [r"^rank/repr_effective/"]],
+        "singular values near one per layer": ["Multiline", [r"^rank/weight_near_one/"]],
+    }
+    heatmaps = {"rank/repr_effective/": "representation effective rank"}
 
     def __init__(
         self,

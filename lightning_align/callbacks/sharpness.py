@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import log_figure, new_figure, tag, tensorboard_writers
 from lightning_align.measure.hessian import (
@@ -118,6 +119,21 @@ class Sharpness(MeasurementCallback):
 
     family = "sharpness"
     needs_loss = True
+    headlines = (
+        Headline("sharpness", "λmax (top Hessian eigenvalue)", r"sharpness/max_eig"),
+        Headline("sharpness", "lr·λmax", r"sharpness/lr_x_max_eig", bar="lr*eig"),
+        Headline("sharpness", "lr·λmax / threshold", r"sharpness/eos_ratio"),
+    )
+    charts = {
+        "lr·λmax vs threshold (LR units)": ["Multiline", [r"^sharpness/lr_x_max_eig$", r"^sharpness/threshold$"]],
+        "top Hessian eigenvalues": ["Multiline", [r"^sharpness/(max_eig|eig_\d+|preconditioned_max_eig)$"]],
+        "smallest Hessian eigenvalue": ["Multiline", [r"^sharpness/min_eig$"]],
+        "Hessian trace": ["Multiline", [r"^sharpness/trace$"]],
+    }
+
+    def dashboard_charts(self) -> dict[str, list[Any]]:
+        off = {"smallest Hessian eigenvalue": not self.min_eig, "Hessian trace": not self.trace}
+        return {title: chart for title, chart in self.charts.items() if not off.get(title, False)}
     shard_probe = True  # every Hessian-vector product is all-reduced over ranks
 
     def __init__(

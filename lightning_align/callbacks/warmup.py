@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import MeasurementCallback
 from lightning_align.callbacks.elr import check_invariance_test_args, grad_scale, layer_lrs, outputs_finite, tracked_modules
 from lightning_align.measure.elr import ScaleInvariance, critical_lr, detect_scale_invariance, grad_weight_ratios, weight_group
@@ -62,6 +63,8 @@ class ELRWarmup(MeasurementCallback):
     """
 
     family = "elr"
+    headlines = (Headline("elr", "warm-up factor", r"elr/warmup_factor"),)
+    charts = {"ELR warm-up factor": ["Multiline", [r"^elr/warmup_factor$"]]}
     measure_in_probe_context = False  # logging the factor needs no probe; the probe is used once, in prepare()
 
     def __init__(

@@ -5,17 +5,28 @@ Why Lanczos and not power iteration (PyHessian, Cockpit): it needs ``O(log n / s
 instead of ``O(log n / eps)``, it finds the largest *algebraic* (not largest magnitude) eigenvalue,
 and it gives both ends of the spectrum from one Krylov space.
 
-The implementation keeps the whole Krylov basis and re-orthogonalises every new vector against it
-twice ("twice is enough"), so no ghost eigenvalues appear. It stops on the Ritz residual
-``‖A y - θ y‖ = β_m |s_m|``: an eigenvalue of ``A`` lies within that distance of every Ritz value
-``θ``, so the stopping rule ``residual <= tol · max|θ|`` bounds the eigenvalue error by
-``tol`` relative to the spectral scale (and in practice by far less: the error is ``O(residual²/gap)``).
+The implementation keeps the whole Krylov basis, so no ghost eigenvalues appear: each new vector goes
+through the three-term recurrence, then one classical Gram-Schmidt pass against the whole basis, and a
+second pass only when the first removed most of its norm ("twice is enough", Parlett/Kahan). It stops
+on the Ritz residual ``‖A y - θ y‖ = β_m |s_m|``: an eigenvalue of ``A`` lies within that distance of
+every Ritz value ``θ``, so the stopping rule ``residual <= tol · max|θ|`` bounds the eigenvalue error
+by ``tol`` relative to the spectral scale (and in practice by far less: the error is
+``O(residual²/gap)``).
 
-Memory: the basis holds up to ``max_matvecs`` vectors of the operator's size (e.g. 50 × 10M fp32
-parameters = 2 GB), on the device of the vectors; lower ``max_matvecs`` for very large models.
+Memory: the basis grows with the products actually made, in blocks of at most 8 vectors (a warm start
+that stops after 2 products holds 2 vectors, not ``max_matvecs``), on the device of the vectors.
 
 A warm start (``init``: previous eigenvector estimates) cuts the number of products from a random
-start's ``log n`` term to a few, which is what makes measuring sharpness during training cheap.
+start's ``log n`` term to a few, which is what makes measuring sharpness during training cheap: the
+first product on the previous top vector gives its Rayleigh quotient and residual, and when that
+residual is already within ``tol`` the run stops there; when the top vector has moved, the same run
+simply goes on as an ordinary Lanczos run (nothing is thrown away).
+
+Precision: ``dtype=torch.float64`` keeps the basis, the recurrence and the Ritz vectors in float64 while
+the operator may compute in float32 (it receives float64 vectors and its output is cast back); with
+``refine=True`` the result is finished by one more product on the Ritz vector, whose Rayleigh quotient
+and *true* residual ``‖A y - θ y‖`` (not the recurrence's estimate) are reported. Together they take
+float32 Hessians to ~1e-7 relative error (``benchmarks/sharpness.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +57,9 @@ class LanczosResult:
         num_matvecs: number of operator products used.
         residuals: ``(k,)`` Ritz residual norms ``‖A y_i - θ_i y_i‖`` (each bounds the distance from
             ``values[i]`` to the nearest eigenvalue of ``A``).
+        krylov_trace: ``tr(Qᵀ A Q)`` over the Krylov basis ``Q`` (the sum of the recurrence's ``α``),
+            the exact part of a Hutch++ trace estimate.
+        basis: the ``(m, n)`` orthonormal Krylov basis when asked (``keep_basis=True``), else ``None``.
 
     Example:
         >>> a = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
@@ -58,6 +72,8 @@ class LanczosResult:
     vectors: Tensor
     num_matvecs: int
     residuals: Tensor
+    krylov_trace: float = math.nan
+    basis: Tensor | None = None
 
     @property
     def converged(self) -> bool:
@@ -76,6 +92,11 @@ def lanczos_eigs(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    *,
+    init_noise: float = WARM_START_NOISE,
+    min_matvecs: int = 1,
+    refine: bool = False,
+    keep_basis: bool = False,
 ) -> LanczosResult:
     """``k`` extreme eigenpairs of a symmetric operator by Lanczos with full re-orthogonalisation.
 
@@ -86,13 +107,23 @@ def lanczos_eigs(
         which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude.
         tol: stop when every wanted Ritz residual is ``<= tol · max|θ|`` (``0`` runs ``max_matvecs``
             products, or ``dim`` if smaller, where the result is exact).
-        max_matvecs: most operator products.
+        max_matvecs: most operator products (``refine`` adds one).
         init: warm start: a ``(dim,)`` vector or ``(dim, j)`` columns (e.g. the previous ``vectors``);
-            the start vector is their normalised sum plus a small random perturbation.
+            the start vector is their normalised sum plus a random perturbation of relative norm ``init_noise``.
         generator: random stream of the start vector / perturbation (the global stream is not used
             when given; pass the same seed on every DDP rank so all ranks run the same iteration).
-        dtype: dtype of the Krylov basis and of the vectors given to ``matvec``.
+        dtype: dtype of the Krylov basis and of the vectors given to ``matvec`` (``torch.float64`` with a
+            float32 operator: see the module docstring).
         device: device of the vectors (default: that of ``init``, else CPU).
+        init_noise: relative norm of the random perturbation mixed into a warm start (default 0.01), so
+            that a start vector that is (almost) an exact eigenvector does not end the run at once on a
+            small problem. Its own residual is about ``init_noise · max|λ|``: keep it below ``tol`` (e.g.
+            ``tol / 4``) for warm starts that stop after one or two products.
+        min_matvecs: do at least this many products before the residual test may stop the run.
+        refine: finish with one more product on each returned Ritz vector: the values become their
+            Rayleigh quotients and the residuals their true residuals ``‖A y - θ y‖`` (accumulated in
+            float64). For accuracy below float32 rounding, with ``dtype=torch.float64``.
+        keep_basis: return the Krylov basis in :attr:`LanczosResult.basis`.
 
     Returns:
         A :class:`LanczosResult`.
@@ -111,8 +142,10 @@ def lanczos_eigs(
     if device is None:
         device = init.device if init is not None else torch.device("cpu")
     device = torch.device(device)
-    start = _start_vector(dim, init, generator, dtype, device)
-    return _lanczos(matvec, start, [(k, which)], tol, min(max_matvecs, dim), generator)[0]
+    start = _start_vector(dim, init, generator, dtype, device, init_noise)
+    steps = min(max_matvecs, dim)
+    results = _lanczos(matvec, start, [(k, which)], tol, steps, generator, min(max(min_matvecs, 1), steps), keep_basis)
+    return _refined(matvec, results, dtype)[0] if refine else results[0]
 
 
 def lanczos_extremes(
@@ -126,6 +159,10 @@ def lanczos_extremes(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    *,
+    init_noise: float = WARM_START_NOISE,
+    min_matvecs: int = 1,
+    refine: bool = False,
 ) -> tuple[LanczosResult, LanczosResult]:
     """The ``k_top`` largest and ``k_bottom`` smallest eigenpairs from one Krylov space.
 
@@ -149,9 +186,10 @@ def lanczos_extremes(
     if device is None:
         device = init.device if init is not None else torch.device("cpu")
     device = torch.device(device)
-    start = _start_vector(dim, init, generator, dtype, device)
+    start = _start_vector(dim, init, generator, dtype, device, init_noise)
     steps = min(max(max_matvecs, k_top + k_bottom), dim)
-    top, bottom = _lanczos(matvec, start, [(k_top, "LA"), (k_bottom, "SA")], tol, steps, generator)
+    results = _lanczos(matvec, start, [(k_top, "LA"), (k_bottom, "SA")], tol, steps, generator, min(max(min_matvecs, 1), steps), False)
+    top, bottom = _refined(matvec, results, dtype) if refine else results
     return top, bottom
 
 
@@ -174,7 +212,12 @@ def _randn(dim: int, generator: torch.Generator | None, dtype: torch.dtype, devi
 
 
 def _start_vector(
-    dim: int, init: Tensor | None, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device
+    dim: int,
+    init: Tensor | None,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    init_noise: float = WARM_START_NOISE,
 ) -> Tensor:
     noise = _randn(dim, generator, dtype, device)
     noise = noise / noise.norm()
@@ -192,7 +235,7 @@ def _start_vector(
     start_norm = start.norm()
     if not start_norm > 0:
         return noise
-    return start / start_norm + WARM_START_NOISE * noise
+    return start / start_norm + init_noise * noise
 
 
 def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
@@ -204,6 +247,62 @@ def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
     return torch.argsort(theta.abs(), descending=True, stable=True)[:k]
 
 
+class _Basis:
+    """An orthonormal basis ``(m, n)`` that grows as vectors are appended, in blocks (2, 2, 4, 8, 8, ...).
+
+    Nothing is allocated for products that are never made, and no block is ever copied.
+    """
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.dim, self.dtype, self.device = dim, dtype, device
+        self.blocks: list[Tensor] = []
+        self.size = 0
+        self._free = 0
+
+    def append(self, v: Tensor) -> None:
+        if self._free == 0:
+            rows = min(8, max(2, self.size))
+            self.blocks.append(torch.empty(rows, self.dim, dtype=self.dtype, device=self.device))
+            self._free = rows
+        block = self.blocks[-1]
+        block[block.shape[0] - self._free] = v
+        self._free -= 1
+        self.size += 1
+
+    def filled(self) -> list[Tensor]:
+        """Views of the filled rows, block by block."""
+        if not self.blocks:
+            return []
+        last = self.blocks[-1]
+        return [*self.blocks[:-1], last[: last.shape[0] - self._free]]
+
+    def __getitem__(self, j: int) -> Tensor:
+        for block in self.filled():
+            if j < block.shape[0]:
+                return block[j]
+            j -= block.shape[0]
+        raise IndexError(j)
+
+    def project_out(self, w: Tensor) -> Tensor:
+        """One classical Gram-Schmidt pass: ``w - Q Qᵀ w`` (block by block)."""
+        coeffs = [q @ w for q in self.filled()]  # all coefficients from the same w: classical GS
+        for q, c in zip(self.filled(), coeffs):
+            w = w - q.T @ c
+        return w
+
+    def combine(self, coeffs: Tensor) -> Tensor:
+        """``Qᵀ coeffs``: ``(m, k)`` coefficients to ``(n, k)`` vectors."""
+        out = torch.zeros(self.dim, coeffs.shape[1], dtype=self.dtype, device=self.device)
+        row = 0
+        for q in self.filled():
+            out += q.T @ coeffs[row : row + q.shape[0]]
+            row += q.shape[0]
+        return out
+
+    def stacked(self) -> Tensor:
+        return torch.cat(self.filled()) if self.blocks else torch.empty(0, self.dim, dtype=self.dtype, device=self.device)
+
+
 def _lanczos(
     matvec: Callable[[Tensor], Tensor],
     start: Tensor,
@@ -211,44 +310,64 @@ def _lanczos(
     tol: float,
     max_steps: int,
     generator: torch.Generator | None,
+    min_steps: int = 1,
+    keep_basis: bool = False,
 ) -> list[LanczosResult]:
-    """Run Lanczos until every ``(k, which)`` in ``wants`` has converged Ritz pairs; one result each."""
+    """Run Lanczos until every ``(k, which)`` in ``wants`` has converged Ritz pairs; one result each.
+
+    One host read per product (``α``, ``β`` and the finiteness test together); a second
+    Gram-Schmidt pass, with one more read, only when the first removed most of the vector.
+    """
     dim, dtype, device = start.numel(), start.dtype, start.device
     need = sum(k for k, _ in wants)  # both ends wanted: as many distinct Ritz values as asked in all
-    basis = torch.empty(max_steps, dim, dtype=dtype, device=device)
-    basis[0] = start / start.norm()
+    tiny = 10 * torch.finfo(dtype).eps
+    basis = _Basis(dim, dtype, device)
+    q = start / start.norm()
+    q_prev: Tensor | None = None
+    basis.append(q)
     alphas: list[float] = []
     betas: list[float] = []  # betas[j] couples basis j and j+1
     for j in range(max_steps):
-        w = matvec(basis[j])
+        w = matvec(q)
         if w.shape != (dim,):
             raise ValueError(f"lanczos_eigs: matvec returned shape {tuple(w.shape)}, expected ({dim},)")
         w = w.to(dtype)
-        if not bool(torch.isfinite(w).all()):
+        alpha_t = torch.dot(w, q)
+        w = w - alpha_t * q
+        if q_prev is not None and betas[-1] != 0.0:
+            w = w - betas[-1] * q_prev
+        recurrence_norm = w.norm()
+        w = basis.project_out(w)
+        beta_t = w.norm()
+        alpha, norm_before, beta, finite = torch.stack(
+            [alpha_t, recurrence_norm, beta_t, torch.isfinite(w).all().to(alpha_t.dtype)]
+        ).tolist()
+        if not finite or not math.isfinite(alpha):
             return [_nan_result(k, dim, j + 1, dtype, device) for k, _ in wants]
-        alphas.append(float(torch.dot(w, basis[j])))
-        q = basis[: j + 1]
-        w = w - q.T @ (q @ w)
-        w = w - q.T @ (q @ w)  # second pass: full re-orthogonalisation to working precision
-        beta = float(w.norm())
-        theta, s = _tridiagonal_eigh(alphas, betas)
+        if beta < 0.5 * norm_before:  # the pass removed most of w: once more (twice is enough)
+            w = basis.project_out(w)
+            beta = float(w.norm())
+        alphas.append(alpha)
         m = j + 1
+        theta, s = _tridiagonal_eigh(alphas, betas)
         scale = max(float(theta.abs().max()), 1e-30)
-        if m >= need:
+        if m >= need and m >= min_steps:
             picks = [_wanted(theta, k, which) for k, which in wants]
             residuals = [beta * s[-1, idx].abs() for idx in picks]
             if all(bool((r <= tol * scale).all()) for r in residuals) or m == max_steps:
-                return [_result(basis[:m], theta, s, idx, r, m) for idx, r in zip(picks, residuals)]
-        if beta <= 10 * torch.finfo(dtype).eps * scale * math.sqrt(m):
+                trace = float(sum(alphas))
+                kept = basis.stacked() if keep_basis else None
+                return [_result(basis, theta, s, idx, r, m, trace, kept) for idx, r in zip(picks, residuals)]
+        if beta <= tiny * scale * math.sqrt(m):
             # invariant subspace found: continue in its orthogonal complement
             w = _randn(dim, generator, dtype, device)
-            w = w - q.T @ (q @ w)
-            w = w - q.T @ (q @ w)
+            w = basis.project_out(basis.project_out(w))
             beta_next, w = 0.0, w / w.norm()
         else:
             beta_next, w = beta, w / beta
         betas.append(beta_next)
-        basis[j + 1] = w
+        q_prev, q = q, w
+        basis.append(q)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -262,11 +381,42 @@ def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[Tensor, 
     return torch.linalg.eigh(t)
 
 
-def _result(basis: Tensor, theta: Tensor, s: Tensor, idx: Tensor, residuals: Tensor, m: int) -> LanczosResult:
-    coeffs = s[:, idx].to(device=basis.device, dtype=basis.dtype)
-    vectors = basis.T @ coeffs
+def _result(
+    basis: _Basis, theta: Tensor, s: Tensor, idx: Tensor, residuals: Tensor, m: int, trace: float, kept: Tensor | None
+) -> LanczosResult:
+    coeffs = s[:m, idx].to(device=basis.device, dtype=basis.dtype)
+    vectors = basis.combine(coeffs)
     vectors = vectors / vectors.norm(dim=0, keepdim=True)
-    return LanczosResult(values=theta[idx].clone(), vectors=vectors, num_matvecs=m, residuals=residuals.clone())
+    return LanczosResult(
+        values=theta[idx].clone(), vectors=vectors, num_matvecs=m, residuals=residuals.clone(), krylov_trace=trace, basis=kept
+    )
+
+
+def _refined(matvec: Callable[[Tensor], Tensor], results: list[LanczosResult], dtype: torch.dtype) -> list[LanczosResult]:
+    """Each Ritz vector's Rayleigh quotient and true residual from one more product (float64 sums)."""
+    out = []
+    extra = sum(r.vectors.shape[1] for r in results)
+    for res in results:
+        if not res.converged:
+            out.append(res)
+            continue
+        values, residuals = [], []
+        for i in range(res.vectors.shape[1]):
+            y = res.vectors[:, i]
+            w = matvec(y).to(dtype)
+            y64, w64 = y.double(), w.double()
+            theta = torch.dot(y64, w64) / torch.dot(y64, y64)
+            r = (w64 - theta * y64).norm() / y64.norm()
+            values.append(theta)
+            residuals.append(r)
+        vals = torch.stack(values).cpu()
+        out.append(
+            LanczosResult(
+                values=vals, vectors=res.vectors, num_matvecs=res.num_matvecs + extra,
+                residuals=torch.stack(residuals).cpu(), krylov_trace=res.krylov_trace, basis=res.basis,
+            )
+        )
+    return out
 
 
 def _nan_result(k: int, dim: int, num_matvecs: int, dtype: torch.dtype, device: torch.device) -> LanczosResult:

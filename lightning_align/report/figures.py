@@ -1,0 +1,164 @@
+"""Matplotlib figures of the report: curves over training, layer × step heatmaps, spectra.
+
+Headless (Agg figures, no pyplot state). Every figure has a title, axis labels with units, a legend
+when several runs share an axis, and a log axis where the values span two decades or more; figures are
+saved with a tight bounding box so nothing is clipped.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+
+from lightning_align.report.events import Run, spectrum_values
+
+DPI = 110
+STEP_LABEL = "training step"
+
+
+def new_figure(width: float = 6.4, height: float = 3.8, nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+    """A Figure (no pyplot) and its axes array (``squeeze=False``)."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+    return fig, axes
+
+
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes (tight bounding box)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.08)
+    return buf.getvalue()
+
+
+def spans_decades(values: Sequence[float], decades: float = 2.0) -> bool:
+    """Whether all finite values are positive and max/min reaches ``10**decades``.
+
+    Example:
+        >>> spans_decades([1e-4, 0.5]), spans_decades([0.1, 0.9]), spans_decades([0.0, 5.0])
+        (True, False, False)
+    """
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite or min(finite) <= 0:
+        return False
+    return max(finite) / min(finite) >= 10**decades
+
+
+def run_colors(n: int) -> list[Any]:
+    """One colour per run: ``tab10`` up to 10 runs, ``viridis`` beyond."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    return [colormaps["viridis"](i / max(1, n - 1)) for i in range(n)]
+
+
+def curves_figure(title: str, panels: Sequence[tuple[str, str, dict[str, list[tuple[int, float]]]]], ncols: int = 3) -> Figure:
+    """Small multiples: one panel per ``(panel title, y label, {run name: [(step, value)]})``, runs overlaid.
+
+    Example:
+        >>> fig = curves_figure("demo", [("loss", "loss (nats)", {"a": [(0, 2.0), (10, 1.0)]})])
+        >>> png(fig)[:4]
+        b'\\x89PNG'
+    """
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = new_figure(4.3 * ncols, 3.0 * nrows + 0.5, nrows, ncols)
+    run_names = list(dict.fromkeys(name for _, _, series in panels for name in series))
+    colors = dict(zip(run_names, run_colors(len(run_names))))
+    for ax, (panel, ylabel, series) in zip(axes.flat, panels):
+        values: list[float] = []
+        for name, points in series.items():
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            values += ys
+            ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", ms=3, lw=1.4, color=colors[name], label=name)
+        if spans_decades(values):
+            ax.set_yscale("log")
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel(STEP_LABEL)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    if len(run_names) > 1:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(run_names)), fontsize=8, title="run")
+    fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def heatmap_figure(run: Run, tags: Sequence[str], layers: Sequence[str], title: str, cbar_label: str,
+                   log: bool | None = None, vrange: tuple[float, float] | None = None) -> Figure:
+    """Layer × measurement heatmap of one run: rows = ``layers`` (names on the axis), columns = measurement steps.
+
+    Columns are the measurements in order (log-spaced schedules would squash early ones on a step axis);
+    tick labels give their steps. ``log`` (``None``: when values span two decades) picks a log colour scale.
+    """
+    steps = sorted({s for t in tags for s, _ in run.scalars[t]})
+    col = {s: i for i, s in enumerate(steps)}
+    data = np.full((len(tags), len(steps)), np.nan)
+    for i, t in enumerate(tags):
+        for s, v in run.scalars[t]:
+            data[i, col[s]] = v
+    finite = data[np.isfinite(data)]
+    if log is None:
+        log = spans_decades(finite.tolist())
+    if log:
+        positive = finite[finite > 0]
+        lo, hi = (positive.min(), positive.max()) if positive.size else (1e-3, 1.0)
+        norm: Normalize = LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001))
+        data = np.where(data > 0, data, np.where(np.isfinite(data), lo, np.nan))
+    else:
+        lo, hi = vrange or ((finite.min(), finite.max()) if finite.size else (0.0, 1.0))
+        norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-12)
+    height = min(12.0, 1.6 + 0.28 * len(layers))
+    fig, axes = new_figure(7.2, max(2.6, height))
+    ax = axes[0, 0]
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"].copy()
+    cmap.set_bad("#dddddd")
+    im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
+    every = max(1, math.ceil(len(layers) / 40))
+    ax.set_yticks(range(0, len(layers), every), [layers[i] for i in range(0, len(layers), every)], fontsize=8)
+    nticks = min(len(steps), 10)
+    ticks = sorted({round(i * (len(steps) - 1) / max(1, nticks - 1)) for i in range(nticks)})
+    ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=8, rotation=45 if len(steps) > 6 else 0)
+    ax.set_xlabel(f"{STEP_LABEL} (one column per measurement)")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title} — {run.name}", fontsize=10)
+    fig.colorbar(im, ax=ax, label=cbar_label + (" (log scale)" if log else ""))
+    return fig
+
+
+def spectrum_figure(title: str, ylabel: str, series: dict[str, list[float]]) -> Figure:
+    """Sorted spectra (largest first) on a log axis, one line per ``{label: values}``."""
+    fig, axes = new_figure(6.0, 3.8)
+    ax = axes[0, 0]
+    colors = run_colors(len(series))
+    for color, (label, values) in zip(colors, series.items()):
+        ax.plot(range(1, len(values) + 1), values, "o-" if len(values) < 40 else "-", ms=3, color=color, label=label)
+    all_values = [v for vs in series.values() for v in vs]
+    if all_values and min(all_values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("index (largest first)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def histogram_spectra(run: Run, tag: str, max_lines: int = 4) -> dict[str, list[float]]:
+    """``{"step N": values}`` for up to ``max_lines`` measurements (first, last and evenly between) of a histogram tag."""
+    entries = run.histograms.get(tag, [])
+    if not entries:
+        return {}
+    idx = sorted({round(i * (len(entries) - 1) / max(1, max_lines - 1)) for i in range(min(max_lines, len(entries)))})
+    return {f"step {entries[i][0]}": spectrum_values(entries[i][1]) for i in idx}
