@@ -14,20 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_CALLBACKS = (
-    "AlignSummary",
-    "CoordCheck",
-    "ELRWarmup",
-    "EffectiveLR",
-    "FeatureAlignment",
-    "FeatureSpeedControl",
-    "MeasurementCallback",
-    "NTKSpectrum",
-    "Parametrization",
-    "RankMonitor",
-    "Sharpness",
-)
-
 __all__ = [
     "AlignSummary",
     "CoordCheck",
@@ -44,6 +30,7 @@ __all__ = [
     "measure",
     "parametrize",
 ]
+_CALLBACKS = frozenset(name for name in __all__ if name[0].isupper())
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_align import measure, parametrize
