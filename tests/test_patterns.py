@@ -295,3 +295,26 @@ def test_rank_monitor_jacobian_on_token_inputs_is_refused_clearly() -> None:
 def test_rank_monitor_unused_layer_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match=r"RankMonitor.*'unused'.*not called"):
         fit([RankMonitor(every_n_steps=2, probe_size=8, layers=["unused"])], TokenModel, loader=_token_loader(), max_steps=2)
+
+
+class TupleOutput(TinyClassifier):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return self.net(x), {"aux": 1}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0])[0], batch[1])
+
+
+def test_rank_monitor_on_a_tuple_output_measures_the_prediction() -> None:
+    logger = MemoryLogger()
+    fit([RankMonitor(every_n_steps=2, probe_size=16, jacobian_points=2)], TupleOutput, max_steps=2, logger=logger)
+    assert math.isfinite(logger.by_step("rank/jacobian_numerical")[0])
+
+
+def test_rank_monitor_refuses_a_jacobian_too_large() -> None:
+    class Wide(TinyClassifier):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).repeat(1, 2**21)  # 3 * 2**21 outputs per sample, 8 inputs: 5e7 entries
+
+    with pytest.raises(ValueError, match=r"RankMonitor\(jacobian_points=1\).*set jacobian_points=0"):
+        fit([RankMonitor(every_n_steps=2, probe_size=4, jacobian_points=1, layers=["net.0"])], Wide, max_steps=1)

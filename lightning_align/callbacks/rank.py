@@ -126,7 +126,7 @@ class RankMonitor(MeasurementCallback):
                 log_histogram(trainer, tag("rank", "singular_values", name), spec.singular_values)
         model = self.probe_outputs_model(pl_module)
         with torch.no_grad(), captured_outputs(self._repr_modules) as features:
-            model(batch)
+            outputs = model(batch)
         self._check_features(features, batch_size_of(batch))
         for name in self._repr_modules:
             if not _finite(features[name]):
@@ -145,6 +145,13 @@ class RankMonitor(MeasurementCallback):
                     "set jacobian_points=0"
                 )
             points = points[: self.jacobian_points]
+            entries = outputs[0].numel() * points[0].numel()
+            if entries > MAX_JACOBIAN_ENTRIES:
+                raise ValueError(
+                    f"RankMonitor(jacobian_points={self.jacobian_points}): each input-output Jacobian would hold "
+                    f"{outputs[0].numel()} x {points[0].numel()} = {entries} entries (above {MAX_JACOBIAN_ENTRIES}); "
+                    "set jacobian_points=0 for a model this large"
+                )
             try:
                 with running_statistics(pl_module):  # a per-sample Jacobian needs a sample-wise function
                     ranks_j, logdets = jacobian_rank(pl_module, points, tol=self.repr_tol)
@@ -177,6 +184,8 @@ class RankMonitor(MeasurementCallback):
                 )
 
 
+#: The largest input-output Jacobian (per point) RankMonitor builds: 2**25 entries, 128 MB in float32.
+MAX_JACOBIAN_ENTRIES = 2**25
 _WEIGHT_TAGS = ("weight_stable", "weight_above", "weight_near_one", "weight_fro_sq")
 _REPR_TAGS = ("repr_effective", "repr_participation", "repr_numerical")
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_align.measure.autodiff import call_with_fresh_buffers
+from lightning_align.measure.batch import prediction
 
 
 def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -204,7 +205,7 @@ def jacobian_rank(model: nn.Module, inputs: torch.Tensor, *, tol: float = 1e-3, 
     params = {n: p.detach() for n, p in model.named_parameters()}
     ranks, logdets = [], []
     for x in inputs:
-        jac = torch.func.jacrev(lambda z: call_with_fresh_buffers(model, params, (z.unsqueeze(0),)).squeeze(0))(x)
+        jac = torch.func.jacrev(lambda z: prediction(call_with_fresh_buffers(model, params, (z.unsqueeze(0),))).squeeze(0))(x)
         s = singular_values(jac.reshape(jac.shape[0] if jac.ndim > x.ndim else 1, -1))
         rank = int((s > tol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
         top = s[: (k if k is not None else rank)]
