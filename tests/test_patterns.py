@@ -86,18 +86,21 @@ def test_optimizer_step_inside_a_probe_is_refused_with_weights_restored() -> Non
 # State changed in forward
 # --------------------------------------------------------------------------------------------------
 class StatefulModule(TinyClassifier):
-    """A forward that counts calls in a re-assigned buffer, an in-place buffer and a Python attribute."""
+    """A forward that counts calls in a re-assigned buffer, in-place buffers and Python attributes."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.register_buffer("calls", torch.zeros(()))
         self.register_buffer("seen", torch.zeros(()))
+        self.register_buffer("input_mean", torch.zeros(8))
         self.python_calls = 0
         self.history: list[int] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls = self.calls + 1
         self.seen += x.shape[0]
+        with torch.no_grad():  # a running average of the inputs: an in-place update with a per-sample value
+            self.input_mean.mul_(0.9).add_(0.1 * x.mean(0))
         self.python_calls += 1
         self.history.append(x.shape[0])
         return self.net(x)
