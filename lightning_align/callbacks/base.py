@@ -98,9 +98,10 @@ class MeasurementCallback(Callback):
     """
 
     family: ClassVar[str] = "measure"
-    #: Under DDP, ``False`` (the default): every rank measures the whole probe, so every rank logs the same
-    #: value with no collective. ``True``: the probe is split over ranks and the subclass reduces its
-    #: results with :meth:`all_reduce_mean` (sum-decomposable quantities, e.g. Hessian-vector products).
+    #: Under DDP the probe is rank 0's, broadcast once when drawn. ``False`` (the default): every rank measures
+    #: the whole probe, so every rank logs the same value. ``True``: the probe is split over ranks and the
+    #: subclass reduces its results with :meth:`all_reduce_mean` (sum-decomposable quantities, e.g.
+    #: Hessian-vector products).
     shard_probe: ClassVar[bool] = False
     #: Run :meth:`measure` inside :meth:`probe_context`. A callback that only reads weights (no forward
     #: pass on the probe) sets ``False`` and skips the context's cost at every measurement.
