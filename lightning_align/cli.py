@@ -22,6 +22,15 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 
 import example_modules  # noqa: F401  (registers the example classes for short names)
 import lightning_align.callbacks  # noqa: F401  (registers the callbacks for short names)
+from lightning_align.cli_errors import AlignArgumentParser, root_cause
+
+
+DESCRIPTION = (
+    "lightning_align: see and control feature learning while a model trains (alignment, sharpness, NTK, effective "
+    "learning rates, rank, coordinate checks; muP and friends). Start with the quickstart: "
+    "`lightning-align fit --config configs/quickstart.yaml`, then `tensorboard --logdir lightning_logs`. "
+    "Also: `lightning-align report LOGDIR` (an HTML report of a run) and `lightning-align sweep` (LR-transfer grids)."
+)
 
 
 def _tensorboard_logger() -> dict:
@@ -31,15 +40,29 @@ def _tensorboard_logger() -> dict:
     }
 
 
+class AlignCLI(LightningCLI):
+    """LightningCLI whose config errors (a callback's ``ValueError`` at instantiation) are one short message."""
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as ex:
+            cause = root_cause(ex) or ex
+            sys.stderr.write(f"lightning-align: error in the config: {type(cause).__name__}: {cause}\n")
+            sys.exit(2)
+
+
 def build_cli(args: ArgsType = None, run: bool = True) -> LightningCLI:
     """Parse ``args`` (a list of strings; ``None`` reads ``sys.argv``), build everything and run the subcommand."""
-    return LightningCLI(
+    return AlignCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"logger": _tensorboard_logger()},
+        parser_kwargs={"description": DESCRIPTION},
+        parser_class=AlignArgumentParser,
         args=args,
         run=run,
     )

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 if TYPE_CHECKING:
@@ -118,51 +118,7 @@ def new_figure(width: float = 5.0, height: float = 3.5) -> tuple[Figure, Any]:
     return fig, fig.add_subplot(1, 1, 1)
 
 
-class MemoryLogger(Logger):
-    """A logger that keeps every ``log_metrics`` call in memory, to read logged values back in scripts and tests.
+# In a private module, so the CLI does not offer it as a logger (it keeps values in memory, for scripts).
+from lightning_align._memory_logger import MemoryLogger  # noqa: E402
 
-    Example:
-        >>> log = MemoryLogger()
-        >>> log.log_metrics({"elr/spread": 3.0}, step=1)
-        >>> log.log_metrics({"elr/spread": 2.0, "elr/critical_lr": 0.5}, step=2)
-        >>> log.values("elr/spread"), log.by_step("elr/critical_lr"), log.at(2, "elr/")
-        ([3.0, 2.0], {2: 0.5}, {'elr/spread': 2.0, 'elr/critical_lr': 0.5})
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def series(self, tag: str) -> list[tuple[int | None, float]]:
-        """``(step, value)`` of every logged value of ``tag``, in logging order."""
-        return [(s, m[tag]) for s, m in self.rows if tag in m]
-
-    def values(self, tag: str) -> list[float]:
-        """The logged values of ``tag``, in logging order."""
-        return [v for _, v in self.series(tag)]
-
-    def by_step(self, tag: str) -> dict[int, float]:
-        """``{step: value}`` of ``tag`` (the last value logged at a step wins)."""
-        return {int(s or 0): v for s, v in self.series(tag)}
-
-    def at(self, step: int, prefix: str = "") -> dict[str, float]:
-        """Every metric starting with ``prefix`` logged at ``step``."""
-        out: dict[str, float] = {}
-        for s, m in self.rows:
-            if s == step:
-                out.update({k: v for k, v in m.items() if k.startswith(prefix)})
-        return out
+__all__ = ["MemoryLogger", "log_figure", "log_histogram", "log_scalars", "log_text", "markdown_table", "new_figure", "tag", "tensorboard_writers"]

@@ -25,6 +25,7 @@ unless an :class:`~lightning_align.callbacks.summary.AlignSummary` is attached t
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import math
@@ -66,7 +67,7 @@ from lightning_align.schedules import ScheduleName, StepSchedule
 BatchNormMode = Literal["train", "eval"]
 
 
-class MeasurementCallback(Callback):
+class MeasurementCallback(Callback, abc.ABC):
     """Base class of the measurement callbacks.
 
     Subclasses implement :meth:`measure` (and optionally :meth:`validate`, :meth:`before_step`,
@@ -129,7 +130,10 @@ class MeasurementCallback(Callback):
         *,
         name: str | None = None,
     ) -> None:
-        self.schedule = StepSchedule(every_n_steps=every_n_steps, schedule=schedule)
+        try:
+            self.schedule = StepSchedule(every_n_steps=every_n_steps, schedule=schedule)
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}: {err}") from None
         if not isinstance(probe_size, int) or probe_size < 1:
             raise ValueError(f"{type(self).__name__}: probe_size must be a positive int, got {probe_size!r}")
         if bn_mode not in ("train", "eval"):
@@ -163,9 +167,9 @@ class MeasurementCallback(Callback):
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check arguments against the model; raise a clear error naming the culprit. Runs at fit start."""
 
+    @abc.abstractmethod
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
         """Measure on the probe batch and return scalars ``{tag: value}`` to log (may log more itself)."""
-        raise NotImplementedError
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Once per fit, right after the probe batch is drawn and before the step-0 measurement, inside the

@@ -1,0 +1,54 @@
+"""The CLI points the way: a description naming the suite and the quickstart, only concrete choices, and
+config errors as one short message naming the key (with near misses) or the callback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_align.cli import main
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+
+
+def _error(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) <= 3, err  # short: no usage dump, no traceback
+    return err
+
+
+def test_misspelled_flag_names_it_and_the_nearest_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["fit", "--config", QUICKSTART, "--trainer.max_stpes=3"])
+    assert "'--trainer.max_stpes'" in err and "did you mean '--trainer.max_steps'" in err
+
+
+def test_misspelled_yaml_key_names_it_and_the_nearest_keys(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_stpes: 3\n")
+    err = _error(capsys, ["fit", "--config", QUICKSTART, "--config", str(bad)])
+    assert "'trainer.max_stpes'" in err and "'trainer.max_steps'" in err
+
+
+def test_a_callback_argument_error_is_one_line_naming_the_callback(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["fit", "--config", QUICKSTART, "--trainer.callbacks+=lightning_align.RankMonitor", "--trainer.callbacks.every_n_steps=0"])
+    assert "RankMonitor: every_n_steps must be >= 1" in err
+    assert err.count("every_n_steps must be") == 1
+
+
+def test_no_config_points_to_the_quickstart(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "configs/quickstart.yaml" in _error(capsys, ["fit"])
+
+
+def test_help_names_the_suite_and_offers_only_concrete_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "feature learning" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "lightning_align.Sharpness" in out
+    assert "MeasurementCallback" not in out and "MemoryLogger" not in out
