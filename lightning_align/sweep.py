@@ -37,11 +37,18 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from collections.abc import Iterator, Sequence
+from concurrent.futures import (
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    as_completed,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,8 +235,8 @@ def parse_fit(args: Sequence[str]) -> Any:
     except _Parsed as parsed:
         return parsed.args[0]["fit"]
     except SystemExit:
-        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
-        start = next((i for i, ln in enumerate(lines) if ln.startswith("error:")), max(0, len(lines) - 6))
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip() and not ln.startswith("(all options")]
+        start = next((i for i, ln in enumerate(lines) if "error:" in ln), max(0, len(lines) - 6))
         raise SweepError("\n".join(lines[start:]) or "the fit arguments do not parse") from None
     finally:
         seed_log.setLevel(level)
@@ -239,7 +246,7 @@ def parse_fit(args: Sequence[str]) -> Any:
 def valid_keys(ns: Any) -> list[str]:
     """Every dotted key a grid may set: the parsed config's keys and branches, and the last callback's init args."""
     keys: set[str] = set()
-    for k in ns.keys():
+    for k in ns.keys():  # noqa: SIM118  (a jsonargparse Namespace: dotted leaf keys)
         parts = k.split(".")
         keys.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     callbacks = ns.get("trainer.callbacks") or []
@@ -355,8 +362,7 @@ def _run_subprocess(point: Point, env: dict[str, str]) -> tuple[Point, int, floa
 
 
 def _init_worker(threads: int | None) -> None:
-    """A reused worker process: quiet argv, and its share of the CPU threads."""
-    sys.argv = ["lightning-align"]
+    """A reused worker process gets its share of the CPU threads."""
     if threads:
         import torch
 
@@ -370,6 +376,7 @@ def _run_in_process(point: Point) -> tuple[Point, int, float]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
+    argv, sys.argv = sys.argv, ["lightning-align"]  # LightningCLI warns when given args while sys.argv has some
     rc = 0
     with open(log, "w") as f:
         os.dup2(f.fileno(), 1)
@@ -380,7 +387,7 @@ def _run_in_process(point: Point) -> tuple[Point, int, float]:
             cli.main(point.command())
         except SystemExit as exc:
             rc = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:  # noqa: BLE001  (the point fails, the worker goes on)
+        except Exception:  # noqa: BLE001  (the point fails, the sweep goes on)
             import traceback
 
             traceback.print_exc()
@@ -392,6 +399,7 @@ def _run_in_process(point: Point) -> tuple[Point, int, float]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+            sys.argv = argv
     return point, rc, time.perf_counter() - t0
 
 
@@ -399,11 +407,39 @@ def _threads_per_job(jobs: int) -> int | None:
     return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
 
 
-def run_points(points: Sequence[Point], jobs: int = 1, reuse_processes: bool = False) -> list[Point]:
-    """Run ``points`` (``jobs`` at a time) with a progress bar; mark the successful ones; return the failed ones."""
-    from tqdm.auto import tqdm
+def _run_here(points: Sequence[Point]) -> Iterator[tuple[Point, int, float]]:
+    """Run points one by one in this process; Ctrl-C stops the sweep (Lightning turns it into a failed fit)."""
+    interrupted = False
 
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        for p in points:
+            result = _run_in_process(p)
+            if interrupted:
+                raise KeyboardInterrupt
+            yield result
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _results(points: Sequence[Point], jobs: int, reuse_processes: bool) -> Iterator[tuple[Point, int, float] | BaseException]:
+    """Each point's ``(point, exit code, seconds)`` as it finishes (or the error of a worker that died)."""
+    if reuse_processes and (jobs == 1 or len(points) == 1):  # no worker to start: this process has imported everything
+        yield from _run_here(points)
+        return
     threads = _threads_per_job(jobs)
+    env = dict(os.environ)
+    if threads and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(threads)
     executor: Executor
     if reuse_processes:
         import multiprocessing
@@ -411,36 +447,43 @@ def run_points(points: Sequence[Point], jobs: int = 1, reuse_processes: bool = F
         executor = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,))
     else:
         executor = ThreadPoolExecutor(jobs)
-    env = dict(os.environ)
-    if threads and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(threads)
-    failed: list[Point] = []
-    with executor, tqdm(total=len(points), desc="sweep", unit="point", file=sys.stderr, dynamic_ncols=True) as bar:
+    with executor:
         futures: list[Future] = [
             executor.submit(_run_in_process, p) if reuse_processes else executor.submit(_run_subprocess, p, env) for p in points
         ]
         try:
             for fut in as_completed(futures):
                 try:
-                    point, rc, seconds = fut.result()
-                except Exception as err:  # a worker process died: its point failed
-                    bar.write(f"sweep: a worker failed: {err!r}")
-                    bar.update()
-                    continue
-                if rc == 0:
-                    write_marker(point, seconds)
-                else:
-                    failed.append(point)
-                    bar.write(f"sweep: {point.name} failed (exit {rc}); log: {point.directory / LOG_NAME}")
-                if failed:
-                    bar.set_postfix_str(f"{len(failed)} failed")
-                bar.update()
-        except KeyboardInterrupt:
+                    yield fut.result()
+                except Exception as err:  # noqa: BLE001  (a worker process died: its points fail)
+                    yield err
+        except (KeyboardInterrupt, GeneratorExit):
             for fut in futures:
                 fut.cancel()
             raise
-    done = {p.name for p in points if (p.directory / MARKER).is_file()}
-    return [p for p in points if p.name not in done]
+
+
+def run_points(points: Sequence[Point], jobs: int = 1, reuse_processes: bool = False) -> list[Point]:
+    """Run ``points`` (``jobs`` at a time) with a progress bar; mark the successful ones; return the unfinished ones."""
+    from tqdm.auto import tqdm
+
+    failed = 0
+    with tqdm(total=len(points), desc="sweep", unit="point", file=sys.stderr, dynamic_ncols=True) as bar:
+        for result in _results(points, jobs, reuse_processes):
+            if isinstance(result, BaseException):
+                failed += 1
+                bar.write(f"sweep: a worker process failed: {result!r}")
+            else:
+                point, rc, seconds = result
+                if rc == 0:
+                    write_marker(point, seconds)
+                else:
+                    failed += 1
+                    bar.write(f"sweep: {point.name} failed (exit {rc}); log: {point.directory / LOG_NAME}")
+            if failed:
+                bar.set_postfix_str(f"{failed} failed")
+            bar.update()
+    return [p for p in points if not (p.directory / MARKER).is_file()]
 
 
 def print_commands(points: Sequence[Point], file: Any = None) -> None:
@@ -470,12 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="seeds per point: seed_everything = config seed + 0..N-1 (default 1)")
     p.add_argument("--jobs", type=int, default=1, help="points run at once, in separate processes (default 1)")
     p.add_argument("--reuse-processes", action="store_true",
-                   help="each of the --jobs processes runs its points one after another, importing once "
-                   "(saves several seconds per point on short fits; a crash fails the points in flight)")
+                   help="each of the --jobs processes (with --jobs 1: this one) runs its points one after another, "
+                   "importing once (saves several seconds per point on short fits; a crash fails the points in flight)")
     p.add_argument("--print-commands", action="store_true", help="print one shell line per unfinished point and exit")
     p.add_argument("--out", type=Path, default=Path("sweeps/sweep"), help="sweep directory (default sweeps/sweep)")
-    p.add_argument("--criterion", default="final", choices=("final", "best", "mean", "val_final", "val_best"),
-                   help="loss that picks the optimum LR in the report (default final: mean of the last 10%% of train/loss)")
+    p.add_argument("--criterion", default="mean", choices=("mean", "final", "best", "val_final", "val_best"),
+                   help="loss that picks the optimum LR in the report (default mean: mean training loss over the run)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     return p
 
@@ -516,13 +559,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts.out.mkdir(parents=True, exist_ok=True)
     print(f"sweep: {len(points)} points, {len(points) - len(todo)} already finished, running {len(todo)} "
           f"({opts.jobs} at a time) in {opts.out.resolve()}", file=sys.stderr)
-    failed = run_points(todo, opts.jobs, opts.reuse_processes) if todo else []
+    try:
+        failed = run_points(todo, opts.jobs, opts.reuse_processes) if todo else []
+    except KeyboardInterrupt:
+        left = sum(not (p.directory / MARKER).is_file() for p in points)
+        print(f"\nsweep: interrupted; rerun the same command to run the {left} unfinished points", file=sys.stderr)
+        return 130
     for p in failed:
         print(f"sweep: unfinished: {p.name} (log {p.directory / LOG_NAME})", file=sys.stderr)
     if not opts.no_report:
         from lightning_align.report import write_report
 
-        page, verdicts = write_report([opts.out], opts.out / "report", criterion=opts.criterion)
+        finished = [p.directory for p in points if (p.directory / MARKER).is_file() or is_finished(p)]
+        if not finished:
+            print("sweep: no finished point to report on", file=sys.stderr)
+            return 1
+        page, verdicts = write_report(finished, opts.out / "report", criterion=opts.criterion,
+                                      title=f"lightning_align sweep: {opts.out.resolve().name}")
         for line in verdicts:
             print(line)
         print(f"sweep: report {page}", file=sys.stderr)

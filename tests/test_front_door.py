@@ -98,6 +98,7 @@ def test_venv_is_git_ignored():
 STUB = """#!/bin/sh
 printf '%s\\t%s\\t%s\\n' "{name}" "$(pwd -P)" "$*" >>"$FRONT_DOOR_LOG"
 if [ "$1" = -c ]; then echo "${{STUB_PYTHON_VERSION:-3.11}}"; fi
+if [ "$1" = fit ]; then mkdir -p lightning_logs/version_0; fi
 """
 
 # A stand-in for python3: `-m venv DIR` makes DIR a fake venv of stubs; `-c ...` prints the version.
@@ -174,14 +175,15 @@ def test_second_run_with_unchanged_pyproject_skips_pip(clone):
     assert [c[2] for c in pip_calls(calls)] == ["-m pip install -e .[dev]"]
     assert all(c[1] == str(clone.path.resolve()) for c in pip_calls(calls)), "pip must run in the clone"
     assert "pip install -e" in proc.stderr  # says what it is doing
-    job = calls[-1]
+    job, report = calls[-2], calls[-1]
     assert job[0] == "lightning-align"
     assert job[2] == f"fit --config {clone.path.resolve()}/configs/quickstart.yaml --trainer.max_epochs=1"
+    assert report[0] == "lightning-align" and report[2] == "report lightning_logs/version_0"  # then the HTML report
 
-    for command, job_name in (("quickstart", "lightning-align"), ("test", "pytest")):
+    for command, jobs in (("quickstart", ["lightning-align", "lightning-align"]), ("test", ["pytest"])):
         proc, calls = clone.run(command, venv=venv)
         assert proc.returncode == 0, proc.stderr
-        assert [c[0] for c in calls] == [job_name], f"a second run should go straight to the job: {calls}"
+        assert [c[0] for c in calls] == jobs, f"a second run should go straight to the job: {calls}"
         assert "install" not in proc.stderr
 
 

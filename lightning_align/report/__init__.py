@@ -24,7 +24,7 @@ from lightning_align.report.events import Run, load_run, load_runs
 __all__ = ["Run", "load_run", "load_runs", "main", "write_report"]
 
 
-def write_report(paths: Sequence[Path | str], out: Path | str, criterion: str = "final", max_detail_runs: int = 6,
+def write_report(paths: Sequence[Path | str], out: Path | str, criterion: str = "mean", max_detail_runs: int = 6,
                  title: str | None = None) -> tuple[Path, list[str]]:
     """Write ``out/report.html`` (and its PNGs) for the runs at or under ``paths``; return its path and the verdicts."""
     import matplotlib
@@ -48,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lightning-align report", description=__doc__.splitlines()[0].split(": ", 1)[-1], allow_abbrev=False)
     p.add_argument("logdirs", nargs="+", type=Path, help="run directories, or directories above runs")
     p.add_argument("--out", type=Path, default=None, help="output directory (default LOGDIR/report, or ./report for several)")
-    p.add_argument("--criterion", default="final", choices=("final", "best", "mean", "val_final", "val_best"),
-                   help="loss that picks the optimum LR of a sweep (default final)")
+    p.add_argument("--criterion", default="mean", choices=("mean", "final", "best", "val_final", "val_best"),
+                   help="loss that picks the optimum LR of a sweep (default mean: mean training loss over the run)")
     p.add_argument("--max-detail-runs", type=int, default=6, help="per-run sections only up to this many runs (default 6)")
     p.add_argument("--title", default=None, help="page title")
     opts = p.parse_args(list(sys.argv[2:] if argv is None else argv))

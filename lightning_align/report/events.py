@@ -183,7 +183,9 @@ def load_runs(paths: Iterable[Path | str]) -> list[Run]:
             raise FileNotFoundError(f"no TensorBoard event files ({EVENTS_GLOB}) at or under {p}")
         for d in dirs:
             rel = d.relative_to(p).as_posix() if d != p else ""
-            runs.append(load_run(d, rel or p.resolve().name))
+            here = p.resolve()
+            own = f"{here.parent.name}/{here.name}" if re.fullmatch(r"version_\d+", here.name) else here.name
+            runs.append(load_run(d, rel or own))
     names = [r.name for r in runs]
     if len(set(names)) < len(names):  # the same run name under different roots: use the full paths
         for r in runs:
@@ -204,5 +206,5 @@ def spectrum_values(buckets: Buckets) -> list[float]:
     out: list[float] = []
     for left, right, count in buckets:
         centre = math.sqrt(left * right) if left > 0 and right > 0 else (left + right) / 2
-        out += [centre] * int(round(count))
+        out += [centre] * round(count)
     return sorted(out, reverse=True)

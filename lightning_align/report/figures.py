@@ -1,4 +1,4 @@
-"""Matplotlib figures of the report: curves over training, layer × step heatmaps, spectra.
+"""Matplotlib figures of the report that compare runs: curves over training and overlaid spectra.
 
 Headless (Agg figures, no pyplot state). Every figure has a title, axis labels with units, a legend
 when several runs share an axis, and a log axis where the values span two decades or more; figures are
@@ -12,8 +12,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from lightning_align.report.events import Run, spectrum_values
@@ -40,13 +38,37 @@ def spans_decades(values: Sequence[float], decades: float = 2.0) -> bool:
     """Whether all finite values are positive and max/min reaches ``10**decades``.
 
     Example:
-        >>> spans_decades([1e-4, 0.5]), spans_decades([0.1, 0.9]), spans_decades([0.0, 5.0])
-        (True, False, False)
+        >>> spans_decades([1e-4, 0.5]), spans_decades([0.1, 0.9]), spans_decades([0.0, 5.0]), spans_decades([1e-14, 0.5])
+        (True, False, False, False)
     """
     finite = [v for v in values if math.isfinite(v)]
-    if not finite or min(finite) <= 0:
+    if not finite or min(finite) <= max(finite) * 1e-9:  # zero, negative, or round-off from zero (1e-14 at init)
         return False
     return max(finite) / min(finite) >= 10**decades
+
+
+def log_axis(ax: Any, which: str = "y", base: float = 10) -> None:
+    """A log axis labelled with plain numbers (``0.3``, ``2``), not ``2×10^0``."""
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):
+        def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+            return f"{x:.3g}" if 1e-3 <= abs(x) < 1e3 else f"{x:.0f}" if 1e3 <= abs(x) < 1e6 else f"{x:.0e}"
+
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log", base=base)
+    axis.set_major_formatter(Plain(base=base, labelOnlyBase=False))
+    axis.set_minor_formatter(Plain(base=base, labelOnlyBase=False, minor_thresholds=(1.2, 0.4)))
+
+
+def size_axis(ax: Any, sizes: Sequence[float]) -> None:
+    """A log2 x axis with a tick (plain number) at each size."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(sorted(sizes)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(sorted(sizes), [f"{s:g}" for s in sorted(sizes)])
 
 
 def run_colors(n: int) -> list[Any]:
@@ -78,7 +100,7 @@ def curves_figure(title: str, panels: Sequence[tuple[str, str, dict[str, list[tu
             values += ys
             ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", ms=3, lw=1.4, color=colors[name], label=name)
         if spans_decades(values):
-            ax.set_yscale("log")
+            log_axis(ax)
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel(STEP_LABEL)
         ax.set_ylabel(ylabel)
@@ -92,50 +114,6 @@ def curves_figure(title: str, panels: Sequence[tuple[str, str, dict[str, list[tu
     return fig
 
 
-def heatmap_figure(run: Run, tags: Sequence[str], layers: Sequence[str], title: str, cbar_label: str,
-                   log: bool | None = None, vrange: tuple[float, float] | None = None) -> Figure:
-    """Layer × measurement heatmap of one run: rows = ``layers`` (names on the axis), columns = measurement steps.
-
-    Columns are the measurements in order (log-spaced schedules would squash early ones on a step axis);
-    tick labels give their steps. ``log`` (``None``: when values span two decades) picks a log colour scale.
-    """
-    steps = sorted({s for t in tags for s, _ in run.scalars[t]})
-    col = {s: i for i, s in enumerate(steps)}
-    data = np.full((len(tags), len(steps)), np.nan)
-    for i, t in enumerate(tags):
-        for s, v in run.scalars[t]:
-            data[i, col[s]] = v
-    finite = data[np.isfinite(data)]
-    if log is None:
-        log = spans_decades(finite.tolist())
-    if log:
-        positive = finite[finite > 0]
-        lo, hi = (positive.min(), positive.max()) if positive.size else (1e-3, 1.0)
-        norm: Normalize = LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001))
-        data = np.where(data > 0, data, np.where(np.isfinite(data), lo, np.nan))
-    else:
-        lo, hi = vrange or ((finite.min(), finite.max()) if finite.size else (0.0, 1.0))
-        norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-12)
-    height = min(12.0, 1.6 + 0.28 * len(layers))
-    fig, axes = new_figure(7.2, max(2.6, height))
-    ax = axes[0, 0]
-    from matplotlib import colormaps
-
-    cmap = colormaps["viridis"].copy()
-    cmap.set_bad("#dddddd")
-    im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
-    every = max(1, math.ceil(len(layers) / 40))
-    ax.set_yticks(range(0, len(layers), every), [layers[i] for i in range(0, len(layers), every)], fontsize=8)
-    nticks = min(len(steps), 10)
-    ticks = sorted({round(i * (len(steps) - 1) / max(1, nticks - 1)) for i in range(nticks)})
-    ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=8, rotation=45 if len(steps) > 6 else 0)
-    ax.set_xlabel(f"{STEP_LABEL} (one column per measurement)")
-    ax.set_ylabel("layer")
-    ax.set_title(f"{title} — {run.name}", fontsize=10)
-    fig.colorbar(im, ax=ax, label=cbar_label + (" (log scale)" if log else ""))
-    return fig
-
-
 def spectrum_figure(title: str, ylabel: str, series: dict[str, list[float]]) -> Figure:
     """Sorted spectra (largest first) on a log axis, one line per ``{label: values}``."""
     fig, axes = new_figure(6.0, 3.8)
@@ -145,7 +123,7 @@ def spectrum_figure(title: str, ylabel: str, series: dict[str, list[float]]) -> 
         ax.plot(range(1, len(values) + 1), values, "o-" if len(values) < 40 else "-", ms=3, color=color, label=label)
     all_values = [v for vs in series.values() for v in vs]
     if all_values and min(all_values) > 0:
-        ax.set_yscale("log")
+        log_axis(ax)
     ax.set_xlabel("index (largest first)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

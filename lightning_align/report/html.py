@@ -3,7 +3,8 @@
 Sections, each present only when the runs logged something for it: the LR-transfer analysis (runs of
 a sweep), the runs and what differs between them, the first -> last table of the suite's headline
 values (the same headlines and reductions as the end-of-fit table, :mod:`lightning_align.headlines`),
-each family's headline curves (runs overlaid), a layer × step heatmap per per-layer family, spectra,
+each family's headline curves (runs overlaid), a layer × step heatmap per per-layer family (the families
+and labels the callbacks declare, drawn by :func:`lightning_align.figures.layer_heatmap`), spectra,
 the figures and text the callbacks logged, and each run's config and hyper-parameters.
 """
 
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import base64
 import html
+import inspect
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +53,6 @@ UNITS = {
     "acc": "accuracy (0..1)",
 }
 HLINES = {"lr·λmax / threshold": 1.0}
-
-_ELR_LAYER = re.compile(r"^elr/(?!(spread|log_spread_std|critical_lr|lr_over_critical|skipped_step|warmup_factor)$)[^/]+$")
-
-#: Per-layer families drawn as layer × step heatmaps: (tag prefix, title, colour-bar label).
-HEATMAPS = (
-    ("align/cos/", "alignment cos(−∂L/∂f, δf) per layer", "cos θ"),
-    ("align/speed/", "feature speed per layer", "‖δf‖ / ‖f‖ per step"),
-    ("elr/", "effective learning rate per layer", "‖Δw‖ / ‖w‖ per step"),
-    ("coord/delta/", "feature movement from init per layer", "‖h_t − h_0‖ / ‖h_0‖"),
-    ("coord/rms/", "activation RMS per layer", "RMS of layer output"),
-    ("rank/repr_effective/", "representation effective rank per layer", "effective rank"),
-    ("rank/weight_stable/", "weight stable rank per layer", r"$\|W\|_F^2 / \|W\|_2^2$"),
-)
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1400px;padding:0 16px;color:#222}
@@ -152,13 +142,27 @@ def _family_order(families: Sequence[str]) -> list[str]:
                                                  known.index(f) if f in known else 0, f))
 
 
-def heatmap_tags(run: Run, prefix: str) -> list[str]:
-    """The run's per-layer tags of one heatmap family, layers in natural order."""
-    if prefix == "elr/":
-        tags = [t for t in run.scalars if _ELR_LAYER.match(t)]
-    else:
-        tags = [t for t in run.scalars if t.startswith(prefix) and "/" not in t[len(prefix):]]
-    return sorted(tags, key=natural_key)
+def suite_heatmaps() -> list[tuple[str, str, Callable[[str], str | None]]]:
+    """The per-layer families the suite's callbacks draw as heatmaps: ``(tag prefix, colour-bar label, tag -> layer)``.
+
+    Declared by each callback class (``heatmaps``, ``heatmap_layer``), as for their end-of-fit TensorBoard heatmaps.
+    """
+    from lightning_align import callbacks
+
+    out = []
+    for name in callbacks.__all__:
+        cls = getattr(callbacks, name)
+        if isinstance(cls, type) and issubclass(cls, callbacks.MeasurementCallback) and cls.heatmaps and not inspect.isabstract(cls):
+            probe = object.__new__(cls)  # heatmap_layer reads the tag only
+            out += [(prefix, label, partial(probe.heatmap_layer, prefix=prefix)) for prefix, label in cls.heatmaps.items()]
+    order = {f: i for i, f in enumerate(dict.fromkeys(h.family for h in suite_headlines()))}
+    return sorted(out, key=lambda item: order.get(item[0].split("/")[0], len(order)))
+
+
+def heatmap_layers(run: Run, layer_of: Callable[[str], str | None]) -> dict[str, str]:
+    """``{layer: tag}`` of a run's per-layer tags of one heatmap family, layers in natural order."""
+    found = {layer: t for t in run.scalars if (layer := layer_of(t)) is not None and "/" not in layer}
+    return dict(sorted(found.items(), key=lambda kv: natural_key(kv[0])))
 
 
 def varying_config(runs: Sequence[Run]) -> list[str]:
@@ -192,7 +196,7 @@ def _summary_section(page: Page, runs: Sequence[Run]) -> None:
     page.add("<h2>First → last measurement</h2><p class=note>The end-of-fit table of the suite (same headline values and "
              "reductions over layers), read back from the event files.</p>")
     if len(runs) == 1:
-        page.table(["family", "quantity", "first", "last", "steps"], summary_rows(next(iter(records.values()))), numeric_from=2)
+        page.table(["family", "quantity", "first", "last", "steps"], _family_once(summary_rows(next(iter(records.values())))), numeric_from=2)
         return
     keys = list(dict.fromkeys((row[0], row[1]) for rec in records.values() for row in summary_rows(rec)))
     rows = []
@@ -202,7 +206,12 @@ def _summary_section(page: Page, runs: Sequence[Run]) -> None:
             rec = records[r.name].get((family, label))
             cells.append(f"{format_value(rec.first)} → {format_value(rec.last)}" if rec else "-")
         rows.append([family, label, *cells])
-    page.table(["family", "quantity", *(r.name for r in runs)], rows, numeric_from=2)
+    page.table(["family", "quantity", *(r.name for r in runs)], _family_once(rows), numeric_from=2)
+
+
+def _family_once(rows: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The family written once per group, as in the terminal table."""
+    return [["" if i and row[0] == rows[i - 1][0] else row[0], *row[1:]] for i, row in enumerate(rows)]
 
 
 def _curves_section(page: Page, runs: Sequence[Run]) -> None:
@@ -211,29 +220,39 @@ def _curves_section(page: Page, runs: Sequence[Run]) -> None:
     if not families:
         return
     page.add("<h2>Headline curves</h2>")
-    for family in families:
-        labels = list(dict.fromkeys(lbl for s in series.values() for fam, lbl in s if fam == family))
+    training = [f for f in families if f in TRAINING_FAMILIES]
+    groups = ([("training and validation metrics", training)] if training else []) + [
+        (f"{f}: headline values over training", [f]) for f in families if f not in TRAINING_FAMILIES]
+    for title, fams in groups:
+        keys = list(dict.fromkeys((fam, lbl) for fam in fams for s in series.values() for f, lbl in s if f == fam))
         panels = []
-        for label in labels:
+        for family, label in keys:
             by_run = {name: s[(family, label)] for name, s in series.items() if (family, label) in s}
-            panels.append((label, UNITS.get(label, label), by_run))
-        fig = F.curves_figure(f"{family}: headline values over training" if family not in TRAINING_FAMILIES else f"{family} metrics",
-                              panels)
-        for ax, (label, _, _) in zip(fig.axes, panels):
+            panels.append((f"{family}/{label}" if family in TRAINING_FAMILIES else label, UNITS.get(label, label), by_run))
+        fig = F.curves_figure(title, panels, ncols=4 if fams is training else 3)
+        for ax, (_, label) in zip(fig.axes, keys):
             if label in HLINES:
                 ax.axhline(HLINES[label], color="k", ls="--", lw=1)
-        page.figure(fig, f"curves-{family}", f"{family}: " + ", ".join(labels))
+        page.figure(fig, f"curves-{'-'.join(fams)}", f"{', '.join(fams)}: " + ", ".join(p[0] for p in panels))
 
 
 def _heatmap_section(page: Page, runs: Sequence[Run]) -> None:
-    items = [(r, prefix, title, cbar, tags) for prefix, title, cbar in HEATMAPS for r in runs if (tags := heatmap_tags(r, prefix))]
+    from lightning_align.figures import layer_heatmap
+
+    items = [(r, prefix, label, layers) for prefix, label, layer_of in suite_heatmaps() for r in runs
+             if len(layers := heatmap_layers(r, layer_of)) > 0]
     if not items:
         return
-    page.add("<h2>Per-layer heatmaps</h2><p class=note>Rows: layers (module names, in model order when numbered); "
-             "columns: measurements; grey: not measured or not finite.</p>")
-    for r, prefix, title, cbar, tags in items:
-        layers = [t[len(prefix):] for t in tags]
-        page.figure(F.heatmap_figure(r, tags, layers, title, cbar), f"heatmap-{prefix}{r.name}", f"{title} ({prefix}<layer>), run {r.name}")
+    page.add("<h2>Per-layer heatmaps</h2><p class=note>Rows: layers (module names, numbered ones in order); "
+             "columns: measurements; blank: not measured or not finite.</p>")
+    for r, prefix, label, layers in items:
+        steps = sorted({s for t in layers.values() for s, _ in r.scalars[t]})
+        values = [[dict(r.scalars[t]).get(s, math.nan) for s in steps] for t in layers.values()]
+        title = f"{label}, per layer and step" + (f" — {r.name}" if len(runs) > 1 else "")
+        fig = layer_heatmap(list(layers), steps, values, label=label, title=title)
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(max(width, 6.4), max(height, 3.8))  # room for a long colour-bar label
+        page.figure(fig, f"heatmap-{prefix}{r.name}", f"{prefix}<layer>, run {r.name}")
 
 
 def _spectra_section(page: Page, runs: Sequence[Run]) -> None:
@@ -265,6 +284,8 @@ def _logged_section(page: Page, runs: Sequence[Run]) -> None:
     page.add("<h2>Figures and tables logged by the callbacks</h2>")
     for r in runs:
         for tag, (step, data) in sorted(r.images.items()):
+            if "/heatmap" in tag:  # drawn above from the scalars
+                continue
             page.image(data, f"logged-{tag}-{r.name}", f"{tag} at step {step}, run {r.name}")
         for tag, (step, text) in sorted(r.texts.items()):
             page.add(f"<details><summary>{html.escape(tag)} (step {step}, run {html.escape(r.name)})</summary><pre>{html.escape(text)}</pre></details>")
@@ -306,7 +327,7 @@ def _transfer_section(page: Page, t: T.Transfer) -> None:
         page.figure(T.coord_figure(t, axis), f"transfer-coord-{axis}", "coord/* at the last measurement per size, at the transferred LR.")
 
 
-def build(runs: Sequence[Run], out: Path, criterion: str = "final", max_detail_runs: int = 6, title: str | None = None) -> tuple[str, list[str]]:
+def build(runs: Sequence[Run], out: Path, criterion: str = "mean", max_detail_runs: int = 6, title: str | None = None) -> tuple[str, list[str]]:
     """The page's HTML for ``runs`` (figures written into ``out``) and the transfer verdict lines (if a sweep)."""
     page = Page(out)
     title = title or ("lightning_align report: " + (runs[0].name if len(runs) == 1 else f"{len(runs)} runs"))

@@ -23,12 +23,18 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lightning_align.report.events import Run, natural_key
-from lightning_align.report.figures import STEP_LABEL, new_figure, spans_decades
+from lightning_align.report.figures import (
+    STEP_LABEL,
+    log_axis,
+    new_figure,
+    size_axis,
+    spans_decades,
+)
 
 CRITERIA = {
-    "final": "final training loss (mean of the last 10% of logged train/loss)",
-    "best": "best training loss (min of train/loss smoothed over 10% of the run)",
-    "mean": "mean training loss over the run",
+    "mean": "mean training loss over the run (how fast each LR trains; the least noisy)",
+    "final": "final training loss (mean of the last 20% of logged train/loss values, at least 3)",
+    "best": "best training loss (min of train/loss smoothed over 20% of the run)",
     "val_final": "final validation loss",
     "val_best": "best validation loss",
 }
@@ -125,12 +131,12 @@ def run_losses(run: Run) -> dict[str, float]:
         >>> from pathlib import Path
         >>> r = Run(Path("."), "r", scalars={"train/loss": [(i, 10.0 - i) for i in range(10)]})
         >>> run_losses(r)["final"], run_losses(r)["mean"], run_losses(r)["val_final"]
-        (1.0, 5.5, inf)
+        (2.0, 5.5, inf)
     """
     out = dict.fromkeys(CRITERIA, math.inf)
     train = _series(run, "train/loss")
     if train:
-        n = max(1, len(train) // 10)
+        n = min(len(train), max(3, len(train) // 5))
         smooth = np.convolve(np.asarray(train), np.ones(n) / n, mode="valid")
         out["final"] = float(np.mean(train[-n:]))
         out["best"] = float(np.min(smooth))
@@ -167,7 +173,7 @@ def slope(sizes: Sequence[float], lrs: Sequence[float]) -> float:
     """Least-squares slope of ``log2(lr)`` against ``log2(size)`` (log2 steps per doubling).
 
     Example:
-        >>> slope([64, 128, 256], [0.01, 0.005, 0.0025])
+        >>> round(slope([64, 128, 256], [0.01, 0.005, 0.0025]), 6)
         -1.0
     """
     if len(sizes) < 2:
@@ -181,7 +187,7 @@ def group_label(run: Run, keys: Sequence[str]) -> str:
     return ", ".join(f"{k.rsplit('.', 1)[-1]}={_value(flat.get(k))}" for k in keys)
 
 
-def analyse(runs: Sequence[Run], criterion: str = "final") -> Transfer | None:
+def analyse(runs: Sequence[Run], criterion: str = "mean") -> Transfer | None:
     """The transfer analysis of ``runs`` (``None`` when they are not an LR sweep)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {sorted(CRITERIA)}, got {criterion!r}")
@@ -229,35 +235,52 @@ def _size_colors(n: int) -> list[Any]:
     return [colormaps["viridis"](0.9 * i / max(1, n - 1)) for i in range(n)]
 
 
+#: Panels of the loss-vs-LR figure: (title, [(criterion, line style)]).
+LOSS_PANELS = (
+    ("mean training loss over the run", (("mean", "-"),)),
+    ("training loss: final (solid), best (dashed)", (("final", "-"), ("best", "--"))),
+    ("validation loss: final (solid), best (dashed)", (("val_final", "-"), ("val_best", "--"))),
+)
+
+
 def loss_vs_lr_figure(t: Transfer, axis: str) -> Figure:
-    """Loss against LR, one line per size, ★ at each optimum: rows = groups, columns = losses logged."""
+    """Loss against LR, one colour per size, ★ at each optimum: rows = groups, columns = the losses logged."""
     groups = [g for g in t.losses if axis in t.losses[g]]
-    crits = [c for c in CRITERIA if any(math.isfinite(v) for g in groups for curve in t.losses[g][axis].values() for v in curve[c])]
+
+    def logged(crit: str) -> bool:
+        return any(math.isfinite(v) for g in groups for curves in t.losses[g][axis].values() for v in curves[crit])
+
+    panels = [(title, [c for c in crits if logged(c[0])]) for title, crits in LOSS_PANELS]
+    panels = [(title, crits) for title, crits in panels if crits]
     name = axis.rsplit(".", 1)[-1]
-    fig, axs = new_figure(4.2 * len(crits), 3.3 * len(groups) + 0.6, len(groups), len(crits), sharex=True)
+    fig, axs = new_figure(4.6 * len(panels), 3.4 * len(groups) + 0.7, len(groups), len(panels), sharex=True)
     for row, group in enumerate(groups):
         by_size = t.losses[group][axis]
         colors = _size_colors(len(by_size))
-        for col, crit in enumerate(crits):
+        for col, (title, crits) in enumerate(panels):
             ax = axs[row, col]
             values = []
+            star = next((c for c, _ in crits if c == t.criterion), crits[0][0])
             for color, (size, curves) in zip(colors, sorted(by_size.items())):
-                ys = [v if math.isfinite(v) else np.nan for v in curves[crit]]
-                values += [v for v in ys if math.isfinite(v)]
-                ax.plot(t.lrs, ys, "o-", ms=3.5, color=color, label=f"{name} {size:g}")
-                opt = optimum(t.lrs, curves[crit])
+                for crit, style in crits:
+                    ys = [v if math.isfinite(v) else np.nan for v in curves[crit]]
+                    values += [v for v in ys if math.isfinite(v)]
+                    ax.plot(t.lrs, ys, "o" + style, ms=3.5, lw=1.4 if style == "-" else 1.0, color=color,
+                            alpha=1.0 if style == "-" else 0.6, label=f"{name} {size:g}" if style == "-" else None)
+                opt = optimum(t.lrs, curves[star])
                 if opt is not None:
                     ax.plot([opt.lr], [opt.loss], "*", ms=13, color=color, markeredgecolor="k", zorder=5)
             ax.set_xscale("log", base=2)
             if spans_decades(values, 1.0):
-                ax.set_yscale("log")
-            ax.set_title(f"{group}\n{CRITERIA[crit].split(' (')[0]}" if group else CRITERIA[crit].split(" (")[0], fontsize=9)
+                log_axis(ax)
+            verdict = " — the verdict's criterion" if star == t.criterion and any(c == t.criterion for c, _ in crits) else ""
+            ax.set_title(f"{group + chr(10) if group else ''}{title}{verdict}", fontsize=9)
             ax.set_xlabel(f"learning rate ({t.axes.lr})", fontsize=8)
             ax.set_ylabel("loss (nats)")
-            ax.grid(alpha=0.3)
+            ax.grid(alpha=0.3, which="both")
             if col == 0:
                 ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"Loss against learning rate per {name} (★ = best LR; criterion for the verdict: {t.criterion})", fontsize=11)
+    fig.suptitle(f"Loss against learning rate per {name} (★ = best LR)", fontsize=11)
     return fig
 
 
@@ -273,10 +296,10 @@ def optimum_figure(t: Transfer, axis: str) -> Figure:
             continue
         s = t.slopes[group][axis]
         ax.plot(sizes, [opts[x].refined for x in sizes], "o-", label=f"{group or 'runs'}: {s:+.2f} log2 steps / doubling")
-    ax.set_xscale("log", base=2)
+    size_axis(ax, sorted({x for by_axis in t.optima.values() for x in by_axis.get(axis, {})}))
     ax.set_yscale("log", base=2)
     ax.set_xlabel(name)
-    ax.set_ylabel("optimal learning rate")
+    ax.set_ylabel("optimal learning rate (log2 scale)")
     ax.set_title(f"Optimum LR ({t.criterion}) against {name}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -312,8 +335,8 @@ def over_training_figure(t: Transfer, axis: str, tag: str, ylabel: str, title: s
         for color, (size, points) in zip(colors, lines.items()):
             values += [v for _, v in points]
             ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, color=color, label=f"{name} {size:g}")
-        if spans_decades(values):
-            ax.set_yscale("log")
+        if spans_decades(values, 1.0):
+            log_axis(ax)
         ax.set_title(f"{group + ', ' if group else ''}lr {lr:.3g}", fontsize=9)
         ax.set_xlabel(STEP_LABEL)
         ax.grid(alpha=0.3)
@@ -352,9 +375,9 @@ def coord_figure(t: Transfer, axis: str) -> Figure | None:
                         ys.append(series[-1][1])
                 values += ys
                 ax.plot(xs, ys, "o-", ms=3.5, label=layer)
-            ax.set_xscale("log", base=2)
+            size_axis(ax, list(per_size))
             if spans_decades(values, 1.0):
-                ax.set_yscale("log")
+                log_axis(ax)
             ax.set_xlabel(name)
             ax.set_ylabel(f"{label} at the last step")
             ax.set_title(f"{group + ', ' if group else ''}lr {lr:.3g}: {label}", fontsize=9)
