@@ -50,6 +50,12 @@ class AlignCLI(LightningCLI):
             cause = root_cause(ex) or ex
             sys.stderr.write(f"lightning-align: error in the config: {type(cause).__name__}: {cause}\n")
             sys.exit(2)
+        except RuntimeError as ex:
+            if "more than one stateful callback" not in str(ex):
+                raise
+            kind = str(ex).split("`")[1] if "`" in str(ex) else "callback"
+            sys.stderr.write(f"lightning-align: error in the config: two {kind} callbacks share a checkpoint key; give each a distinct `name:` in init_args\n")
+            sys.exit(2)
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> LightningCLI:

@@ -52,3 +52,8 @@ def test_help_names_the_suite_and_offers_only_concrete_choices(capsys: pytest.Ca
     out = capsys.readouterr().out
     assert "lightning_align.Sharpness" in out
     assert "MeasurementCallback" not in out and "MemoryLogger" not in out
+
+
+def test_two_unnamed_instances_of_a_callback_get_the_remedy(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["fit", "--config", QUICKSTART, "--trainer.callbacks+=lightning_align.RankMonitor"])
+    assert "two RankMonitor callbacks" in err and "name:" in err
