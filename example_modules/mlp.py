@@ -122,7 +122,7 @@ class ResMLP(ExampleModule):
     """Residual MLP: ``h_0 = embed(x)``, ``h_{l+1} = h_l + β·W_l act(norm(h_l))``, ``out = readout(h_L)``.
 
     The branch scale ``β`` (``branch_multiplier``; ``None`` = ``1/sqrt(depth)``) decides whether features
-    keep moving at large depth (seed 000: only ``1/sqrt(depth)`` keeps backward-feature alignment).
+    keep moving at large depth (Chizat & Netrapalli: only ``1/sqrt(depth)`` keeps backward-feature alignment).
 
     Layer names: ``embed``, ``blocks.i.branch.linear``, ``readout``; :attr:`residual_branches` lists
     ``blocks.i.branch`` for depth scaling by :class:`~lightning_align.Parametrization`.

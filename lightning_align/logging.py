@@ -6,7 +6,7 @@ the user's back. They are also put in ``trainer.callback_metrics`` so the progre
 stopping, checkpointing and tests can read them. Histograms, figures and text need TensorBoard and
 are skipped (once, with a note) when no TensorBoard logger is attached.
 
-Tags follow ``<family>/<what>[/<layer>]`` (see ``DESIGN.md`` section 3); :func:`tag` builds them.
+Tags follow ``<family>/<what>[/<layer>]`` (listed in docs/design.md); :func:`tag` builds them.
 """
 
 from __future__ import annotations

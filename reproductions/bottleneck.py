@@ -1,7 +1,7 @@
 """A deep bias-free ReLU net with a small L2 penalty develops a bottleneck at the latent dimension.
 
 Claim (Jacot, "Bottleneck Structure in Learned Features: Low-Dimension vs Regularity Tradeoff",
-arXiv 2305.19008, NeurIPS 2023; papers.md 002): trained with weight decay to convergence on a task
+arXiv 2305.19008, NeurIPS 2023): trained with weight decay to convergence on a task
 whose target factors through a low-dimensional latent (``f* = g∘h``, ``h: R^16 → R^2``), a deep ReLU
 network without biases develops a *bottleneck*: the middle layers' representations become nearly
 latent-dimensional while the first and last layers stay higher-dimensional, and the middle weights'
@@ -40,11 +40,13 @@ JSON keys (``bottleneck.json``):
     train_loss, steps, lr, weight_decay, depth, width: the run.
 
 Targets are scaled to unit standard deviation. Settings: quick: 8 hidden layers of width 64, lr 0.1,
-weight decay 4e-3 (larger than the paper's 1e-3-1e-4 so that the L2 term acts within a few thousand
+weight decay 4e-3 (larger than the 1e-3-1e-4 that our notes suggest -- its design, not a number read in the
+paper -- so that the L2 term acts within a few thousand
 steps), 6,000 full-batch steps (about 35 s on 2 CPU cores, measured). It reaches the bottleneck in the
 representations, but not full convergence: the small singular values of the middle weights are still
 about 0.25 (not near 0) and the layers next to the output keep a 4th direction. Full: 12 hidden layers
-of width 100, lr 0.1, weight decay 1e-3 (the paper's range), 40,000 steps (about 6 min, measured on 2
+of width 100, lr 0.1, weight decay 1e-3 (our notes' suggested range; the paper's own experiment, per issue 16 and
+not verified here, is depth 25, width 200, ridge ~2e-4), 40,000 steps (about 6 min, measured on 2
 shared cores). Full run (seed 0): representation ranks 14.6, 17.7, 4.9, then 3.6 → 2.8 → 3.0 in the middle,
 3.9 and 4.4 at the last hidden layer and the output; middle weights keep 3 singular values about 1.4, a
 fourth one still decaying (about 0.5) and the rest about 0.06.

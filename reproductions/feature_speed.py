@@ -1,6 +1,6 @@
 """Backward-feature alignment at initialization falls with depth in ReLU MLPs, not in 1/√L ResNets.
 
-Claim (Chizat & Netrapalli, "The Feature Speed Formula", arXiv 2311.18718, NeurIPS 2024; papers.md 000):
+Claim (Chizat & Netrapalli, "The Feature Speed Formula", arXiv 2311.18718, NeurIPS 2024):
 at random initialization the cosine of the backward-feature angle θ_L between the backward pass
 ``-b_L = -dF/df_L`` and the first-order feature change ``δf_L`` of one gradient step,
 
@@ -25,7 +25,9 @@ JSON keys (``feature_speed.json``):
         ResNet with ``β = 1/√L``, ResNet with ``β = 1``).
     mlp_cos_std, resnet_sqrt_cos_std, resnet_one_cos_std: standard deviation over seeds.
     mlp_cos_sqrt_depth: ``cos θ_L · √L`` for the MLP (roughly constant if ``cos θ ∝ 1/√L``).
-    width, seeds: the settings; reference: the paper-setting numbers of papers.md 000 (width 256).
+    width, seeds: the settings; reference: this project's own numpy reference computation (docs/papers.md,
+        table (a): width 256, 5 seeds). It is *not* a table of the paper: the paper's text was not read, and
+        its figures' values are not reproduced here (see docs/papers.md).
 
 Settings: quick: width 128, depths 2-32, 4 seeds (about 7 s on 2 CPU cores, measured); full: width 256,
 depths 2-64, 8 seeds (about 17 s, measured). Quick run (seed 0): MLP .82 .58 .45 .34 .25, ResNet 1/√L
@@ -51,7 +53,8 @@ from lightning_align.measure.alignment import feature_speed  # noqa: E402
 NAME = "feature_speed"
 KINDS = ("mlp", "resnet_sqrt", "resnet_one")
 LABELS = {"mlp": "ReLU MLP", "resnet_sqrt": "ResNet, β = 1/√L", "resnet_one": "ResNet, β = 1"}
-# papers.md 000, table (a): numpy, width 256, He init, 5 seeds, θ at ℓ = L.
+# Our own numpy reference (docs/papers.md): width 256, He init, 5 seeds, θ at ℓ = L.
+# Not numbers from the paper (whose text was not read); the paper's claim is the 1/√L law and its ResNet contrast.
 REFERENCE = {
     "depths": [2, 4, 8, 16, 32, 64],
     "mlp": [0.82, 0.60, 0.44, 0.34, 0.24, 0.19],
@@ -113,7 +116,7 @@ def make_figure(results: dict):
         ax.errorbar(results["depths"], results[f"{kind}_cos"], yerr=results[f"{kind}_cos_std"], marker="o",
                     capsize=3, color=colors[kind], label=f"{LABELS[kind]} (measured)")
         ax.plot(REFERENCE["depths"], REFERENCE[kind], ls=":", color=colors[kind], alpha=0.7,
-                label=f"{LABELS[kind]} (paper setting, width 256)")
+                label=f"{LABELS[kind]} (our numpy reference, width 256)")
     d = results["depths"]
     c = results["mlp_cos"][0] * math.sqrt(d[0])
     ax.plot(d, [c / math.sqrt(L) for L in d], ls="--", color="gray", label="∝ 1/√L")

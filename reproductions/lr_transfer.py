@@ -1,7 +1,7 @@
 """μTransfer: the best learning rate is the same at every width under μP and drifts under SP.
 
 Claim (Yang et al. 2022, "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot Hyperparameter
-Transfer", arXiv 2203.03466; also Noci et al. 2024, seed 003): with the width scaling of μP applied by
+Transfer", arXiv 2203.03466; also Noci et al. 2024): with the width scaling of μP applied by
 :class:`lightning_align.Parametrization` (``scheme="mup", base_width=64``), the learning rate that minimises
 the training loss over a fixed number of Adam steps stays put (within one ×2 step of the grid) from width
 64 to 1024, while in the standard parametrization (``scheme="sp"``) it moves to smaller values as the

@@ -1,4 +1,4 @@
-"""The paper's depth behaviour of the backward-feature angle at initialization (papers.md 000, table (a)).
+"""The paper's depth behaviour of the backward-feature angle at initialization (docs/papers.md).
 
 Setup as in the reference table: width 128 (table: 256), He init, no biases, one input, features are
 preactivations, θ measured at ℓ = L, generic backward vector (loss ⟨g, f_L⟩ with g Gaussian), per-layer

@@ -31,7 +31,7 @@ def test_config_runs(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert (Path(cli.trainer.log_dir) / "config.yaml").is_file()
 
 
-# DESIGN.md section 3: tags every run of the suite must produce (``{layer}`` = a module name).
+# docs/design.md: tags every run of the suite must produce (``{layer}`` = a module name).
 REQUIRED_TAGS = [
     "sharpness/max_eig",
     "sharpness/lr_x_max_eig",

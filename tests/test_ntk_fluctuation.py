@@ -1,4 +1,4 @@
-"""NTK fluctuations over initialisations (seed 001): Gaussian tanh nets grow with depth, orthogonal ones do not."""
+"""NTK fluctuations over initialisations (Day, Kahn & Roberts): Gaussian tanh nets grow with depth, orthogonal ones do not."""
 
 from __future__ import annotations
 

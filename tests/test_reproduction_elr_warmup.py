@@ -1,8 +1,10 @@
-"""reproductions/elr_warmup.py --quick: ELR spreads close at a small LR, stay open and flip above η*, ELRWarmup closes them first."""
+"""reproductions/elr_warmup.py --quick: ELR spreads close at a small LR and flip above η*; ELRWarmup (our
+reconstruction of the paper's rule) acts for one step only, because η* jumps above the target after it."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -18,7 +20,7 @@ def test_quick_run_shows_elr_spread_dynamics(tmp_path: Path) -> None:
     r = elr_warmup.main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "elr_warmup.png").stat().st_size > 0
     saved = json.loads((tmp_path / "elr_warmup.json").read_text())
-    for key in ("steps", "constant", "warmup", "critical_lr", "above"):
+    for key in ("steps", "constant", "warmup", "critical_lr", "above", "loss", "after_warmup", "warmup_steps"):
         assert key in saved, key
     s = r["summary"]
     # at init the spread is large (gradient explosion towards the input), the same in every run
@@ -34,7 +36,20 @@ def test_quick_run_shows_elr_spread_dynamics(tmp_path: Path) -> None:
     # above η*: the ordering flips after the first step and the spread stays wide
     assert r["first_over_last_layer"]["above"]["2"] < 0.1
     assert s["above"]["last_quarter_geo_mean"] > 20 * s["constant"]["last_quarter_geo_mean"]
-    # ELRWarmup (same target LR): scales the first step down, and closes the spread fastest
-    assert r["warmup_factor"][0] < 1
+    # ELRWarmup scales the first step down to η* (the extremes end it equal: the smallest spread at step 2) ...
+    assert r["warmup_factor"][0] == pytest.approx(r["critical_lr_init"] / r["large_lr"], rel=1e-3)
     assert s["warmup"]["second"] < s["constant"]["second"] / 2
     assert s["warmup"]["second"] < s["above"]["second"] / 4
+    # ... but the step at η* gives the lowest layer an ELR of about sqrt(spread) >> 1 (the overshoot), after which
+    # η*_t is far above the target: the warm-up is over after one step
+    first_step = r["profile"]["warmup"]["1"]
+    assert first_step[0] == pytest.approx(math.sqrt(s["warmup"]["first"]), rel=0.3)
+    assert r["warmup_steps"] == 1
+    assert r["critical_lr_runs"]["warmup"][1] > 5 * r["large_lr"]
+    assert all(f == 1.0 for f in r["warmup_factor"][1:])
+    # after the warm-up its spread is below the constant-target run's at most steps, not at all of them
+    assert 0.5 < r["after_warmup"]["below_fraction"] < 1.0
+    assert r["after_warmup"]["warmup_geo_mean"] < r["after_warmup"]["above_geo_mean"]
+    # and neither run at the target LR trains (the loss stays within 5% of chance, ln 10)
+    for kind in ("above", "warmup"):
+        assert s[kind]["last_quarter_loss"] > 0.95 * r["chance_loss"], (kind, s[kind])

@@ -18,7 +18,8 @@ def test_quick_run_shows_the_claim(tmp_path: Path) -> None:
     assert (tmp_path / "feature_speed.png").stat().st_size > 0
     depths, mlp, sqrt_, one = res["depths"], res["mlp_cos"], res["resnet_sqrt_cos"], res["resnet_one_cos"]
     assert len(depths) == len(mlp) == len(sqrt_) == len(one) >= 4
-    # ReLU MLP: falls monotonically, roughly like 1/sqrt(L) (paper setting: .82 at L = 2, .24 at L = 32).
+    # ReLU MLP: falls monotonically, roughly like 1/sqrt(L) (the paper's Θ(1/√L); our numpy reference at width 256:
+    # .82 at L = 2, .24 at L = 32).
     assert all(a > b for a, b in zip(mlp, mlp[1:])), mlp
     assert 0.7 < mlp[0] < 0.95 and mlp[-1] < 0.4, mlp
     scaled = [c * math.sqrt(L) for c, L in zip(mlp, depths)]

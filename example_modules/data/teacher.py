@@ -15,7 +15,7 @@ def teacher_network(in_features: int, out_features: int, width: int, depth: int,
     """A random tanh teacher ``R^in -> R^out``; with ``latent_dim`` it factors through ``R^latent_dim``.
 
     With a latent, ``f* = g ∘ h`` where ``h`` is linear onto ``latent_dim`` dimensions: the task has inner
-    dimension ``latent_dim`` (the setting of the bottleneck-structure paper, seed 002).
+    dimension ``latent_dim`` (the setting of the bottleneck-structure paper).
     """
     gen = torch.Generator().manual_seed(seed)
     dims = [in_features] + ([latent_dim] if latent_dim else []) + [width] * depth + [out_features]

@@ -1,4 +1,4 @@
-"""FeatureAlignment: backward-feature angle and feature speed per layer during training (seed 000).
+"""FeatureAlignment: backward-feature angle and feature speed per layer during training (Chizat & Netrapalli).
 
 Chizat & Netrapalli, "The Feature Speed Formula" (NeurIPS 2024): after one optimizer step, a layer output
 ``f`` moves by ``‖δf‖ = ΔL_{≤ℓ} / (‖b‖ cos θ)``, where ``b = dL/df`` is the backward pass, ``ΔL_{≤ℓ}``

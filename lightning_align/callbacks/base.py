@@ -7,7 +7,7 @@ unwrapped module, original forward of a compiled module, autocast off, grad on, 
 a bf16/fp16 model, train/eval flags, BatchNorm buffers, ``.grad`` and every RNG stream restored), and
 *where results go* (every attached logger; TensorBoard histograms/figures).
 
-Hook order used (see ``reference/lightning-conventions.md``):
+Hook order used:
 
 - ``on_fit_start``: :meth:`validate` (bad module names etc. fail here, before any optimizer step);
 - ``on_train_start``: probe batch drawn; :meth:`prepare` (once per fit); measurement at step 0 (before training);

@@ -1,4 +1,4 @@
-"""EffectiveLR: per-layer effective learning rates, their spread and the critical LR (seed 004)."""
+"""EffectiveLR: per-layer effective learning rates, their spread and the critical LR (Mehmeti-Göpel & Wand)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FeatureSpeedControl: per-layer learning rates set from target feature speeds (seed 000).
+"""FeatureSpeedControl: per-layer learning rates set from target feature speeds (Chizat & Netrapalli).
 
 The feature speed formula ``‖δf_ℓ‖ = ΔL_{≤ℓ} / (‖b_ℓ‖ cos θ_ℓ)`` turns a wanted relative feature speed
 ``s_ℓ = ‖δf_ℓ‖/‖f_ℓ‖`` into a wanted cumulative loss decrease ``C_ℓ = s_ℓ ‖f_ℓ‖ ‖b_ℓ‖ cos θ_ℓ`` (Chizat &

@@ -1,4 +1,4 @@
-"""RankMonitor: weight spectra and representation rank during training (bottleneck structure, seed 002)."""
+"""RankMonitor: weight spectra and representation rank during training (bottleneck structure)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ELRWarmup: the hyper-parameter-free learning-rate warm-up driven by the critical LR (seed 004)."""
+"""ELRWarmup: the hyper-parameter-free learning-rate warm-up driven by the critical LR (Mehmeti-Göpel & Wand)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""NTK fluctuations over random initialisations (seed 001: orthogonal vs Gaussian tanh networks).
+"""NTK fluctuations over random initialisations (Day, Kahn & Roberts: orthogonal vs Gaussian tanh networks).
 
 At finite width ``n`` the NTK at initialisation is random; its relative fluctuations are ``O(1/n)``
 and, for Gaussian weights, grow linearly with depth ``ℓ`` (the ``ℓ/n`` expansion of the Principles of

@@ -1,4 +1,4 @@
-"""Rank of weights and representations (seed 002, bottleneck structure).
+"""Rank of weights and representations (bottleneck structure).
 
 Deep L2-regularized networks learn low-dimensional inner representations: middle-layer weights get a
 few singular values near 1 and the rest near 0, and the representations there become nearly
@@ -181,7 +181,7 @@ def jacobian_rank(model: nn.Module, inputs: torch.Tensor, *, tol: float = 1e-3, 
     """Numerical rank of the input-output Jacobian at each input, and ``2·Σ_{i≤k} log s_i``.
 
     The rank estimates the bottleneck rank ``R^(0)``; the log pseudo-determinant over the top ``k``
-    (default: the numerical rank) is the lower-bound proxy of ``R^(1)`` in seed 002.
+    (default: the numerical rank) is the lower-bound proxy of ``R^(1)`` in Jacot 2023.
 
     Args:
         model: maps a batch of inputs to outputs, sample-wise (no cross-sample operations: BatchNorm
