@@ -21,12 +21,27 @@ Run by hand::
 
     OMP_NUM_THREADS=1 python benchmarks/overhead.py [--repeats 3] [--epochs 10 100] [--schedules defaults]
         [--alone-up-to 100]
+
+``--implied`` (any ``--model``: ``quickstart``, ``resnet`` for the example ResNet of ``configs/resnet.yaml``,
+``gpt`` for the example GPT at width 128, depth 4, 64 tokens, batch 32) answers the same question for models
+whose runs at the default schedules would take too long to time whole: one fit of ``--steps`` steps in which
+every callback, otherwise at its defaults, measures every ``--every`` steps (timed per measurement, the
+step-0 one cold, the others warm), alternated with a plain fit of the same steps for the training step's
+time (the median step, from a step clock). Each callback's share of a run of ``L`` steps at its default
+schedule is then ``(cold + warm · floor(L / every_default)) / (L · step)``, printed for ``--lengths``; the
+long-run limit is ``warm / (every_default · step)``. Warm costs measured ``--every`` steps apart stand in for
+those at ``every_default`` apart: for Sharpness (more products when the top vector moved further) and the
+NTK's matrix-free path this is optimistic; ``benchmarks/sharpness_warm.py`` measures Sharpness at 1000::
+
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --implied --model gpt [--steps 40] [--every 10] [--repeats 2]
+        [--lengths 10000 100000]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -40,7 +55,7 @@ import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import lightning_align
-from example_modules import MLP, DigitsDataModule
+from example_modules import GPT, MLP, CharTextDataModule, DigitsDataModule, ResNet
 from lightning_align import AlignSummary, MeasurementCallback
 
 NAMES = ("FeatureAlignment", "Sharpness", "NTKSpectrum", "EffectiveLR", "RankMonitor", "CoordCheck")
@@ -117,15 +132,106 @@ def measure(epochs: int, repeats: int, arguments: dict[str, dict[str, Any]], alo
         print(f"{name:<18} {wall} {inside / plain:>24.3f}")
 
 
+def build(model: str) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+    """The example models of the implied-overhead mode, as their configs train them."""
+    if model == "quickstart":
+        return MLP(width=128, depth=3, norm="batch", lr=0.1, momentum=0.9), DigitsDataModule(batch_size=64)
+    if model == "resnet":
+        return ResNet(width=16, depth=2, lr=0.05, momentum=0.9), DigitsDataModule(batch_size=64, as_images=True)
+    if model == "gpt":
+        return (GPT(width=128, depth=4, heads=4, block_size=64, lr=3e-3),
+                CharTextDataModule(block_size=64, batch_size=32, max_bytes=500_000))
+    raise KeyError(model)
+
+
+def default_every(name: str) -> int:
+    """A callback's default ``every_n_steps``."""
+    import inspect
+
+    return inspect.signature(getattr(lightning_align, name)).parameters["every_n_steps"].default
+
+
+def implied(model: str, steps: int, every: int, repeats: int, lengths: list[int]) -> None:
+    """Per-measurement costs (cold, warm) of each callback and the implied share at its default schedule."""
+    per: dict[str, list[list[float]]] = {name: [] for name in NAMES}
+    step_times: list[float] = []
+    for _ in range(repeats):
+        for configuration in ("plain", "suite"):
+            pl.seed_everything(0, verbose=False)
+            net, data = build(model)
+            starts: list[float] = []
+            records: dict[str, dict[int, float]] = {name: defaultdict(float) for name in NAMES}
+
+            class Clock(pl.Callback):
+                def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+                    starts.append(time.perf_counter())
+
+            callbacks: list[pl.Callback] = [Clock()]
+            if configuration == "suite":
+                callbacks += [per_measurement(getattr(lightning_align, name)(every_n_steps=every), records[name]) for name in NAMES]
+            trainer = pl.Trainer(
+                max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
+            )
+            trainer.fit(net, data)
+            if configuration == "plain":
+                step_times.append(statistics.median(b - a for a, b in zip(starts, starts[1:])))
+            else:
+                for name in NAMES:
+                    per[name].append([records[name][s] for s in sorted(records[name])])
+    step = min(step_times)
+    print(f"\n{model}: one training step {step * 1e3:.1f} ms (median step, min of {repeats} plain fits); every callback "
+          f"measuring every {every} steps for {steps} steps (min of {repeats} per measurement)")
+    header = f"{'callback':<18}{'default every':>14}{'cold [steps]':>13}{'warm [steps]':>13}"
+    header += "".join(f"{f'{n:,} steps':>14}" for n in lengths) + f"{'long run':>10}"
+    print(header)
+    totals = [0.0] * (len(lengths) + 1)
+    for name in NAMES:
+        runs = per[name]
+        costs = [min(run[i] for run in runs) for i in range(min(len(run) for run in runs))]
+        cold, warm = costs[0] / step, (statistics.median(costs[1:]) if len(costs) > 1 else costs[0]) / step
+        e = default_every(name)
+        shares = [(cold + warm * (n // e)) / n for n in lengths] + [warm / e]
+        totals = [t + x for t, x in zip(totals, shares)]
+        print(f"{name:<18}{e:>14}{cold:>13.1f}{warm:>13.1f}" + "".join(f"{100 * x:>13.2f}%" for x in shares))
+    print(f"{'whole suite':<18}{'':>14}{'':>13}{'':>13}" + "".join(f"{100 * x:>13.2f}%" for x in totals))
+
+
+def per_measurement(callback: MeasurementCallback, record: dict[int, float]) -> MeasurementCallback:
+    """Wrap the callback's entry points to add their wall time to ``record[global step]``."""
+    for method in ("_run", "prepare", "before_step"):
+        original = getattr(callback, method)
+
+        def wrapper(trainer: pl.Trainer, *args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _original(trainer, *args, **kwargs)
+            finally:
+                record[trainer.global_step] += time.perf_counter() - start
+
+        setattr(callback, method, wrapper)
+    return callback
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--schedules", choices=["defaults", "quickstart"], default="defaults")
     parser.add_argument("--alone-up-to", type=int, default=100, help="time each callback alone up to this many epochs")
+    parser.add_argument("--implied", action="store_true", help="per-measurement costs and implied shares (see above)")
+    parser.add_argument("--model", choices=["quickstart", "resnet", "gpt"], default="quickstart")
+    parser.add_argument("--steps", type=int, default=40, help="--implied: training steps per fit")
+    parser.add_argument("--every", type=int, default=10, help="--implied: every_n_steps of every callback")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[10_000, 100_000], help="--implied: run lengths")
     args = parser.parse_args()
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if args.implied:
+        torch.set_num_threads(1)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); implied overhead at the default schedules")
+        implied(args.model, args.steps, args.every, args.repeats, args.lengths)
+        return
     arguments = suite_arguments(args.schedules)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); schedules: {args.schedules}")
     for name in NAMES:

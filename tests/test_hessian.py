@@ -85,7 +85,8 @@ CASES = ["tanh", "layernorm", "skip", "conv", "batchnorm"]
 def test_top3_and_bottom_match_eigvalsh(name: str, method: str) -> None:
     model, loss_fn, batch = _case(name)
     if method == "forward" and name in ("layernorm", "batchnorm"):
-        # forward-over-reverse is wrong through affine norms in torch 2.14: refused with a clear error
+        # forward-over-reverse is wrong through a trainable LayerNorm / batch-statistics BatchNorm weight in
+        # torch 2.14 (tests/test_operators.py): refused with a clear error
         with pytest.raises(ValueError, match="affine normalisation layer '1'"):
             hessian_eigs(model, loss_fn, batch, method=method)
         return
@@ -135,9 +136,9 @@ def test_no_side_effects() -> None:
     rng = torch.get_rng_state()
     hessian_eigs(model, loss_fn, batch, k=2, generator=torch.Generator().manual_seed(3))
     hessian_trace_estimate(model, loss_fn, batch)
-    model[1].affine = False  # the forward operator's path (train-mode BN without buffer updates)
+    model[1].weight.requires_grad_(False)  # the forward operator's path (train-mode BN without buffer updates)
     hessian_eigs(model, loss_fn, batch, k=2, method="forward")
-    model[1].affine = True
+    model[1].weight.requires_grad_(True)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is g for p, g in zip(model.parameters(), grads))
@@ -272,3 +273,21 @@ def test_unused_and_frozen_parameters() -> None:
         res = hessian_eigs(model, loss_fn, batch, k=1, which="LA", method=method, tol=1e-6)
         ref = hessian_eigs(net, loss_fn, batch, k=1, which="LA", method=method, tol=1e-6)
         assert abs(float(res.values[0] - ref.values[0])) < 1e-5 * float(ref.values[0])
+
+
+def test_float64_rayleigh_ritz_matches_the_exact_hessian() -> None:
+    from lightning_align.measure.hessian import float64_rayleigh_ritz
+
+    model, loss_fn, batch = _case("batchnorm")  # train-mode BatchNorm: batch statistics, buffers untouched
+    h = exact_hessian(model, loss_fn, batch)
+    model32 = copy.deepcopy(model).float()
+    batch32 = (batch[0].float(), batch[1])
+    vectors = torch.randn(h.shape[0], 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    before = copy.deepcopy(model32.state_dict())
+    values, residuals = float64_rayleigh_ritz(model32, loss_fn, batch32, vectors.float())
+    for i in range(2):
+        y = vectors[:, i].float().double()
+        theta = float(y @ h @ y / (y @ y))
+        assert float(values[i]) == pytest.approx(theta, rel=1e-6)  # only the float32 rounding of the weights
+        assert float(residuals[i]) == pytest.approx(float((h @ y - theta * y).norm() / y.norm()), rel=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model32.state_dict().items())

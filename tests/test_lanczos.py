@@ -144,3 +144,102 @@ def test_extremes_one_run() -> None:
     assert torch.allclose(bottom.values, exact[:1], atol=1e-6)
     assert top.num_matvecs == bottom.num_matvecs <= 80
     assert abs(float(top.vectors[:, 0] @ bottom.vectors[:, 0])) < 1e-6
+
+
+# -- lazy basis, warm estimates, block starts, precision ------------------------------------------
+def _gap_operator(n: int = 300, seed: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A symmetric matrix with a separated top eigenvalue 3: (matrix, eigenvalues ascending, eigenvectors)."""
+    g = _gen(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.cat([torch.rand(n - 3, generator=g, dtype=torch.float64) * 2 - 1, torch.tensor([2.0, 2.5, 3.0], dtype=torch.float64)])
+    return (q * lam) @ q.T, lam, q
+
+
+def test_basis_grows_lazily_in_blocks() -> None:
+    from lightning_align.measure.lanczos import _Basis
+
+    basis = _Basis(1000, torch.float64, torch.device("cpu"))
+    for m in range(1, 30):
+        basis.append(torch.full((1000,), float(m), dtype=torch.float64))
+        capacity = sum(b.shape[0] for b in basis.blocks)
+        assert m <= capacity <= max(2, m + 7), (m, capacity)  # never max_matvecs rows up front
+        assert basis.size == m and torch.equal(basis[m - 1], torch.full((1000,), float(m), dtype=torch.float64))
+    assert [b.shape[0] for b in basis.blocks][:4] == [2, 2, 4, 8]
+
+
+def test_warm_start_on_an_unmoved_vector_stops_after_one_product() -> None:
+    a, lam, q = _gap_operator()
+    top = q[:, -1] + 1e-4 * torch.randn(300, generator=_gen(1), dtype=torch.float64)
+    res = lanczos_eigs(lambda v: a @ v, 300, tol=1e-2, init=top, init_noise=2.5e-3, generator=_gen(2), dtype=torch.float64, keep_basis=True)
+    assert res.num_matvecs == 1 and res.basis is not None and res.basis.shape == (1, 300)
+    y = res.vectors[:, 0]
+    true_residual = float((a @ y - res.values[0] * y).norm())
+    assert abs(true_residual - float(res.residuals[0])) < 1e-10  # the reported residual is the true one
+    assert float(res.residuals[0]) <= 1e-2 * 3.0
+    assert abs(float(res.values[0]) - 3.0) <= float(res.residuals[0])  # the residual bounds the error
+
+
+def test_warm_start_on_a_moved_vector_goes_on_as_lanczos() -> None:
+    a, lam, q = _gap_operator()
+    moved = q[:, -1] + 0.5 * q[:, -2] + 0.3 * q[:, 10]  # the top vector has moved: residual far above tol
+    res = lanczos_eigs(lambda v: a @ v, 300, tol=1e-8, init=moved, init_noise=2.5e-9, generator=_gen(3), dtype=torch.float64)
+    assert 1 < res.num_matvecs < 100
+    assert abs(float(res.values[0]) - 3.0) < 1e-8
+
+
+def test_min_matvecs_and_krylov_trace() -> None:
+    a, lam, q = _gap_operator()
+    res = lanczos_eigs(lambda v: a @ v, 300, tol=1e-2, init=q[:, -1], init_noise=0.0, min_matvecs=4, generator=_gen(4),
+                       dtype=torch.float64, keep_basis=True)
+    assert res.num_matvecs >= 4
+    basis = res.basis
+    assert torch.allclose(basis @ basis.T, torch.eye(basis.shape[0], dtype=torch.float64), atol=1e-12)
+    assert res.krylov_trace == pytest.approx(float(torch.trace(basis @ a @ basis.T)), rel=1e-12)
+
+
+def test_refine_gives_rayleigh_quotients_and_true_residuals() -> None:
+    a, lam, _ = _gap_operator()
+    a32 = a.float()
+    plain = lanczos_eigs(lambda v: a32 @ v, 300, tol=1e-4, generator=_gen(5))
+    fine = lanczos_eigs(lambda v: a32 @ v.float(), 300, tol=1e-4, generator=_gen(5), dtype=torch.float64, refine=True)
+    assert fine.num_matvecs == plain.num_matvecs + 1 or fine.num_matvecs <= plain.num_matvecs + 2
+    y = fine.vectors[:, 0]
+    w = (a32 @ y.float()).double()
+    assert float(fine.values[0]) == pytest.approx(float(y @ w), rel=1e-12)
+    assert float(fine.residuals[0]) == pytest.approx(float((w - fine.values[0] * y).norm()), rel=1e-6)
+    # float64 Lanczos vectors on a float32 operator: the error is float32 rounding of the operator, ~1e-7
+    exact_32 = float(torch.linalg.eigvalsh(a32.double())[-1])
+    assert abs(float(fine.values[0]) - exact_32) <= 1e-7 * exact_32
+
+
+@pytest.mark.parametrize("b", [2, 3, 5])
+def test_block_start_matches_eigvalsh(b: int) -> None:
+    a = _sym(120, 13)
+    exact = torch.linalg.eigvalsh(a)
+    init = torch.randn(120, b, generator=_gen(b), dtype=torch.float64)
+    res = lanczos_eigs(lambda v: a @ v, 120, k=3, tol=1e-10, init=init, block=True, generator=_gen(0), dtype=torch.float64,
+                       max_matvecs=120)
+    scale = float(exact.abs().max())
+    assert torch.allclose(res.values, exact.flip(0)[:3], atol=1e-8 * scale, rtol=0)
+    for i in range(3):
+        y = res.vectors[:, i]
+        assert abs(float((a @ y - res.values[i] * y).norm()) - float(res.residuals[i])) < 1e-8 * scale
+    from lightning_align.measure.lanczos import lanczos_extremes
+
+    top, bottom = lanczos_extremes(lambda v: a @ v, 120, tol=1e-10, init=init, block=True, generator=_gen(0),
+                                   dtype=torch.float64, max_matvecs=120)
+    assert abs(float(top.values[0] - exact[-1])) < 1e-8 * scale and abs(float(bottom.values[0] - exact[0])) < 1e-8 * scale
+
+
+def test_block_start_sees_a_new_top_along_its_second_column() -> None:
+    a, lam, q = _gap_operator()
+    # the previous top vector is now the eigenvector of 2.5 (converged: residual 0); a second start column
+    # leaning towards the new top (as the loss gradient can) reveals 3.0 in the very first block step, when its
+    # Rayleigh quotient exceeds the old value (here ~2.75 > 2.5)
+    old_top = q[:, -2]
+    lean = q[:, -1] + 0.3 * torch.randn(300, generator=_gen(6), dtype=torch.float64) / 300**0.5
+    alone = lanczos_eigs(lambda v: a @ v, 300, tol=1e-2, init=old_top, init_noise=0.0, generator=_gen(7), dtype=torch.float64)
+    assert alone.num_matvecs == 1 and abs(float(alone.values[0]) - 2.5) < 1e-12  # stops on the old eigenvalue
+    both = lanczos_eigs(lambda v: a @ v, 300, tol=1e-2, init=torch.stack([old_top, lean], 1), init_noise=0.0, block=True,
+                        generator=_gen(7), dtype=torch.float64)
+    assert abs(float(both.values[0]) - 3.0) <= float(both.residuals[0]) + 1e-12 and float(both.values[0]) > 2.9

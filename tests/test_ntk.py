@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -268,6 +269,123 @@ def test_matvec_and_trace_match_kernel() -> None:
         v = torch.randn(size, dtype=D)
         torch.testing.assert_close(mv(v), k @ v)
         assert ntk_trace(model, x, chunk_size=2) == pytest.approx(float(k.trace()), rel=1e-10)
+
+
+def test_matrix_free_linearises_the_forward_once() -> None:
+    torch.manual_seed(13)
+    model = TinyAttention().to(D)
+    x = torch.randn(6, 4, 6, dtype=D)
+    k = flatten_kernel(oracle_ntk(model, x))
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        mv, size = ntk_matvec(model, x)
+        after_build = len(calls)
+        for i in range(5):
+            v = torch.randn(size, dtype=D, generator=torch.Generator().manual_seed(i))
+            torch.testing.assert_close(mv(v), k @ v)
+        assert len(calls) == after_build, "no product re-runs the forward"
+        res = ntk_spectrum(model, x, 3, method="lanczos", tol=1e-10, max_matvecs=size, generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert res.num_matvecs > 5
+    assert len(calls) == after_build + 2, "one dry run (one sample) and one linearised forward per measurement"
+    torch.testing.assert_close(res.values, torch.linalg.eigvalsh(k).flip(0)[:3], rtol=1e-8, atol=1e-10)
+
+
+def test_matrix_free_falls_back_to_jvp_without_double_backward() -> None:
+    class Once(torch.autograd.Function):
+        @staticmethod
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(x)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+            ctx.save_for_backward(output)
+            ctx.save_for_forward(output)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            (y,) = ctx.saved_tensors
+            return g * (1 - y**2)
+
+        @staticmethod
+        def jvp(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+            (y,) = ctx.saved_tensors
+            return t * (1 - y**2)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(Once.apply(self.a(x)))
+
+    torch.manual_seed(14)
+    net, x = Net().to(D), torch.randn(6, 5, dtype=D)
+    reference = nn.Sequential(net.a, nn.Tanh(), net.b)
+    mv, size = ntk_matvec(net, x)
+    v = torch.randn(size, dtype=D)
+    with pytest.warns(UserWarning, match="no usable double backward"):
+        out = mv(v)
+    torch.testing.assert_close(out, flatten_kernel(oracle_ntk(reference, x)) @ v)
+
+
+def test_hutchpp_trace_on_the_matrix_free_path() -> None:
+    torch.manual_seed(15)
+    model = conv().to(D)
+    x = torch.randn(12, 2, 6, 6, dtype=D)
+    exact = float(flatten_kernel(oracle_ntk(model, x)).trace())
+    assert ntk_spectrum(model, x, 2, method="exact").trace == pytest.approx(exact, rel=1e-12)
+    assert ntk_spectrum(model, x, 2, method="lanczos").trace is None  # not asked for: no extra product
+    estimates, stderrs = [], []
+    for seed in range(20):
+        res = ntk_spectrum(model, x, 2, method="lanczos", tol=1e-6, trace_samples=16, generator=torch.Generator().manual_seed(seed))
+        assert 0 < res.trace_stderr < 0.05 * exact
+        assert abs(res.trace - exact) <= 6 * res.trace_stderr  # Rademacher quadratic forms: heavier tails than normal
+        estimates.append(res.trace)
+        stderrs.append(res.trace_stderr)
+    spread = torch.tensor(estimates, dtype=D).std().item()
+    assert abs(sum(estimates) / 20 - exact) <= 3 * spread / 20**0.5  # unbiased
+    assert 0.5 < sorted(stderrs)[10] / spread < 2  # the reported error bar is the estimates' spread
+    # a basis spanning the whole kernel makes the Krylov part exact (no Hutchinson term)
+    full = ntk_spectrum(model, x, 2, method="lanczos", tol=0.0, max_matvecs=36, trace_samples=4)
+    assert full.trace == pytest.approx(exact, rel=1e-10) and full.trace_stderr == 0.0
+    traced = ntk_spectrum(model, x, 2, trace_outputs=True, method="lanczos", tol=0.0, max_matvecs=12, trace_samples=2)
+    assert traced.trace == pytest.approx(exact, rel=1e-10)
+
+
+def test_memory_guard_names_the_argument() -> None:
+    torch.manual_seed(16)
+    model = TinyAttention().to(D)
+    x = torch.randn(8, 4, 6, dtype=D)
+    plan = ntk_mod._Plan.build(model, x, None, None, True, owner="test")
+    assert plan.graph_bytes > 0 and plan.factor_bytes > 0
+    size = plan.n * plan.c
+    exact_gb = plan.exact_bytes(plan.n, size) / 2**30
+    lanczos_gb = plan.lanczos_bytes(size, size) / 2**30
+    assert lanczos_gb < exact_gb
+    between = (exact_gb + lanczos_gb) / 2
+    # auto: the exact path only when it fits, else matrix-free
+    assert ntk_spectrum(model, x, 2).method == "exact"
+    assert ntk_spectrum(model, x, 2, max_memory_gb=between, chunk_size=plan.n).method == "lanczos"
+    with pytest.raises(ValueError, match=r"exact kernel path needs about .* GiB .*above max_memory_gb=.*method='lanczos'"):
+        ntk_spectrum(model, x, 2, method="exact", max_memory_gb=between, chunk_size=plan.n)
+    with pytest.raises(ValueError, match=r"matrix-free path needs about .* GiB .*above max_memory_gb=.*fewer samples"):
+        ntk_spectrum(model, x, 2, method="lanczos", max_memory_gb=lanczos_gb / 2)
+    assert ntk_spectrum(model, x, 2, method="exact", max_memory_gb=None).method == "exact"
+
+
+def test_exact_trace_chunks_by_memory() -> None:
+    torch.manual_seed(17)
+    model = conv().to(D)
+    x = torch.randn(7, 2, 6, 6, dtype=D)
+    exact = float(flatten_kernel(oracle_ntk(model, x)).trace())
+    plan = ntk_mod._Plan.build(model, x, None, None, True, owner="test")
+    assert plan.auto_chunk(1.0, with_factors=True) == 1 and plan.auto_chunk(float("inf")) == 7
+    assert ntk_trace(model, x, max_memory_gb=1e-9) == pytest.approx(exact, rel=1e-10)  # one sample at a time
 
 
 # -- summaries ------------------------------------------------------------------------------------

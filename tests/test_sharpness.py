@@ -54,10 +54,11 @@ def test_training_is_bit_identical_with_sharpness(method: str) -> None:
         assert_same_training_state(with_cb, without)
 
 
+@pytest.mark.parametrize("gradient_check", [False, True])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_logged_values_match_exact_hessian(optimizer: str) -> None:
+def test_logged_values_match_exact_hessian(optimizer: str, gradient_check: bool) -> None:
     rec = MemoryLogger()
-    cb = Sharpness(every_n_steps=3, k=3, min_eig=True, probe_size=48, tol=1e-4, max_matvecs=150)
+    cb = Sharpness(every_n_steps=3, k=3, min_eig=True, probe_size=48, tol=1e-4, max_matvecs=150, gradient_check=gradient_check)
     module, trainer = fit([cb], module=_module(optimizer), max_steps=6, logger=rec)
     h = _probe_hessian(module, cb.probe_batch)
     exact = torch.linalg.eigvalsh(h)
@@ -106,6 +107,40 @@ def test_warm_start_uses_fewer_products_and_survives_state_dict() -> None:
     fit([cold], module=_module("sgd", lr=1e-3), max_steps=1, logger=cold_rec)
     fit([warm], module=_module("sgd", lr=1e-3), max_steps=1, logger=warm_rec)
     assert warm_rec.series("sharpness/matvecs")[0][1] < cold_rec.series("sharpness/matvecs")[0][1]
+
+
+def test_warm_estimate_of_an_unchanged_hessian_takes_at_most_two_products() -> None:
+    rec = MemoryLogger()
+    cb = Sharpness(every_n_steps=1, probe_size=32)
+    module, _ = fit([cb], module=_module("sgd", lr=0.0), max_steps=3, logger=rec)  # lr 0: the same Hessian each time
+    matvecs = [m for _, m in rec.series("sharpness/matvecs")]
+    values = [v for _, v in rec.series("sharpness/max_eig")]
+    residuals = [r for _, r in rec.series("sharpness/max_eig_residual")]
+    assert matvecs[0] > 2 and all(m <= 2 for m in matvecs[1:]), matvecs
+    exact = float(torch.linalg.eigvalsh(_probe_hessian(module, cb.probe_batch))[-1])
+    for value, residual in zip(values, residuals):
+        assert residual <= 1e-2 * abs(value) * 1.0001
+        assert abs(value - exact) <= residual + 1e-6 * exact  # the residual bounds the error
+
+
+def test_gradient_check_costs_one_product_more_when_nothing_moved() -> None:
+    plain, checked = MemoryLogger(), MemoryLogger()
+    fit([Sharpness(every_n_steps=1, probe_size=32)], module=_module("sgd", lr=0.0), max_steps=2, logger=plain)
+    fit([Sharpness(every_n_steps=1, probe_size=32, gradient_check=True)], module=_module("sgd", lr=0.0), max_steps=2, logger=checked)
+    p, c = [m for _, m in plain.series("sharpness/matvecs")], [m for _, m in checked.series("sharpness/matvecs")]
+    assert p[0] == c[0] and all(2 <= m <= 3 for m in c[1:]), (p, c)
+    for (_, a), (_, b) in zip(plain.series("sharpness/max_eig"), checked.series("sharpness/max_eig")):
+        assert abs(a - b) <= 2e-2 * abs(a)
+
+
+def test_high_precision_reaches_float32_rounding() -> None:
+    rec = MemoryLogger()
+    cb = Sharpness(every_n_steps=2, probe_size=48, tol=1e-5, max_matvecs=150, high_precision=True)
+    module, _ = fit([cb], module=_module("sgd"), max_steps=2, logger=rec)
+    exact = float(torch.linalg.eigvalsh(_probe_hessian(module, cb.probe_batch))[-1])  # float64 model
+    last = rec.rows[-1][1]
+    assert abs(last["sharpness/max_eig"] - exact) <= 1e-7 * abs(exact)
+    assert cb.state_dict()["vectors"].dtype == torch.float32  # the warm start is kept in the model's dtype
 
 
 def test_tensorboard_density_and_trace(tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""NTKSpectrum: the empirical NTK on a fixed probe batch during training (seeds 001, 003)."""
+"""NTKSpectrum: the empirical NTK on a fixed probe batch during training (Day, Kahn & Roberts; Noci et al.)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from lightning_align.measure.batch import batch_size_of, batch_targets, predicti
 from lightning_align.figures import spectrum
 from lightning_align.logging import log_figure, log_histogram
 from lightning_align.measure.ntk import (
+    MAX_MEMORY_GB,
     check_sample_independent,
     kernel_distance,
     kernel_target_alignment,
     ntk_spectrum,
     ntk_summary,
-    ntk_trace,
 )
 from lightning_align.schedules import ScheduleName
 
@@ -40,7 +40,7 @@ class NTKSpectrum(MeasurementCallback):
     The NTK ``K = J Jᵀ`` (``J`` the Jacobian of the outputs on a fixed probe batch with respect to the
     parameters) governs how gradient descent moves the function; its top eigenvalue bounds the stable
     learning rate (with MSE, the GGN's ``λ_max`` is ``λ_max(K)/n``). Under μP its top eigenvalues keep
-    gaining width dependence during training while the sharpness does not (Noci et al. 2024, seed 003);
+    gaining width dependence during training while the sharpness does not (Noci et al. 2024);
     how far the kernel moves from its value at the start (``distance_from_init``) is the feature-learning
     indicator (0 in the lazy/NTK regime).
 
@@ -54,14 +54,17 @@ class NTKSpectrum(MeasurementCallback):
       ``ntk/alignment`` (``yᵀKy/(‖K‖_F‖y‖²)``, class labels one-hot; off with ``alignment=False``) and
       ``ntk/distance_from_init`` (``1 − <K₀,K>/(‖K₀‖‖K‖)``, ``K₀`` the kernel at the first measurement)
       and ``ntk/velocity`` (the same distance to the previous measurement's kernel; from the second
-      measurement on). Both reference kernels are kept across a resume. On the matrix-free path (Lanczos on ``J(Jᵀv)``) these need the whole kernel
-      and are not logged; a warning says so once.
+      measurement on). Both reference kernels are kept across a resume. On the matrix-free path (Lanczos on
+      ``J(Jᵀv)``) these need the whole kernel and are not logged; a warning says so once. There ``ntk/trace``
+      is the Hutch++ estimate (exact on the Lanczos basis, ``trace_samples`` Hutchinson samples on the rest)
+      and ``ntk/trace_stderr`` its standard error; ``ntk/matvecs`` counts the kernel-vector products.
 
     Sequence models (outputs ``(n, T, c)``, e.g. a language model's logits; Hugging Face ``ModelOutput`` gives
     ``.logits``) are reduced over positions by ``sequence_output``: ``"mean"`` (the default: the kernel of the
     position-averaged output, ``n·c`` rows), ``"last"`` (the last position, the next-token prediction of a
     causal LM) or ``"all"`` (every position, ``n·T·c`` rows). A kernel above ``max_rows`` rows is refused,
-    naming the argument to change.
+    naming the argument to change, and so is a measurement whose memory estimate (from one sample's forward,
+    before anything is built) exceeds ``max_memory_gb``; the exact path is taken only when it fits.
 
     BatchNorm in train mode mixes samples, so the per-sample kernel is undefined: probes use running
     statistics (``bn_mode="eval"``, the default; ``"train"`` is refused). Dropout is off during probes.
@@ -69,8 +72,9 @@ class NTKSpectrum(MeasurementCallback):
 
     Cost: exact path, one ``vmap(jacrev)`` pass over the probe with respect to the layer outputs plus a
     Gram contraction (``≈ n²c²`` times the summed layer widths for MLPs), then one ``eigh`` of the kernel;
-    matrix-free, about ``max_matvecs`` VJP+JVP pairs on the probe batch (warm-started from the previous
-    eigenvectors).
+    matrix-free, one forward with its graph kept, then two backward passes per kernel-vector product
+    (warm-started from the previous eigenvectors) and one per trace sample. On the example GPT (width 128,
+    depth 4, 64 tokens, probe 32: an 8,192-row kernel) that is ~1 GB at most (``docs/speed.md``).
 
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) and the
@@ -86,6 +90,9 @@ class NTKSpectrum(MeasurementCallback):
             says once when they do not (e.g. token targets of a language model), ``False`` never.
         sequence_output: ``"mean"``, ``"last"`` or ``"all"`` positions of a sequence output (see above).
         max_rows: the largest kernel (``n·c`` rows) measured at all, exact or matrix-free.
+        max_memory_gb: memory budget of one measurement in GiB (estimated before anything is built; ``None``: no
+            check). ``"auto"`` builds the kernel only when that fits; a matrix-free measurement above it is refused.
+        trace_samples: Hutchinson samples of the matrix-free path's trace estimate (one VJP each).
         histograms: log the spectrum as a TensorBoard histogram.
         figures: log a log-scale plot of the top-``k`` spectrum to TensorBoard.
         tol, max_matvecs: Lanczos settings of the matrix-free path.
@@ -134,6 +141,8 @@ class NTKSpectrum(MeasurementCallback):
         alignment: bool | None = None,
         sequence_output: SequenceOutput = "mean",
         max_rows: int = 65536,
+        max_memory_gb: float | None = MAX_MEMORY_GB,
+        trace_samples: int = 8,
         histograms: bool = True,
         figures: bool = False,
         tol: float = 1e-4,
@@ -151,6 +160,10 @@ class NTKSpectrum(MeasurementCallback):
             raise ValueError(f"NTKSpectrum: method must be 'auto', 'exact' or 'lanczos', got {method!r}")
         if max_exact_size < 1 or max_matvecs < 1 or not tol >= 0:
             raise ValueError("NTKSpectrum: max_exact_size and max_matvecs must be >= 1 and tol >= 0")
+        if max_memory_gb is not None and not max_memory_gb > 0:
+            raise ValueError(f"NTKSpectrum: max_memory_gb must be > 0 or None, got {max_memory_gb!r}")
+        if not isinstance(trace_samples, int) or isinstance(trace_samples, bool) or trace_samples < 2:
+            raise ValueError(f"NTKSpectrum: trace_samples must be an int >= 2 (for a standard error), got {trace_samples!r}")
         if bn_mode != "eval":
             raise ValueError(
                 "NTKSpectrum(bn_mode='train'): BatchNorm with batch statistics mixes samples, so the per-sample "
@@ -166,6 +179,8 @@ class NTKSpectrum(MeasurementCallback):
         self.alignment = alignment
         self.sequence_output = sequence_output
         self.max_rows = max_rows
+        self.max_memory_gb = max_memory_gb
+        self.trace_samples = trace_samples
         self._alignment_skipped = False
         self.histograms = histograms
         self.figures = figures
@@ -212,6 +227,7 @@ class NTKSpectrum(MeasurementCallback):
                 model, inputs, self.k, self.trace_outputs, method=self.method, max_exact_size=self.max_exact_size,
                 tol=self.tol, max_matvecs=self.max_matvecs, init=self._warm, params=params,
                 generator=torch.Generator().manual_seed(self.probe_seed), return_vectors=False,
+                trace_samples=self.trace_samples, max_memory_gb=self.max_memory_gb,
             )
         except ValueError as err:
             raise ValueError(f"NTKSpectrum (probe_size={self.probe_size}, k={self.k}): {err}") from err
@@ -230,7 +246,9 @@ class NTKSpectrum(MeasurementCallback):
         else:
             if bool(torch.isfinite(res.vectors).all()):  # a NaN warm start would stick
                 self._warm = res.vectors.detach()
-            metrics["ntk/trace"] = ntk_trace(model, inputs, params=params)
+            metrics["ntk/trace"] = math.nan if res.trace is None else res.trace
+            metrics["ntk/trace_stderr"] = math.nan if res.trace_stderr is None else res.trace_stderr
+            metrics["ntk/matvecs"] = res.num_matvecs
             if not self._warned_matrix_free:
                 self._warned_matrix_free = True
                 rank_zero_warn(

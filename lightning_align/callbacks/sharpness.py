@@ -1,4 +1,4 @@
-"""Sharpness: extreme Hessian eigenvalues of the training loss during training (seed 003, super consistency)."""
+"""Sharpness: extreme Hessian eigenvalues of the training loss during training (super consistency)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ from lightning_align.measure.hessian import (
     ADAM_LIKE,
     SpectralDensity,
     adam_preconditioner,
+    float64_rayleigh_ritz,
     lr_preconditioner,
     spectral_density,
     stability_threshold,
     trace_estimate,
 )
 from lightning_align.measure.operators import FlatOperator, Method, hessian_operator
-from lightning_align.measure.lanczos import LanczosResult, lanczos_eigs, lanczos_extremes
+from lightning_align.measure.lanczos import WARM_START_NOISE, LanczosResult, _refined, lanczos_eigs, lanczos_extremes
 from lightning_align.schedules import ScheduleName
 
 
@@ -67,9 +68,18 @@ class Sharpness(MeasurementCallback):
 
     For Adam the preconditioned tags start after the first optimizer step (there is no ``v̂`` before it).
 
+    Warm estimates: a measurement starts from the previous top vector, with a perturbation of a quarter of
+    ``tol`` (so that it cannot push the residual past ``tol`` by itself). The first product gives that
+    vector's Rayleigh quotient and Ritz residual; when the residual is within ``tol`` (the top vector has not
+    moved) the measurement stops there, otherwise the same Lanczos run goes on until it is (the top vector
+    moved; nothing is thrown away). The reported ``max_eig_residual`` bounds the distance to the nearest
+    eigenvalue either way; see ``gradient_check`` for the case where that eigenvalue is no longer the top.
+
     Cost per measurement: one forward and one ``create_graph`` backward, then one backward per product;
-    a warm start needs a handful of products (``max_matvecs`` caps it); twice that for Adam; plus
-    ``trace_basis + trace_samples`` for the trace and ``density_steps · density_vectors`` for the density.
+    a warm start needs one product in a smooth run, more as the top eigenvector moves (``max_matvecs`` caps it;
+    on the examples at their learning rates it moves by 4-100% between measurements, even one step apart, so
+    2-9 products: ``docs/speed.md``); twice that for Adam; plus ``trace_basis + trace_samples`` for the trace and
+    ``density_steps · density_vectors`` for the density.
     On the quickstart (MLP 128x3 on digits, batch 64, one CPU thread; ``benchmarks/sharpness_overhead.py``)
     a warm measurement costs about 3 training steps with ``probe_size=16``, 5 with ``probe_size=64`` and
     8 with the default probe of 256 (twice that with ``min_eig=True``: the bottom of the spectrum converges
@@ -98,6 +108,19 @@ class Sharpness(MeasurementCallback):
         density_vectors: random vectors of the density.
         method: Hessian-vector product method (``"auto"``, ``"double_backward"``, ``"forward"``; see
             :func:`~lightning_align.measure.operators.hessian_operator`).
+        gradient_check: warm starts also take the current loss gradient as a start direction (the first step is
+            a Rayleigh-Ritz on the previous top vector and the gradient: one more product, two more when the top
+            vector moved, because Lanczos then restarts from that step's Ritz vector). A warm start can stop, within
+            ``tol``, on an eigenvalue that another direction has just overtaken (the residual bounds the distance to
+            *an* eigenvalue); the gradient leans towards the new top and catches some of these crossings (the
+            quickstart at ``every_n_steps=1000``: a 12% error at one of five measurements, gone), not all (the
+            example ResNet at a tenth of its learning rate: 3% and 1% at two of ten, either way). ``warm_start=False``
+            avoids them at the cost of a cold start (7-21 products on the examples; ``docs/speed.md``).
+        high_precision: Lanczos vectors in float64 and a final Rayleigh-Ritz step on each Ritz vector with the
+            Hessian evaluated in float64 (float64 copies of the parameters, buffers and inputs: one float64 forward,
+            backward and product; the model is untouched), reporting its true residual. With ``tol <= 1e-4`` it gives
+            ``λ_max`` to ~1e-8 relative on float32 models, where float32 products stop at 1e-7-1e-6
+            (``benchmarks/sharpness.py``). Under DDP, and for the preconditioned run, the last step is in float32.
         seed: seed of the random start vectors (the same on every rank).
         schedule, probe_size, probe_seed, bn_mode, dropout: see :class:`MeasurementCallback`.
 
@@ -152,6 +175,8 @@ class Sharpness(MeasurementCallback):
         density_steps: int = 30,
         density_vectors: int = 1,
         method: Method = "auto",
+        gradient_check: bool = False,
+        high_precision: bool = False,
         seed: int = 0,
         schedule: ScheduleName = "linear",
         probe_size: int = 256,
@@ -195,10 +220,13 @@ class Sharpness(MeasurementCallback):
         self.density_steps = density_steps
         self.density_vectors = density_vectors
         self.method = method
+        self.gradient_check = bool(gradient_check)
+        self.high_precision = bool(high_precision)
         self.seed = seed
         self._vectors: torch.Tensor | None = None  # (n, k [+1]) previous top [and bottom] eigenvectors
         self._pre_vectors: torch.Tensor | None = None  # (n, 1) previous preconditioned top eigenvector
         self._use_preconditioner = False
+        self._refine64: Any = None
         self.last_density: SpectralDensity | None = None
 
     # ----------------------------------------------------------------------------------------------
@@ -246,6 +274,9 @@ class Sharpness(MeasurementCallback):
             loss = float(op.loss if reduce is None else reduce(op.loss.reshape(1)))  # same decision on every rank
             if not math.isfinite(loss):
                 return self._nan_metrics(trainer, loss)
+            self._refine64 = None
+            if self.high_precision and reduce is None:  # a float64 Rayleigh-Ritz step (one process: no all-reduce)
+                self._refine64 = lambda vectors: float64_rayleigh_ritz(loss_model, _identity_loss, (batch, None), vectors)
             metrics = self._eigs(trainer, op, generator)
             if self.trace:
                 est = trace_estimate(op, op.dim, self.trace_samples, self.trace_basis, generator, op.dtype, op.device)
@@ -281,16 +312,25 @@ class Sharpness(MeasurementCallback):
             )
             saved = self._vectors = self._pre_vectors = None
         start = saved if saved is not None else op.gradient
-        return None if start is None else start.to(device=op.device, dtype=op.dtype)
+        return None if start is None else start.to(device=op.device, dtype=self._dtype(op))
+
+    def _dtype(self, op: FlatOperator) -> torch.dtype:
+        return torch.float64 if self.high_precision else op.dtype
+
+    def _start_args(self, saved: torch.Tensor | None, op: FlatOperator) -> dict[str, Any]:
+        """``init`` and its perturbation: a quarter of ``tol`` from previous eigenvectors (so that a warm estimate
+        can stop after one product), the default from the gradient or a random start."""
+        warm = self.warm_start and saved is not None and saved.shape[0] == op.dim
+        return {"init": self._init(saved, op), "init_noise": min(WARM_START_NOISE, self.tol / 4) if warm else WARM_START_NOISE}
 
     def _eigs(self, trainer: pl.Trainer, op: FlatOperator, generator: torch.Generator) -> dict[str, Any]:
-        common = dict(tol=self.tol, max_matvecs=self.max_matvecs, generator=generator, dtype=op.dtype, device=op.device)
-        init = self._init(self._vectors, op)
-        bottom: LanczosResult | None = None
-        if self.min_eig:
-            top, bottom = lanczos_extremes(op, op.dim, k_top=self.k, k_bottom=1, init=init, **common)
-        else:
-            top = lanczos_eigs(op, op.dim, k=self.k, which="LA", init=init, **common)
+        common = dict(
+            tol=self.tol, max_matvecs=self.max_matvecs, generator=generator, dtype=self._dtype(op), device=op.device,
+            refine=self.high_precision and self._refine64 is None,
+        )
+        top, bottom = self._solve(op, op, self._vectors, op.gradient, self.k, self.min_eig, common)
+        if self._refine64 is not None:
+            top, bottom = self._refined64(top, op), None if bottom is None else self._refined64(bottom, op)
         metrics: dict[str, Any] = {tag("sharpness", "max_eig"): float(top.values[0])}
         for i in range(1, self.k):
             metrics[tag("sharpness", f"eig_{i + 1}")] = float(top.values[i])
@@ -299,7 +339,7 @@ class Sharpness(MeasurementCallback):
             metrics[tag("sharpness", "min_eig")] = float(bottom.values[0])
         if top.converged and (bottom is None or bottom.converged):
             vectors = top.vectors if bottom is None else torch.cat([top.vectors, bottom.vectors], dim=1)
-            self._vectors = vectors.detach()
+            self._vectors = vectors.detach().to(op.dtype)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if optimizer is None:
             return metrics
@@ -317,14 +357,73 @@ class Sharpness(MeasurementCallback):
         metrics[tag("sharpness", "eos_ratio")] = lr_x / threshold
         return metrics
 
+    def _refined64(self, res: LanczosResult, op: FlatOperator) -> LanczosResult:
+        """``res`` with the Rayleigh quotients and true residuals of its vectors under the float64 Hessian."""
+        if not res.converged or self._refine64 is None:
+            return res
+        try:
+            values, residuals = self._refine64(res.vectors)
+        except (RuntimeError, TypeError) as err:  # e.g. a module that mixes dtypes internally
+            rank_zero_warn(f"Sharpness(high_precision=True): the float64 refinement failed ({err}); refining in float32")
+            self._refine64 = None
+            values, residuals = res.values, res.residuals
+        op.num_matvecs += res.vectors.shape[1]
+        order = torch.argsort(values, descending=bool(res.values[0] >= res.values[-1]))
+        return LanczosResult(values[order], res.vectors[:, order], res.num_matvecs + res.vectors.shape[1], residuals[order],
+                             res.krylov_trace, res.basis)
+
+    def _solve(
+        self, matvec: Any, op: FlatOperator, saved: torch.Tensor | None, sentinel: torch.Tensor | None, k: int,
+        extremes: bool, common: dict[str, Any],
+    ) -> tuple[LanczosResult, LanczosResult | None]:
+        """Top ``k`` (and bottom) eigenpairs of ``matvec``, warm-started from ``saved``.
+
+        Warm, with a ``sentinel`` direction (the loss gradient, which leans towards the top eigenvectors): one
+        block step on ``[saved, sentinel]`` first (a Rayleigh-Ritz on their span: ``k + 1`` products, ``k + 2``
+        with the bottom), accepted when its residuals are within ``tol``; otherwise Lanczos goes on from that
+        step's Ritz vectors. A larger eigenvalue that has appeared along the gradient shows in the first step,
+        where the previous vector alone can stop on the old one (``benchmarks/sharpness_warm.py``).
+        """
+        start = self._start_args(saved, op)
+
+        def run(**kwargs: Any) -> tuple[LanczosResult, LanczosResult | None]:
+            if extremes:
+                return lanczos_extremes(matvec, op.dim, k_top=k, k_bottom=1, **kwargs)
+            return lanczos_eigs(matvec, op.dim, k=k, which="LA", **kwargs), None
+
+        warm = self.warm_start and saved is not None and saved.shape[0] == op.dim
+        if not (warm and sentinel is not None and self.gradient_check):
+            return run(**start, **common)
+        init = start["init"].reshape(op.dim, -1)
+        block = torch.cat([init, sentinel.to(init).reshape(-1, 1)], 1)
+        first_steps = min(block.shape[1], self.max_matvecs)
+        quick = {**common, "max_matvecs": first_steps, "refine": False}
+        first = run(init=block, init_noise=start["init_noise"], block=True, **quick)
+        results = [r for r in first if r is not None]
+        scale = max(float(r.values.abs().max()) for r in results)
+        done = all(r.converged and bool((r.residuals <= self.tol * scale).all()) for r in results)
+        if done or first_steps >= self.max_matvecs:
+            if not common.get("refine"):
+                return first
+            refined = _refined(matvec, results, common["dtype"])
+            return refined[0], refined[1] if extremes else None
+        vectors = torch.cat([r.vectors for r in results], 1) if all(r.converged for r in results) else init
+        rest = run(init=vectors, init_noise=start["init_noise"], **{**common, "max_matvecs": self.max_matvecs - first_steps})
+        for r in rest:
+            if r is not None:
+                r.num_matvecs += first[0].num_matvecs
+        return rest
+
     def _preconditioned(self, op: FlatOperator, d: torch.Tensor | None, common: dict[str, Any]) -> float | None:
         """``λ_max(D H D)`` by Lanczos, warm-started; ``None`` without ``D`` (before Adam's first step)."""
         if d is None:
             return None
-        d = d.to(device=op.device, dtype=op.dtype)
-        res = lanczos_eigs(lambda v: d * op(d * v), op.dim, k=1, which="LA", init=self._init(self._pre_vectors, op), **common)
+        d = d.to(device=op.device, dtype=common["dtype"])
+        sentinel = None if op.gradient is None else d * op.gradient.to(d)
+        precise = {**common, "refine": self.high_precision}  # float32 Rayleigh-Ritz: D H D has no float64 operator here
+        res, _ = self._solve(lambda v: d * op(d * v), op, self._pre_vectors, sentinel, 1, False, precise)
         if res.converged:
-            self._pre_vectors = res.vectors.detach()
+            self._pre_vectors = res.vectors.detach().to(op.dtype)
         return float(res.values[0])
 
     def _log_density(self, trainer: pl.Trainer, op: FlatOperator, generator: torch.Generator) -> None:

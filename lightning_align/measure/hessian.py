@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_align.measure.operators import FlatOperator, LossFn, Method, Reduce, hessian_operator
+from lightning_align.measure.operators import FlatOperator, FlatParams, LossFn, Method, Reduce, hessian_operator
 from lightning_align.measure.lanczos import LanczosResult, Which, lanczos_eigs, lanczos_extremes, lanczos_tridiagonal
 from lightning_align.measure.optim import learning_rates_by_parameter
 
@@ -143,6 +143,57 @@ def hessian_extremes(
             max_matvecs=max_matvecs, init=init, generator=_default_generator(generator), dtype=op.dtype,
             device=op.device,
         )
+
+
+def float64_rayleigh_ritz(model: nn.Module, loss_fn: LossFn, batch: Any, vectors: Tensor) -> tuple[Tensor, Tensor]:
+    """Rayleigh quotients and true residuals of ``vectors`` under the Hessian evaluated in float64.
+
+    The parameters, buffers and floating-point inputs are float64 copies (the model is not touched), so
+    the Hessian-vector products carry no float32 rounding: the Rayleigh quotient of a Ritz vector with
+    residual ``r`` from a float32 Lanczos run is then within ``~r²/gap`` of the eigenvalue, where the float32
+    products alone stop at ~1e-7-1e-6 relative (``benchmarks/sharpness.py``). One float64 forward and
+    ``create_graph`` backward, then one float64 product per column.
+
+    Args:
+        vectors: ``(n, k)`` columns over the trainable parameters (``named_parameters()`` order).
+
+    Returns:
+        ``(values, residuals)``: float64 ``(k,)`` each, ``residuals[i] = ‖H y_i - θ_i y_i‖ / ‖y_i‖``.
+
+    Example:
+        >>> net = nn.Linear(3, 1)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> values, residuals = float64_rayleigh_ritz(net, nn.functional.mse_loss, (x, y), torch.eye(4)[:, :1])
+        >>> values.dtype, residuals.shape
+        (torch.float64, torch.Size([1]))
+    """
+    from torch.func import functional_call
+
+    from lightning_align.measure.autodiff import batch_statistics_without_update, math_attention
+    from lightning_align.measure.operators import _split_batch, check_scalar_loss
+    from lightning_align.measure.state import map_tensors, preserved_state
+
+    params = FlatParams.of(model)
+    p64 = {n: t.detach().double().requires_grad_() for n, t in zip(params.names, params.tensors)}
+    others = {n: t.detach().double() if t.is_floating_point() else t.detach() for n, t in model.named_parameters() if n not in p64}
+    buffers = {n: b.detach().double() if b.is_floating_point() else b.detach().clone() for n, b in model.named_buffers()}
+    inputs, targets = map_tensors(_split_batch(batch), lambda t: t.double() if t.is_floating_point() else t)
+    leaves = list(p64.values())
+    with preserved_state(model), torch.enable_grad(), math_attention(), batch_statistics_without_update(model):
+        loss = check_scalar_loss(loss_fn(functional_call(model, {**buffers, **others, **p64}, (inputs,)), targets))
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        used = [(g, leaf) for g, leaf in zip(grads, leaves) if g is not None and g.requires_grad]
+        values, residuals = [], []
+        for i in range(vectors.shape[1]):
+            y = vectors[:, i].detach().to(device=params.device, dtype=torch.float64)
+            parts = FlatParams(params.names, leaves).unflatten(y)
+            ys = [parts[n] for n, leaf in zip(params.names, leaves) if any(leaf is u for _, u in used)]
+            hv_used = torch.autograd.grad([g for g, _ in used], leaves, ys, retain_graph=True, allow_unused=True) if used else [None] * len(leaves)
+            hv = FlatParams(params.names, leaves).flatten(list(hv_used)).detach()
+            theta = torch.dot(y, hv) / torch.dot(y, y)
+            values.append(theta)
+            residuals.append((hv - theta * y).norm() / y.norm())
+    return torch.stack(values).cpu(), torch.stack(residuals).cpu()
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Empirical neural tangent kernel: the kernel, its spectrum and summaries (seeds 001, 003).
+"""Empirical neural tangent kernel: the kernel, its spectrum and summaries (Day, Kahn & Roberts; Noci et al.).
 
 The empirical NTK of a model ``f`` on inputs ``x_1..x_n`` is
 
@@ -24,8 +24,16 @@ parameters and to zero "probes" added to each structured layer's output; no weig
 Assumption: no operation mixes samples (BatchNorm must use running statistics, i.e. ``eval()``), and the
 function is deterministic (no active dropout). Both are checked, with a clear error.
 
-Matrix-free eigenvalues (``method="lanczos"``) use ``K v = J (Jᵀ v)``: one VJP and one JVP per product,
-memory ``O(P + n·c·k)``, never the kernel.
+Matrix-free eigenvalues (``method="lanczos"``) use ``K v = J (Jᵀ v)`` with the forward linearised once
+per measurement: the forward runs once with its graph kept, ``Jᵀc`` is a backward on it and ``J u`` a
+backward through the graph of a symbolic ``Jᵀc`` (built once, the "double-vjp" trick), so that a product
+costs two backward passes and never re-runs the forward (``torch.func.linearize`` gives the same
+products but traces the model at every measurement, ~25 products' worth on the example GPT). The trace
+then comes matrix-free as well: Hutch++, the exact trace of the kernel on the Lanczos basis plus
+Hutchinson on its complement, one VJP per sample (``z·Kz = ‖Λ^½ Jᵀz‖²``), with its standard error.
+Memory is that of the kept graphs (~2-3 training steps' activations on the probe) plus the basis
+``O(m·n·c)``, never the kernel; :func:`ntk_spectrum` estimates both paths' memory from a one-sample run
+before building anything and refuses what exceeds ``max_memory_gb``, naming the argument.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import jacrev, jvp, vjp, vmap
+from torch.func import jacrev, jvp, vmap
 
 from lightning_align.measure.autodiff import call_with_fresh_buffers, math_attention
 from lightning_align.measure.state import map_tensors, preserved_state
@@ -50,6 +58,13 @@ Method = Literal["auto", "exact", "lanczos"]
 MAX_EXACT_SIZE = 4096
 #: Elements of the largest temporary of the token-Gram contraction (bounds memory for sequences).
 _BLOCK_ELEMENTS = 1 << 24
+#: Default memory budget of one NTK measurement (GiB): the exact path is skipped (``"auto"``) or refused
+#: (``"exact"``), and the matrix-free path refused, when its estimate exceeds it.
+MAX_MEMORY_GB = 4.0
+#: Kept-graph memory of the matrix-free path in units of the tensors one forward saves for backward
+#: (the forward graph plus the graph of the symbolic VJP): measured 3.5x on the example GPT and 3.2x on
+#: a HF GPT-2 (peak resident memory, ``benchmarks/ntk_memory.py``); 4 leaves a margin.
+_GRAPH_FACTOR = 4.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,6 +150,7 @@ def ntk_eigs(
     params: Sequence[str] | None = None,
     learning_rates: Mapping[str, float] | None = None,
     chunk_size: int | None = None,
+    max_memory_gb: float | None = MAX_MEMORY_GB,
 ) -> Tensor:
     """The ``k`` largest eigenvalues of the empirical NTK flattened to ``(n·c, n·c)`` (or ``(n, n)``).
 
@@ -143,9 +159,10 @@ def ntk_eigs(
         k: number of eigenvalues (``1 <= k <=`` kernel size).
         method: ``"exact"`` builds the kernel and calls ``eigvalsh`` (in its dtype); ``"lanczos"`` is
             matrix-free (``K v = J(Jᵀv)``, memory ``O(P + n·c·k)``); ``"auto"`` is exact when the kernel
-            size is at most ``max_exact_size``.
+            size is at most ``max_exact_size`` and its memory estimate within ``max_memory_gb``.
         tol, max_matvecs, init, generator: Lanczos settings (see
             :func:`lightning_align.measure.lanczos.lanczos_eigs`; ``init`` warm-starts from earlier vectors).
+        max_memory_gb: memory budget (see :func:`ntk_spectrum`); ``None``: no check.
 
     Returns:
         ``(k,)`` float64 eigenvalues, largest first.
@@ -158,7 +175,7 @@ def ntk_eigs(
     return ntk_spectrum(
         model, inputs, k, trace_outputs, method=method, max_exact_size=max_exact_size, tol=tol,
         max_matvecs=max_matvecs, init=init, generator=generator, params=params,
-        learning_rates=learning_rates, chunk_size=chunk_size, return_vectors=False,
+        learning_rates=learning_rates, chunk_size=chunk_size, return_vectors=False, max_memory_gb=max_memory_gb,
     ).values
 
 
@@ -174,6 +191,9 @@ class NTKSpectrumResult:
         num_matvecs: kernel-vector products used (0 on the exact path).
         kernel: the flattened ``(N, N)`` kernel on the exact path, else ``None``.
         eigenvalues: all ``N`` eigenvalues (float64, largest first) on the exact path, else ``None``.
+        trace: ``tr K``: exact on the exact path; on the matrix-free path the Hutch++ estimate when
+            ``trace_samples > 0``, else ``None``.
+        trace_stderr: the standard error of ``trace`` (0 when exact; ``None`` without a trace).
 
     Example::
 
@@ -187,6 +207,8 @@ class NTKSpectrumResult:
     num_matvecs: int
     kernel: Tensor | None
     eigenvalues: Tensor | None = None
+    trace: float | None = None
+    trace_stderr: float | None = None
 
 
 def ntk_spectrum(
@@ -205,11 +227,26 @@ def ntk_spectrum(
     learning_rates: Mapping[str, float] | None = None,
     chunk_size: int | None = None,
     return_vectors: bool = True,
+    trace_samples: int = 0,
+    max_memory_gb: float | None = MAX_MEMORY_GB,
 ) -> NTKSpectrumResult:
-    """Like :func:`ntk_eigs`, with eigenvectors, the method used and (exact path) the kernel.
+    """Like :func:`ntk_eigs`, with eigenvectors, the method used, the trace and (exact path) the kernel.
 
     With ``return_vectors=False`` the exact path calls ``eigvalsh`` (faster than ``eigh``) and
     ``vectors`` is empty.
+
+    Memory: before anything is built, one sample runs once to count what a forward saves for backward;
+    from that and the layer shapes both paths get an estimate (exact: the Jacobian factors of every
+    sample, the ``vmap(jacrev)`` temporaries of a chunk and the kernel; matrix-free: the kept graphs and
+    the basis). ``"auto"`` takes the exact path only when its estimate is within ``max_memory_gb``, and
+    an estimate above it on the path taken raises a ``ValueError`` naming ``max_memory_gb`` (and what
+    to lower). ``chunk_size=None`` sizes the exact path's ``vmap`` chunks to a quarter of the budget.
+
+    Args:
+        trace_samples: on the matrix-free path, the Hutchinson samples of the Hutch++ trace (one VJP
+            each; the Lanczos basis gives the exact part); 0: no trace there. The exact path always
+            gives the exact trace.
+        max_memory_gb: the budget in GiB (default 4); ``None``: no check.
 
     Example::
 
@@ -218,17 +255,39 @@ def ntk_spectrum(
     """
     if method not in ("auto", "exact", "lanczos"):
         raise ValueError(f"ntk_eigs: method must be 'auto', 'exact' or 'lanczos', got {method!r}")
+    if not isinstance(trace_samples, int) or trace_samples < 0:
+        raise ValueError(f"ntk_spectrum: trace_samples must be an int >= 0, got {trace_samples!r}")
     plan = _Plan.build(model, inputs, params, learning_rates, True, owner="ntk_eigs")
     size = plan.n if trace_outputs else plan.n * plan.c
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= size:
         what = f"n={plan.n}" if trace_outputs else f"n·c = {plan.n}·{plan.c}"
         raise ValueError(f"ntk_eigs: k={k!r} eigenvalues asked of a kernel of size {size} ({what}); use 1 <= k <= {size}")
-    exact = method == "exact" or (method == "auto" and size <= max_exact_size)
+    budget = math.inf if max_memory_gb is None else float(max_memory_gb) * 2**30
+    if chunk_size is None:
+        chunk_size = plan.auto_chunk(budget / 4)
+    exact_bytes = plan.exact_bytes(chunk_size, size)
+    exact = method == "exact" or (method == "auto" and size <= max_exact_size and exact_bytes <= budget)
+    if exact and exact_bytes > budget:
+        raise ValueError(
+            f"ntk_eigs: the exact kernel path needs about {exact_bytes / 2**30:.2f} GiB ({plan.n} samples x {plan.c} "
+            f"outputs: per-sample Jacobian factors {plan.factor_bytes / 2**20:.1f} MiB each, kernel {size}x{size}), above "
+            f"max_memory_gb={max_memory_gb}; use method='lanczos' (matrix-free) or 'auto', fewer samples, or raise max_memory_gb"
+        )
+    if not exact:
+        lanczos_bytes = plan.lanczos_bytes(size, min(max_matvecs, size))
+        if lanczos_bytes > budget:
+            raise ValueError(
+                f"ntk_eigs: the matrix-free path needs about {lanczos_bytes / 2**30:.2f} GiB (the kept graphs of {plan.n} "
+                f"samples, {plan.graph_bytes / 2**20:.1f} MiB saved per sample, and a Krylov basis of up to "
+                f"{min(max_matvecs, size)} x {size}), above max_memory_gb={max_memory_gb}; use fewer samples, a shorter "
+                "sequence or fewer outputs, or raise max_memory_gb"
+            )
     with preserved_state(model):
         if exact:
             with torch.no_grad():
                 factors = plan.factors(inputs, chunk_size)
                 flat = plan.contract(factors, factors, trace_outputs)
+                del factors
             # In the kernel's own dtype: a float32 kernel carries float32 rounding, which a float64
             # solve cannot undo (and eigvalsh costs ~1.7x more in float64).
             if return_vectors:
@@ -237,15 +296,41 @@ def ntk_spectrum(
             else:
                 evals, evecs = torch.linalg.eigvalsh(flat), flat.new_zeros(size, 0)
             evals = evals.flip(0).double().cpu()
-            return NTKSpectrumResult(evals[:k], evecs, "exact", 0, flat, evals)
+            trace = float(flat.double().diagonal().sum())
+            return NTKSpectrumResult(evals[:k], evecs, "exact", 0, flat, evals, trace, 0.0)
         from lightning_align.measure.lanczos import lanczos_eigs
 
-        matvec = plan.matvec(inputs, trace_outputs)
+        op = plan.operator(inputs, trace_outputs)
         res = lanczos_eigs(
-            matvec, size, k=k, which="LA", tol=tol, max_matvecs=max_matvecs, init=init,
-            generator=generator, dtype=plan.dtype, device=plan.device,
+            op, size, k=k, which="LA", tol=tol, max_matvecs=max_matvecs, init=init,
+            generator=generator, dtype=plan.dtype, device=plan.device, keep_basis=trace_samples > 0,
         )
-    return NTKSpectrumResult(res.values.double().cpu(), res.vectors, "lanczos", res.num_matvecs, None)
+        trace = stderr = None
+        if trace_samples > 0 and res.converged and res.basis is not None:
+            trace, stderr = _hutchpp(op, res.basis, res.krylov_trace, trace_samples, generator)
+        elif trace_samples > 0:
+            trace = stderr = math.nan
+    return NTKSpectrumResult(res.values.double().cpu(), res.vectors, "lanczos", res.num_matvecs, None, None, trace, stderr)
+
+
+def _hutchpp(op: _KernelOperator, basis: Tensor, krylov_trace: float, samples: int, generator: torch.Generator | None) -> tuple[float, float]:
+    """``tr K`` = ``tr(QᵀKQ)`` (exact, from Lanczos) + Hutchinson on the complement of ``Q``, with its standard error.
+
+    ``Q`` does not depend on the Rademacher vectors drawn here, so the estimate is unbiased; its variance is that
+    of Hutchinson on ``K`` with the top of the spectrum removed. ``z·Kz`` is ``‖Λ^½ Jᵀz‖²``: one VJP per sample.
+    """
+    size = basis.shape[1]
+    if basis.shape[0] >= size:
+        return krylov_trace, 0.0
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    values = []
+    for _ in range(samples):
+        z = torch.randint(0, 2, (size,), generator=gen, device=gen.device).to(device=basis.device, dtype=basis.dtype) * 2 - 1
+        z = z - basis.T @ (basis @ z)
+        values.append(op.quadratic(z))
+    vals = torch.tensor(values, dtype=torch.float64)
+    stderr = float(vals.std() / math.sqrt(samples)) if samples > 1 else math.inf
+    return krylov_trace + float(vals.mean()), stderr
 
 
 def ntk_matvec(
@@ -256,10 +341,11 @@ def ntk_matvec(
     params: Sequence[str] | None = None,
     learning_rates: Mapping[str, float] | None = None,
 ) -> tuple[Callable[[Tensor], Tensor], int]:
-    """``(v -> K v, size)``: the flattened NTK as a matrix-free operator (one VJP + one JVP per product).
+    """``(v -> K v, size)``: the flattened NTK as a matrix-free operator (two backward passes per product).
 
-    The operator keeps the forward graph of the batch; call it inside :func:`preserved_state` if the
-    model has buffers a forward could touch. With ``trace_outputs`` one product costs ``c`` VJP/JVP pairs.
+    The operator keeps the forward graph of the batch and the graph of a symbolic VJP (the forward is
+    linearised once, not re-run per product); call it inside :func:`preserved_state` if the model has
+    buffers a forward could touch. With ``trace_outputs`` one product costs ``c`` VJP/JVP pairs.
 
     Example::
 
@@ -267,7 +353,7 @@ def ntk_matvec(
         kv = matvec(torch.ones(size))  # K @ 1 without forming K
     """
     plan = _Plan.build(model, inputs, params, learning_rates, True, owner="ntk_matvec")
-    return plan.matvec(inputs, trace_outputs), plan.n if trace_outputs else plan.n * plan.c
+    return plan.operator(inputs, trace_outputs), plan.n if trace_outputs else plan.n * plan.c
 
 
 def ntk_trace(
@@ -276,11 +362,15 @@ def ntk_trace(
     *,
     params: Sequence[str] | None = None,
     learning_rates: Mapping[str, float] | None = None,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
+    max_memory_gb: float = 1.0,
 ) -> float:
-    """``tr K = Σ_{i,a} ‖∂f_a(x_i)/∂θ‖²`` without building the kernel (diagonal blocks only).
+    """``tr K = Σ_{i,a} ‖∂f_a(x_i)/∂θ‖²`` exactly, without building the kernel (diagonal blocks only).
 
-    The same for the full and the output-traced kernel. Memory is that of one ``chunk_size`` block.
+    The same for the full and the output-traced kernel. It costs ``n·c`` per-sample VJPs (batched), so
+    for many outputs per sample (a language model's vocabulary) prefer the Hutch++ estimate of
+    :func:`ntk_spectrum` (``trace_samples``). ``chunk_size=None`` picks the samples per block so that a
+    block's factors and ``vmap(jacrev)`` temporaries stay within ``max_memory_gb`` (one sample at least).
 
     Example:
         >>> net = nn.Linear(3, 2)
@@ -290,6 +380,8 @@ def ntk_trace(
         True
     """
     plan = _Plan.build(model, inputs, params, learning_rates, True, owner="ntk_trace")
+    if chunk_size is None:
+        chunk_size = plan.auto_chunk(max_memory_gb * 2**30, with_factors=True)
     total = 0.0
     with preserved_state(model), torch.no_grad():
         for lo in range(0, plan.n, chunk_size):
@@ -389,7 +481,7 @@ def kernel_target_alignment(kernel: Tensor, targets: Tensor) -> float:
 
 
 def kernel_distance(k0: Tensor, k1: Tensor) -> float:
-    """``1 − <K₀, K₁>_F / (‖K₀‖_F ‖K₁‖_F)``: how far the kernel moved (0: same up to scale), seed 003.
+    """``1 − <K₀, K₁>_F / (‖K₀‖_F ‖K₁‖_F)``: how far the kernel moved (0: same up to scale) (Noci et al.).
 
     Example:
         >>> kernel_distance(torch.eye(2), 3 * torch.eye(2))
@@ -440,6 +532,7 @@ class _Plan:
         self.selected: dict[str, Tensor] = {}
         self.dtype = torch.float32
         self.device = torch.device("cpu")
+        self.graph_bytes = 0  # what one sample's forward saves for backward
 
     @classmethod
     def build(
@@ -466,7 +559,7 @@ class _Plan:
         first = next(iter(plan.selected.values()))
         plan.dtype, plan.device = first.dtype, first.device
         candidates = _structured_candidates(model, plan.selected) if structured else {}
-        calls, out_shape = _dry_run(model, _slice(inputs, 0, 1), candidates, owner, _describe(inputs))
+        calls, out_shape, plan.graph_bytes = _dry_run(model, _slice(inputs, 0, 1), candidates, owner, _describe(inputs))
         plan.c = math.prod(out_shape[1:])
         for name, (module, kind, w, b) in candidates.items():
             if calls.get(name):
@@ -474,6 +567,52 @@ class _Plan:
         covered = {p for layer in plan.layers.values() for p in (layer.weight, layer.bias) if p}
         plan.generic = {n: p for n, p in plan.selected.items() if n not in covered}
         return plan
+
+    # -- memory estimates ---------------------------------------------------------------------------
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def _layer_dims(self) -> list[tuple[_Layer, int, int, int]]:
+        """``(layer, tokens, d_in, d_out)`` per structured call (tokens: positions or conv patches)."""
+        dims = []
+        for layer in self.layers.values():
+            m = layer.module
+            for shape in layer.calls:
+                if layer.kind == "conv2d":
+                    d_in = m.in_channels * math.prod(m.kernel_size)
+                    dims.append((layer, math.prod(shape[2:]), d_in, shape[1]))
+                else:
+                    dims.append((layer, math.prod(shape[1:-1]), m.in_features, shape[-1]))
+        return dims
+
+    @property
+    def factor_bytes(self) -> int:
+        """Jacobian factors of one sample (generic Jacobians, layer inputs and output gradients)."""
+        elems = self.c * sum(p.numel() for p in self.generic.values())
+        elems += sum(t * (d_in + self.c * d_out) for _, t, d_in, d_out in self._layer_dims())
+        return elems * self.itemsize
+
+    def auto_chunk(self, budget: float, with_factors: bool = False) -> int:
+        """Samples per ``vmap(jacrev)`` chunk whose temporaries (``c + 1`` graphs per sample) fit ``budget``."""
+        per_sample = (self.c + 1) * self.graph_bytes + (self.factor_bytes if with_factors else 0)
+        if not math.isfinite(budget) or per_sample == 0:
+            return self.n
+        return int(min(self.n, max(1, budget // per_sample)))
+
+    def exact_bytes(self, chunk: int, size: int) -> int:
+        """The exact path: every sample's factors, one chunk's temporaries, the contraction's and the kernel (twice: ``eigh``)."""
+        n, c, item = self.n, self.c, self.itemsize
+        contraction = _BLOCK_ELEMENTS * item
+        for _, t, d_in, d_out in self._layer_dims():
+            if t > 1 and _prefer_per_sample(n, n, c, t, d_in, d_out, size == n):
+                contraction = max(contraction, 2 * n * c * d_in * d_out * item)
+        return n * self.factor_bytes + min(chunk, n) * (c + 1) * self.graph_bytes + contraction + 2 * size * size * item
+
+    def lanczos_bytes(self, size: int, steps: int) -> int:
+        """The matrix-free path: the kept graphs, the basis and a few parameter-sized vectors."""
+        params = sum(p.numel() for p in self.selected.values())
+        return int(_GRAPH_FACTOR * self.n * self.graph_bytes) + (steps * size + 4 * params) * self.itemsize
 
     # -- Jacobian factors ---------------------------------------------------------------------------
     def factors(self, inputs: Any, chunk_size: int | None) -> _Factors:
@@ -530,35 +669,131 @@ class _Plan:
         return out
 
     # -- matrix-free --------------------------------------------------------------------------------
-    def matvec(self, inputs: Any, traced: bool) -> Callable[[Tensor], Tensor]:
-        """``v -> K v`` by ``J (Λ Jᵀ v)`` with ``torch.func.vjp`` / ``jvp`` on the whole batch."""
-        model, n, c = self.model, self.n, self.c
-        names = list(self.selected)
-        primals = {k: p.detach() for k, p in self.selected.items()}
-        scales = {k: self.lr[k] for k in names}
+    def operator(self, inputs: Any, traced: bool) -> _KernelOperator:
+        """``v -> K v`` by ``J (Λ Jᵀ v)`` on the whole batch, the forward linearised once."""
+        return _KernelOperator(self, inputs, traced)
 
-        def f(p: dict[str, Tensor]) -> Tensor:
-            return call_with_fresh_buffers(model, p, (inputs,)).reshape(n, c)
 
-        with math_attention():
-            _, vjp_fn = vjp(f, primals)
+class _KernelOperator:
+    """``K = J Λ Jᵀ`` on a fixed batch as a matrix-free operator, the forward linearised once.
 
-        def apply(cotangent: Tensor) -> Tensor:
-            (u,) = vjp_fn(cotangent)
-            u = {k: u[k] * scales[k] if scales[k] != 1.0 else u[k] for k in names}
-            with math_attention():  # the fused CPU/GPU attention kernels have no forward-mode AD
-                return jvp(f, (primals,), (u,))[1]
+    The forward runs once with its graph kept: ``Jᵀc`` is one backward on it; ``J u`` is one backward
+    through the graph of ``g(c) = Jᵀc`` for a symbolic cotangent ``c`` (built once with ``create_graph``;
+    ``g`` is linear in ``c``, so ``∂(g·u)/∂c = J u``). A product is two backward passes and never
+    re-runs the forward. An op without a double backward (rare: a custom ``autograd.Function`` whose
+    backward is ``once_differentiable`` cuts the symbolic graph, silently) is caught on the first product,
+    where ``cotᵀ(J Λ Jᵀ cot)`` must equal ``‖Λ^½ Jᵀ cot‖²``; the operator then falls back to a
+    ``torch.func.jvp`` per product, with a warning.
+    """
 
-        if not traced:
-            return lambda v: apply(v.reshape(n, c)).reshape(-1)
+    def __init__(self, plan: _Plan, inputs: Any, traced: bool) -> None:
+        self.n, self.c, self.traced = plan.n, plan.c, traced
+        self.dtype, self.device = plan.dtype, plan.device
+        self.names = list(plan.selected)
+        self.scales = [plan.lr[k] for k in self.names]
+        self.primals = [plan.selected[k].detach().requires_grad_() for k in self.names]
+        frozen = {k: p.detach() for k, p in plan.model.named_parameters() if k not in plan.selected}
+        model, n, c, names = plan.model, plan.n, plan.c, self.names
 
-        eye = torch.eye(c, dtype=self.dtype, device=self.device)
+        def f(values: Sequence[Tensor]) -> Tensor:
+            return call_with_fresh_buffers(model, {**frozen, **dict(zip(names, values))}, (inputs,)).reshape(n, c)
 
-        def traced_mv(v: Tensor) -> Tensor:
-            out = vmap(apply)(v.reshape(1, n, 1) * eye.reshape(c, 1, c))  # (c, n, c): output a from cotangent a
-            return out.diagonal(dim1=0, dim2=2).sum(-1)
+        self._f = f
+        with torch.enable_grad(), math_attention():
+            self.out = f(self.primals)
+        self._symbolic: tuple[Tensor, list[Tensor], list[int]] | None = None
+        self._functional = False
+        self._checked = False
 
-        return traced_mv
+    def __call__(self, v: Tensor) -> Tensor:
+        v = v.to(self.dtype)
+        if not self.traced:
+            return self._product(v.reshape(self.n, self.c)).reshape(-1)
+        out = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        for a in range(self.c):  # Σ_a J_a Λ J_aᵀ v
+            cot = torch.zeros(self.n, self.c, dtype=self.dtype, device=self.device)
+            cot[:, a] = v
+            out += self._product(cot)[:, a]
+        return out
+
+    def _product(self, cot: Tensor) -> Tensor:
+        """``J Λ Jᵀ cot``; the first product also checks the symbolic JVP against the VJP (both give ``cotᵀKcot``)."""
+        pulled = self.vjp(cot)
+        u = self._scaled(pulled)
+        out = self.jvp(u)
+        if not self._checked and not self._functional:
+            self._checked = True
+            direct = float((cot * out).sum())
+            adjoint = float(sum(float((a * b).sum()) for a, b in zip(pulled, u) if a is not None))
+            if abs(direct - adjoint) > 1e-3 * max(abs(adjoint), 1e-30):
+                # a backward that cannot be differentiated (e.g. @once_differentiable) cut the symbolic graph
+                self._fall_back(f"the symbolic JVP disagrees with the VJP ({direct:.6g} vs {adjoint:.6g})")
+                out = self.jvp(u)
+        return out
+
+    def _fall_back(self, why: str) -> None:
+        import warnings
+
+        warnings.warn(
+            f"lightning_align: the NTK's outputs have no usable double backward ({why[:200]}); using torch.func.jvp, "
+            "which re-runs the forward at every product.",
+            stacklevel=4,
+        )
+        self._functional, self._symbolic = True, None
+
+    def quadratic(self, z: Tensor) -> float:
+        """``zᵀ K z = Σ_p λ_p ‖J_pᵀ z‖²``: VJPs only."""
+        z = z.to(self.dtype)
+        cots = [z.reshape(self.n, self.c)] if not self.traced else []
+        for a in range(self.c if self.traced else 0):
+            cot = torch.zeros(self.n, self.c, dtype=self.dtype, device=self.device)
+            cot[:, a] = z
+            cots.append(cot)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for cot in cots:
+            for u, lr in zip(self.vjp(cot), self.scales):
+                if u is not None:
+                    total += lr * u.double().pow(2).sum()
+        return float(total)
+
+    def vjp(self, cot: Tensor) -> list[Tensor | None]:
+        if not self.out.requires_grad:  # outputs independent of the parameters: J = 0
+            return [None] * len(self.primals)
+        return list(torch.autograd.grad(self.out, self.primals, cot, retain_graph=True, allow_unused=True))
+
+    def _scaled(self, u: list[Tensor | None]) -> list[Tensor | None]:
+        return [t if t is None or lr == 1.0 else t * lr for t, lr in zip(u, self.scales)]
+
+    def jvp(self, tangents: list[Tensor | None]) -> Tensor:
+        zero = torch.zeros(self.n, self.c, dtype=self.dtype, device=self.device)
+        if not self.out.requires_grad:
+            return zero
+        if not self._functional:
+            try:
+                return self._jvp_symbolic(tangents, zero)
+            except (NotImplementedError, RuntimeError) as err:
+                message = str(err).lower()
+                if not any(hint in message for hint in ("derivative", "not implemented", "double backward", "twice")):
+                    raise
+                self._fall_back(str(err))
+        primals = [p.detach() for p in self.primals]
+        tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
+        with math_attention():  # the fused CPU/GPU attention kernels have no forward-mode AD
+            return jvp(lambda *ps: self._f(ps), tuple(primals), tuple(tangents))[1]
+
+    def _jvp_symbolic(self, tangents: list[Tensor | None], zero: Tensor) -> Tensor:
+        if self._symbolic is None:
+            c = torch.zeros_like(self.out, requires_grad=True)
+            with torch.enable_grad(), math_attention():
+                g = torch.autograd.grad(self.out, self.primals, c, create_graph=True, allow_unused=True)
+            used = [i for i, t in enumerate(g) if t is not None and t.requires_grad]
+            self._symbolic = (c, [g[i] for i in used], used)
+        c, g, used = self._symbolic
+        pairs = [(gi, tangents[i]) for gi, i in zip(g, used) if tangents[i] is not None]
+        if not pairs:
+            return zero
+        (ju,) = torch.autograd.grad([p[0] for p in pairs], c, [p[1] for p in pairs], retain_graph=True, allow_unused=True)
+        return zero if ju is None else ju
 
 
 # -- contraction kernels ----------------------------------------------------------------------------
@@ -734,11 +969,34 @@ def _probe_hooks(layers: Mapping[str, Any], probes: Mapping[str, list[Tensor]] |
             h.remove()
 
 
-def _dry_run(model: nn.Module, one: Any, candidates: Mapping[str, Any], owner: str, described: str) -> tuple[dict[str, list[tuple[int, ...]]], tuple[int, ...]]:
-    """Run one sample: the per-call output shapes of the structured candidates, and the output shape."""
+def _dry_run(
+    model: nn.Module, one: Any, candidates: Mapping[str, Any], owner: str, described: str
+) -> tuple[dict[str, list[tuple[int, ...]]], tuple[int, ...], int]:
+    """Run one sample: the per-call output shapes of the structured candidates, the output shape, and the
+    bytes the forward saves for backward (parameters, buffers and inputs excluded): the per-sample unit of
+    the memory estimates."""
     seen: dict[str, list[Any]] = {name: [] for name in candidates}
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), *_leaves(one))}
+    counted: set[tuple[int, int]] = set()
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # e.g. a tensor subclass without storage
+            return t
+        key = (storage.data_ptr(), storage.nbytes())
+        if key[0] not in own and key not in counted:
+            counted.add(key)
+            saved += key[1]
+        return t
+
     try:
-        with preserved_state(model), torch.no_grad(), _probe_hooks(candidates, None, seen):
+        with (
+            preserved_state(model), torch.enable_grad(), math_attention(), _probe_hooks(candidates, None, seen),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
             out = model(one)
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise ValueError(
@@ -751,7 +1009,7 @@ def _dry_run(model: nn.Module, one: Any, candidates: Mapping[str, Any], owner: s
         raise ValueError(f"{owner}: on one sample the model returned shape {tuple(out.shape)}; the leading dimension must be the sample dimension")
     if not out.is_floating_point():
         raise TypeError(f"{owner}: the model returned {out.dtype} outputs; the NTK needs floating-point outputs")
-    return seen, tuple(out.shape)
+    return seen, tuple(out.shape), saved
 
 
 def _unfold(conv: nn.Conv2d, x: Tensor) -> Tensor:

@@ -184,9 +184,14 @@ def hessian_operator(
             double backward, falling back to forward-over-reverse (with a warning) for ops that have
             no double backward. Double backward is the default because it is exact for every op with
             a double backward and 1.8-3.6x faster per product on CPU (the forward pass and the first
-            backward are paid once); forward-over-reverse gives a *wrong, non-symmetric* Hessian for
-            models with affine LayerNorm/BatchNorm in torch 2.14 (found by ``tests/test_hessian.py``),
-            so ``"forward"`` refuses such models.
+            backward are paid once). Forward-over-reverse is wrong in one place in torch 2.14: the
+            forward-mode derivative of the weight gradient of ``F.layer_norm``, and of ``F.batch_norm``
+            with batch statistics (train-mode BatchNorm, InstanceNorm), with respect to the layer's
+            *input*. The Hessian block between such a layer's trainable ``weight`` and every parameter
+            before the layer is then wrong and non-symmetric (19% of the largest entry on a 4-5-2
+            LayerNorm MLP; ``tests/test_operators.py``), so ``"forward"`` refuses those layers. Eval-mode
+            BatchNorm (running statistics), GroupNorm, RMSNorm and norms without a trainable weight are
+            exact and allowed.
         reduce: applied to every product (e.g. an all-reduce mean over DDP ranks).
 
     Yields:
@@ -194,7 +199,7 @@ def hessian_operator(
 
     Raises:
         ValueError: no trainable parameters, a loss that is not a scalar, ``"forward"`` on a model
-            with an affine normalisation layer.
+            with a LayerNorm, or a BatchNorm/InstanceNorm using batch statistics, whose weight is trainable.
 
     Example:
         >>> net = nn.Linear(3, 1)
@@ -223,17 +228,36 @@ def hessian_operator(
         yield op
 
 
-_AFFINE_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+def _forward_mode_wrong_norm(module: nn.Module) -> str | None:
+    """The op whose forward-over-reverse Hessian is wrong in ``module`` (torch 2.14), or ``None``.
+
+    The forward-mode derivative of the *weight* gradient of ``native_layer_norm_backward`` and of
+    ``native_batch_norm_backward`` with batch statistics, with respect to the layer input, is wrong (every
+    other block is right; ``tests/test_operators.py`` checks each case against the dense autograd Hessian).
+    It only matters when the weight is differentiated, i.e. trainable.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or not weight.requires_grad:
+        return None
+    if isinstance(module, nn.LayerNorm):
+        return "layer_norm"
+    if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+        batch_statistics = module.training or not module.track_running_stats or module.running_mean is None
+        if batch_statistics:
+            return "batch_norm with batch statistics" if isinstance(module, nn.modules.batchnorm._BatchNorm) else "instance_norm"
+    return None
 
 
 def _refuse_affine_norms(model: nn.Module) -> None:
     for name, m in model.named_modules():
-        affine = getattr(m, "affine", getattr(m, "elementwise_affine", False))
-        if isinstance(m, _AFFINE_NORMS) and affine:
+        op = _forward_mode_wrong_norm(m)
+        if op is not None:
             raise ValueError(
-                f"method='forward' (forward-over-reverse HVP) gives a wrong Hessian through the affine "
-                f"normalisation layer {name!r} ({type(m).__name__}) in this torch version; use "
-                "method='double_backward' or 'auto'"
+                f"method='forward' (forward-over-reverse HVP) gives a wrong Hessian through the affine normalisation "
+                f"layer {name!r} ({type(m).__name__}) in torch {torch.__version__.split('+')[0]}: the forward-mode "
+                f"derivative of {op}'s weight gradient with respect to the layer input is wrong, so the Hessian between "
+                f"{name + '.' if name else ''}weight and the parameters before the layer is; use method='double_backward' "
+                "or 'auto' (or freeze that weight)"
             )
 
 
@@ -265,9 +289,12 @@ def _double_backward_operator(
             "to measure: make sure the loss uses parameters with requires_grad=True (e.g. not only frozen ones)."
         )
     grads = torch.autograd.grad(loss, params.tensors, create_graph=True, allow_unused=True)
-    flat_grad = params.flatten(list(grads))
+    # the per-parameter gradients, not their concatenation: a product then has no cat/split in its backward
+    used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    used_grads = [grads[i] for i in used]
+    sizes = [t.numel() for t in params.tensors]
 
-    if not flat_grad.requires_grad:
+    if not used:
         warnings.warn(
             "lightning_align: the gradient does not depend on the parameters (a loss linear in them, or an op "
             "whose backward is not differentiable, e.g. @once_differentiable): double backward gives H = 0; "
@@ -277,13 +304,16 @@ def _double_backward_operator(
 
     def matvec(v: Tensor) -> Tensor:
         v = v.to(params.dtype)
-        if not flat_grad.requires_grad:
+        if not used:
             return torch.zeros_like(v)
-        hv = torch.autograd.grad(flat_grad, params.tensors, grad_outputs=v, retain_graph=True, allow_unused=True)
+        parts = torch.split(v, sizes)
+        outputs = [parts[i].view_as(params.tensors[i]) for i in used]
+        hv = torch.autograd.grad(used_grads, params.tensors, grad_outputs=outputs, retain_graph=True, allow_unused=True)
         return params.flatten(list(hv)).detach()
 
     return FlatOperator(
-        matvec=matvec, params=params, loss=loss.detach(), method="double_backward", gradient=flat_grad.detach()
+        matvec=matvec, params=params, loss=loss.detach(), method="double_backward",
+        gradient=params.flatten([None if g is None else g.detach() for g in grads]),
     )
 
 
