@@ -15,6 +15,7 @@ from torch import nn
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.probe import slice_batch
+from lightning_align.measure.probe import SequenceReduced
 from lightning_align.measure.batch import batch_size_of, batch_targets, prediction
 from lightning_align.figures import spectrum
 from lightning_align.logging import log_figure, log_histogram
@@ -342,17 +343,3 @@ class NTKSpectrum(MeasurementCallback):
         self._k0, self._k_prev = (
             t.detach().float().cpu() if isinstance(t, torch.Tensor) else None for t in (state.get("k0"), state.get("k_prev"))
         )
-
-
-class SequenceReduced(nn.Module):
-    """Outputs of ``model`` with a sequence dimension (``(n, T, ...)``, ``ndim >= 3``) reduced over positions."""
-
-    def __init__(self, model: nn.Module, how: str) -> None:
-        super().__init__()
-        self.model, self.how = model, how
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        out = self.model(batch)
-        if out.ndim < 3 or self.how == "all":
-            return out
-        return out.mean(dim=1) if self.how == "mean" else out[:, -1]
