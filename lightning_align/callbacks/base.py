@@ -40,6 +40,8 @@ from torch import nn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 
+from typing_extensions import override
+
 from lightning_align.callbacks.probe import (
     ProbeLoss,
     ProbeOutputs,
@@ -242,6 +244,7 @@ class MeasurementCallback(Callback, abc.ABC):
     # ----------------------------------------------------------------------------------------------
     # Lightning hooks
     # ----------------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # State is per fit: objects reused for another Trainer start fresh (a checkpoint restores after this),
         # unless state was loaded by hand (`load_state_dict`) since the last fit.
@@ -252,6 +255,7 @@ class MeasurementCallback(Callback, abc.ABC):
             self.headline_history.clear()
             self._layer_values = {}
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # FSDP/DeepSpeed: refused before validate
         check_strategy(trainer, type(self).__name__)
@@ -263,6 +267,7 @@ class MeasurementCallback(Callback, abc.ABC):
             )
         self.validate(trainer, pl_module)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         write_dashboard(trainer, [cb for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)])
         if trainer.ckpt_path and not self._state_loaded:
@@ -276,6 +281,7 @@ class MeasurementCallback(Callback, abc.ABC):
             return
         self._start(trainer, pl_module)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._awaiting_stream:
             self._awaiting_stream = False
@@ -292,12 +298,14 @@ class MeasurementCallback(Callback, abc.ABC):
         if step > self.last_step and self.schedule.is_due(step):
             self._run(trainer, pl_module)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self.schedule.is_due(trainer.global_step + 1):
             self.before_step(trainer, pl_module)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -305,6 +313,7 @@ class MeasurementCallback(Callback, abc.ABC):
         if step > self.last_step and self.schedule.is_due(step):
             self._run(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for prefix, per_layer in self._layer_values.items():
             steps = sorted({s for values in per_layer.values() for s in values})
@@ -327,6 +336,7 @@ class MeasurementCallback(Callback, abc.ABC):
                 if layer is not None:
                     self._layer_values.setdefault(prefix, {}).setdefault(layer, {})[trainer.global_step] = value
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # One table for the whole suite: printed by the first measurement callback, unless AlignSummary decides.
         from lightning_align.callbacks.summary import find_summary, print_fit_summary
@@ -340,15 +350,18 @@ class MeasurementCallback(Callback, abc.ABC):
         if leaders and leaders[0] is self:
             print_fit_summary(trainer)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step, **self.extra_state()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         self._state_loaded = bool(state)
         self.last_step = int(state.pop("last_step", -1))
         self.load_extra_state(state)
 
+    @override
     @functools.cached_property
     def state_key(self) -> str:  # type: ignore[override]
         # The class and `name` only: schedule and probe settings may change across a resume. Lightning reads

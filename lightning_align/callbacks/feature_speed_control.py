@@ -19,6 +19,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from typing_extensions import override
+
 from lightning_align.callbacks.alignment import PREFIX, real_update, snapshot_trainable
 from lightning_align.measure.modules import select_modules
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
@@ -145,6 +147,7 @@ class FeatureSpeedControl(MeasurementCallback):
         if not trainer.optimizers:
             raise ValueError("FeatureSpeedControl: the LightningModule configures no optimizer; there is no learning rate to set")
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._group_layer = {}
@@ -159,9 +162,11 @@ class FeatureSpeedControl(MeasurementCallback):
             self.multipliers = [1.0] * len(self.plan)
             self._split_groups(trainer, pl_module)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
 

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from typing_extensions import override
+
 from lightning_align.callbacks.strategy import check_strategy
 from lightning_align.logging import log_text, markdown_table
 from lightning_align.parametrize.apply import INITS, UNSCALABLE_ATTENTION, Parametrized, retarget_scheduler
@@ -155,6 +157,7 @@ class Parametrization(Callback):
     # ----------------------------------------------------------------------------------------------
     # Lightning hooks
     # ----------------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "Parametrization")  # before anything is rescaled or wrapped
         self._trainer = trainer
@@ -163,9 +166,11 @@ class Parametrization(Callback):
         if stage == "fit":
             self._wrap_configure_optimizers(pl_module)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._original_configure is not None:
             if self._original_configure is _CLASS_METHOD:
@@ -174,6 +179,7 @@ class Parametrization(Callback):
                 pl_module.configure_optimizers = self._original_configure
             self._original_configure = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         p = self.parametrized
         return {
@@ -185,6 +191,7 @@ class Parametrization(Callback):
             "tied": dict(p.tied) if p else {},
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         scheme = state_dict.get("scheme")
         if scheme is not None and scheme != self.scheme:

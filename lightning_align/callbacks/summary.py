@@ -7,6 +7,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from typing_extensions import override
+
 from lightning_align.headlines import HeadlineHistory
 from lightning_align.summary import SummaryStyle, print_summary
 
@@ -49,6 +51,7 @@ class AlignSummary(Callback):
         self.style = style
         self.text: str | None = None
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # teardown, not on_fit_end: after the TQDM bar has closed, and also after an interrupted fit.
         if stage == "fit" and self.table:

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from typing_extensions import override
+
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import MeasurementCallback
 from lightning_align.callbacks.elr import check_invariance_test_args, grad_scale, layer_lrs, outputs_finite, tracked_modules
@@ -102,11 +104,13 @@ class ELRWarmup(MeasurementCallback):
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         self._detect(pl_module, batch)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._remove_hook()
         self._hook = trainer.optimizers[0].register_step_post_hook(self._after_optimizer_step)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -139,6 +143,7 @@ class ELRWarmup(MeasurementCallback):
             group["lr"] = original * self.factor
             self._scaled.append((group, original, group["lr"]))
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -154,11 +159,13 @@ class ELRWarmup(MeasurementCallback):
             self._final_logged = True
         return {"elr/warmup_factor": self.factor}
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()
         self._remove_hook()
         super().teardown(trainer, pl_module, stage)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()  # an interrupted fit leaves the optimizer as configured
         self._remove_hook()
