@@ -238,3 +238,13 @@ def test_training_with_the_suite_is_bit_identical_on_torchvision_resnet18() -> N
     plain = fit([], TorchvisionResNet, loader=loader, max_steps=3)
     measured = fit(suite, TorchvisionResNet, loader=loader, max_steps=3)
     assert_same_training_state(plain, measured)
+
+
+def test_whole_suite_on_llama_with_checkpointing_dropout_and_accumulation_is_bit_identical() -> None:
+    """NTKSpectrum and RankMonitor run with HF gradient checkpointing on (its input-grad hook is off in probes)."""
+    make = lambda: HFLM("llama", dropout=0.1, checkpointing=True)  # noqa: E731
+    plain = fit([], make, loader=token_loader(), max_steps=3, accumulate_grad_batches=2)
+    logger = MemoryLogger()
+    measured = fit(measurement_suite(jacobian_points=0), make, loader=token_loader(), max_steps=3, accumulate_grad_batches=2, logger=logger)
+    assert_same_training_state(plain, measured)
+    assert math.isfinite(logger.by_step("ntk/max_eig")[0]) and math.isfinite(logger.by_step("sharpness/max_eig")[2])

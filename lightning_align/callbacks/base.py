@@ -214,6 +214,7 @@ class MeasurementCallback(Callback, abc.ABC):
             stack.enter_context(upcast_floating(pl_module, torch.float32))
             stack.enter_context(_uncompiled(pl_module))
             stack.enter_context(refused_training_steps(pl_module, type(self).__name__))
+            stack.enter_context(_without_input_require_grads(pl_module))
             self._set_probe_modes(pl_module)
             yield
 
@@ -473,6 +474,20 @@ def refused_training_steps(pl_module: nn.Module, owner: str) -> Iterator[None]:
             pl_module.__dict__.pop("manual_backward", None)
         else:
             pl_module.manual_backward = saved_backward
+
+
+@contextlib.contextmanager
+def _without_input_require_grads(pl_module: nn.Module) -> Iterator[None]:
+    """Hugging Face's gradient-checkpointing hook (``enable_input_require_grads``: ``requires_grad_`` on the
+    embedding output) is not needed in eval-mode probes and cannot run under ``torch.func``: off inside, back after."""
+    models = [m for m in pl_module.modules() if getattr(m, "_require_grads_hooks", None) and hasattr(m, "enable_input_require_grads")]
+    for m in models:
+        m.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        for m in models:
+            m.enable_input_require_grads()
 
 
 def _device_type(module: nn.Module) -> str:
