@@ -22,7 +22,7 @@ NORMS_WITH_STATS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm
 LayerKind = Literal["weights", "features"]
 
 
-def is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module | None) -> bool:
     """Hugging Face's ``Conv1D`` (GPT-2's linear layer, weight ``(in, out)``), recognised without importing it."""
     w = getattr(module, "weight", None)
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor) and w.ndim == 2

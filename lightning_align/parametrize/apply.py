@@ -51,7 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_align.parametrize.ecosystem import attention_scale_attr, head_dim, is_conv1d, looks_like_attention
+from lightning_align.measure.modules import is_hf_conv1d
+from lightning_align.parametrize.ecosystem import attention_scale_attr, head_dim, looks_like_attention
 from lightning_align.parametrize.roles import ParamInfo, branch_parameters, infer_roles, tied_readouts
 from lightning_align.parametrize.rules import (
     MUP_FAMILY,
@@ -285,7 +286,7 @@ class Parametrized:
         for name, info in {**self.readout_modules, **self.tied_readout_modules}.items():
             div = readout_multiplier_divisor(self.scheme, info)
             if self.output_mult != 1 or div != 1:
-                if not is_conv1d(modules[name]):
+                if not is_hf_conv1d(modules[name]):
                     _require_layer(modules[name], info.name, "readout multiplier", (nn.Linear, nn.modules.conv._ConvNd))
                 self.handles.append(modules[name].register_forward_pre_hook(ScaleReadoutInput(self.output_mult, div)))
         if self.input_mult != 1:

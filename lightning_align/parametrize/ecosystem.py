@@ -120,8 +120,3 @@ def looks_like_attention(module: nn.Module) -> bool:
         return False
     names = {n for n, _ in module.named_children()} | {n for n, _ in module.named_parameters(recurse=False)}
     return bool(names & _QKV_NAMES)
-
-
-def is_conv1d(module: nn.Module | None) -> bool:
-    """HF's ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in_features, out_features)``."""
-    return module is not None and type(module).__name__ == "Conv1D" and hasattr(module, "nf")

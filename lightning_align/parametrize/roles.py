@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from lightning_align.parametrize.ecosystem import is_conv1d
+from lightning_align.measure.modules import is_hf_conv1d
 
 Role = Literal["input", "hidden", "output", "vector", "fixed"]
 ROLES: tuple[str, ...] = ("input", "hidden", "output", "vector", "fixed")
@@ -205,7 +205,7 @@ def _auto_role(name: str, infinite: tuple[bool, ...], module: nn.Module | None, 
         return "hidden"
     if isinstance(module, _FAN_LAYERS):
         return "input" if infinite[0] else "output"
-    if is_conv1d(module) and len(infinite) == 2:  # HF Conv1D stores (fan_in, fan_out)
+    if is_hf_conv1d(module) and len(infinite) == 2:  # HF Conv1D stores (fan_in, fan_out)
         return "input" if infinite[1] else "output"
     return "input"  # embedding tables and raw parameters: a lookup, fan-in fixed
 
