@@ -26,9 +26,17 @@ def _layer_axis(ax: object, names: Sequence[str], axis: str = "x") -> None:
         ax.set_yticklabels(names, fontsize=size)  # type: ignore[attr-defined]
 
 
-def _positive(values: Sequence[float]) -> bool:
+def spans_decades(values: Sequence[float], decades: float = 2.0) -> bool:
+    """Whether all finite values are positive and max/min reaches ``10**decades``.
+
+    Example:
+        >>> spans_decades([1e-4, 0.5]), spans_decades([0.1, 0.9]), spans_decades([0.0, 5.0]), spans_decades([1e-14, 0.5])
+        (True, False, False, False)
+    """
     finite = [v for v in values if math.isfinite(v)]
-    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 30
+    if not finite or min(finite) <= max(finite) * 1e-9:  # zero, negative, or round-off from zero (1e-14 at init)
+        return False
+    return max(finite) / min(finite) >= 10**decades
 
 
 def layer_profile(names: Sequence[str], curves: Mapping[str, Sequence[float]], *, ylabel: str, title: str) -> Figure:
@@ -42,7 +50,7 @@ def layer_profile(names: Sequence[str], curves: Mapping[str, Sequence[float]], *
     fig, ax = new_figure(max(5.0, 0.3 * len(names) + 2.0), 3.6)
     for label, values in curves.items():
         ax.plot(range(len(names)), list(values), marker="o", label=label)
-    if _positive([v for vs in curves.values() for v in vs]):
+    if spans_decades([v for vs in curves.values() for v in vs], 1.5):
         ax.set_yscale("log")
     if ax.get_yscale() == "linear":
         ax.axhline(0.0, color="0.7", linewidth=0.8, zorder=0)
@@ -65,7 +73,7 @@ def layer_heatmap(names: Sequence[str], steps: Sequence[int], values: Sequence[S
     """
     fig, ax = new_figure(min(9.0, max(5.0, 0.2 * len(steps) + 3.0)), min(9.0, max(3.0, 0.22 * len(names) + 1.6)))
     flat = [v for row in values for v in row]
-    norm = LogNorm() if _positive(flat) else None
+    norm = LogNorm() if spans_decades(flat, 1.5) else None
     image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
     fig.colorbar(image, ax=ax, label=label)
     _layer_axis(ax, names, axis="y")

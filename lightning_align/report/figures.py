@@ -14,6 +14,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from lightning_align.figures import spans_decades
 from lightning_align.report.events import Run, spectrum_values
 
 DPI = 110
@@ -32,19 +33,6 @@ def png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.08)
     return buf.getvalue()
-
-
-def spans_decades(values: Sequence[float], decades: float = 2.0) -> bool:
-    """Whether all finite values are positive and max/min reaches ``10**decades``.
-
-    Example:
-        >>> spans_decades([1e-4, 0.5]), spans_decades([0.1, 0.9]), spans_decades([0.0, 5.0]), spans_decades([1e-14, 0.5])
-        (True, False, False, False)
-    """
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite or min(finite) <= max(finite) * 1e-9:  # zero, negative, or round-off from zero (1e-14 at init)
-        return False
-    return max(finite) / min(finite) >= 10**decades
 
 
 def log_axis(ax: Any, which: str = "y", base: float = 10) -> None:
