@@ -137,7 +137,7 @@ def test_default_modules_are_linear_conv_and_attention():
 
 
 def test_figure_and_tags_with_tensorboard_on_an_example_module(tmp_path):
-    example_modules = pytest.importorskip("example_modules")
+    import example_modules
     module = example_modules.ResMLP(width=32, depth=3, branch_multiplier=None, optimizer="adam", lr=1e-3)
     cb = FeatureAlignment(every_n_steps=2, modules=["embed", r"blocks\.\d+", "readout"], probe_size=64, figure_every=1)
     loader = tiny_loader(n=64, in_features=64, num_classes=10, batch_size=32)

@@ -12,7 +12,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+import timm
 import torch
+import transformers
 from helpers import MemoryLogger, assert_same_training_state, fit, measurement_suite
 from torch import nn
 from torch.func import functional_call
@@ -21,9 +23,6 @@ from torch.utils.data import DataLoader
 
 from lightning_align import FeatureAlignment, NTKSpectrum, Sharpness
 from lightning_align.measure.operators import FlatParams
-
-transformers = pytest.importorskip("transformers")
-timm = pytest.importorskip("timm")
 
 VOCAB, T = 16, 6
 

@@ -65,7 +65,7 @@ def test_init_schemes_set_expected_scale() -> None:
     torch.manual_seed(0)
     model = MLP(width=512, depth=2, init="kaiming")
     w = model.layers[1].weight
-    assert w.std().item() == pytest.approx((2 / 512) ** 0.5, rel=0.05)
+    assert w.std().item() == pytest.approx((2 / 512) ** 0.5, rel=0.01)  # sampling error of 512² weights: 0.14%
     assert torch.all(model.layers[1].bias == 0)
     init_weights(model, "orthogonal", "tanh")
     q = model.layers[1].weight

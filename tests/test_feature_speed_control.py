@@ -19,7 +19,7 @@ TARGETS = [0.01, 0.02, 0.04, 0.08]
 
 def digits_full_batch() -> DataLoader:
     """The scikit-learn digits (standardised), one batch of everything: the probe sees the training batch."""
-    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn import datasets
     data = datasets.load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
@@ -28,7 +28,7 @@ def digits_full_batch() -> DataLoader:
 
 @pytest.mark.parametrize(("optimizer", "lr"), [("adam", 1e-3), ("sgd", 0.05)])
 def test_reaches_target_speeds_within_20_percent(optimizer, lr):
-    example_modules = pytest.importorskip("example_modules")
+    import example_modules
     pl.seed_everything(0, verbose=False)
     module = example_modules.MLP(width=64, depth=3, optimizer=optimizer, lr=lr)
     cb, logger = FeatureSpeedControl(target_speed=TARGETS, every_n_steps=1, probe_size=512), MemoryLogger()

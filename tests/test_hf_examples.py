@@ -12,12 +12,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from example_modules import CharTextDataModule, DigitsDataModule, HFCausalLM, TimmClassifier
 from torch.nn import functional as F
-
-pytest.importorskip("transformers")
-pytest.importorskip("timm")
-
-from example_modules import CharTextDataModule, DigitsDataModule, HFCausalLM, TimmClassifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*:UserWarning")

@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import lightning_align.measure.ntk as ntk_mod
+from lightning_align.measure.ntk import contraction
 from lightning_align.measure.ntk import (
     empirical_ntk,
     flatten_kernel,
@@ -156,8 +157,8 @@ def test_empirical_ntk_matches_explicit_jacobians(case: str, traced: bool) -> No
 @pytest.mark.parametrize("per_sample", [False, True], ids=["token_gram", "per_sample_grads"])
 @pytest.mark.parametrize("traced", [False, True], ids=["full", "traced"])
 def test_both_token_strategies_match(monkeypatch: pytest.MonkeyPatch, per_sample: bool, traced: bool) -> None:
-    monkeypatch.setattr(ntk_mod, "_prefer_per_sample", lambda *args: per_sample)
-    monkeypatch.setattr(ntk_mod, "_BLOCK_ELEMENTS", 64)  # force several row blocks
+    monkeypatch.setattr(contraction, "_prefer_per_sample", lambda *args: per_sample)
+    monkeypatch.setattr(contraction, "_BLOCK_ELEMENTS", 64)  # force several row blocks
     torch.manual_seed(1)
     model = TinyAttention().to(D)
     x = torch.randn(5, 4, 6, dtype=D)
@@ -466,7 +467,7 @@ def test_clear_errors() -> None:
 
 @pytest.mark.parametrize("name", ["ViT", "ResNet", "GPT"])
 def test_example_modules_match_oracle(name: str) -> None:
-    examples = pytest.importorskip("example_modules")
+    import example_modules as examples
     torch.manual_seed(12)
     if name == "ViT":
         model, x = examples.ViT(width=8, depth=1, heads=2, mlp_ratio=1), torch.randn(3, 1, 8, 8)

@@ -45,7 +45,8 @@ def test_logged_values_match_oracle() -> None:
         lam = torch.linalg.eigvalsh(flat).flip(0)
         assert metrics["ntk/max_eig"] == pytest.approx(float(lam[0]), rel=1e-4)
         assert metrics["ntk/trace"] == pytest.approx(float(flat.trace()), rel=1e-4)
-        assert metrics["ntk/cond"] == pytest.approx(float(lam[0] / lam[-1]), rel=1e-2)
+        # float32 kernel: λ_min carries ~eps·λ_max, so cond carries a relative ~eps·cond (~5e-5 here)
+        assert metrics["ntk/cond"] == pytest.approx(float(lam[0] / lam[-1]), rel=1e-3)
         y = torch.nn.functional.one_hot(cb.probe_batch[1], 3).double().reshape(-1)
         assert metrics["ntk/alignment"] == pytest.approx(kernel_target_alignment(flat, y), rel=1e-4)
         want = 1 - float((k0 * flat).sum() / (k0.norm() * flat.norm()))
@@ -152,7 +153,6 @@ def test_clear_errors() -> None:
 
 
 def test_example_mlp_with_batchnorm() -> None:
-    pytest.importorskip("example_modules")
     from example_modules import MLP
 
     module = MLP(in_features=8, num_classes=3, width=16, depth=2, norm="batch", dropout=0.1)

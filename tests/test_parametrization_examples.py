@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import example_modules
 import pytest
 import torch
 from helpers import fit
@@ -12,8 +13,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_align.callbacks.coord_check import CoordCheck
 from lightning_align.callbacks.parametrization import Parametrization
 from lightning_align.parametrize.auto import auto_parametrize
-
-example_modules = pytest.importorskip("example_modules")
 
 
 def _loader(kind: str, n: int = 32) -> DataLoader:

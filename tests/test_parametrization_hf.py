@@ -14,7 +14,10 @@ import re
 
 import lightning.pytorch as pl
 import pytest
+import timm.models.vision_transformer as timm_vit
 import torch
+import torchvision
+import transformers
 from helpers import fit
 from mup import MuAdam, MuSGD, MuSharedReadout, set_base_shapes
 from torch import nn
@@ -24,9 +27,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_align.callbacks.parametrization import Parametrization
 from lightning_align.parametrize.auto import auto_parametrize
 from lightning_align.parametrize.ecosystem import standard_branches
-
-transformers = pytest.importorskip("transformers")
-timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
 BASE, VOCAB = 16, 64
 
@@ -345,7 +345,6 @@ class CustomAttnNet(nn.Module):
 
 
 def test_models_that_cannot_be_parametrized_say_what_to_do():
-    torchvision = pytest.importorskip("torchvision")
     with pytest.raises(ValueError, match=r"ResNet has no saved hyper-parameters.*takes the width.*save_hyperparameters"):
         auto_parametrize(torchvision.models.resnet18(), "mup")
     with pytest.raises(ValueError, match=r"width key\(s\) \['width'\].*config\.n_embd.*resnet18\(\).*save_hyperparameters"):

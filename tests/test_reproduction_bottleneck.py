@@ -6,11 +6,14 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reproductions"))
 
 import bottleneck  # noqa: E402
 
 
+@pytest.mark.slow  # a whole --quick reproduction run (tens of seconds); `./run test` and CI still run it
 def test_quick_run_shows_the_claim(tmp_path: Path) -> None:
     bottleneck.main(["--quick", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "bottleneck.json").read_text())

@@ -13,6 +13,7 @@ import pytest
 REPRO = Path(__file__).resolve().parents[1] / "reproductions"
 
 
+@pytest.mark.slow  # a whole --quick reproduction run (tens of seconds); `./run test` and CI still run it
 def test_quick_run_shows_elr_spread_dynamics(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPRO))
     import elr_warmup

@@ -7,9 +7,12 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 REPRO = Path(__file__).resolve().parents[1] / "reproductions"
 
 
+@pytest.mark.slow  # a whole --quick reproduction run (tens of seconds); `./run test` and CI still run it
 def test_quick_run_shows_lr_transfer(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPRO))
     import lr_transfer

@@ -70,7 +70,7 @@ def test_summary_table_first_to_last(run) -> None:
 
 
 def test_default_summary_printed_once_and_rich(capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("rich")  # a dev dependency; without rich the table is plain text (tested below)
+    import rich  # noqa: F401  (a dev dependency, so always there in the tests; without it the table is plain text, tested below)
     fit([RankMonitor(every_n_steps=2, probe_size=16), RankMonitor(every_n_steps=3, probe_size=16, layers=["net.0"], name="first layer")], max_steps=2)
     out = capsys.readouterr().out
     assert out.count(TITLE) == 1, out

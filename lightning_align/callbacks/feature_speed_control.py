@@ -10,7 +10,7 @@ parameters per unit multiplier), so layer by layer ``m_ℓ = (C_ℓ − Σ_{k<�
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,10 +26,8 @@ from lightning_align.measure.modules import select_modules
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import tag
 from lightning_align.measure.alignment import FeatureSpeedResults, feature_speed
+from lightning_align.measure.optim import follow_split, split_param_groups
 from lightning_align.schedules import ScheduleName
-
-#: Per-group lists of LR schedulers that must follow a split of the optimizer's parameter groups.
-_SCHEDULER_GROUP_LISTS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs")
 
 
 class FeatureSpeedControl(MeasurementCallback):
@@ -89,6 +87,7 @@ class FeatureSpeedControl(MeasurementCallback):
     """
 
     family = "align"
+    sharded_refusal = "it steers learning rates by FeatureAlignment's feature speeds, which cannot be measured there."
     needs_loss = True
     charts = {
         "controlled LR per layer": ["Multiline", [r"^align/control_lr/"]],
@@ -187,25 +186,11 @@ class FeatureSpeedControl(MeasurementCallback):
         self._group_layer = {}
         self._optimizers = {}
         for opt in trainer.optimizers:
-            new_groups, layer_of, origin = [], [], []
-            for gi, group in enumerate(opt.param_groups):
-                if not group["params"]:
-                    new_groups.append(group)
-                    layer_of.append(None)
-                    origin.append(gi)
-                    continue
-                buckets: dict[int | None, list[torch.Tensor]] = {}
-                for p in group["params"]:
-                    buckets.setdefault(owner.get(id(p)), []).append(p)
-                for layer, params in buckets.items():
-                    new_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
-                    layer_of.append(layer)
-                    origin.append(gi)
-            opt.param_groups[:] = new_groups
+            origin = split_param_groups(opt, lambda p: owner.get(id(p)))
             for config in trainer.lr_scheduler_configs:
                 if getattr(config.scheduler, "optimizer", None) is opt:
-                    _expand_scheduler(config.scheduler, origin)
-            self._group_layer[id(opt)] = layer_of
+                    follow_split(config.scheduler, [gi for gi, _ in origin])
+            self._group_layer[id(opt)] = [layer for _, layer in origin]
             self._optimizers[id(opt)] = opt
         # Global hooks: torch runs global pre-hooks before, and global post-hooks after, every optimizer's own
         # hooks, so the multipliers wrap any other per-step LR scaling (ELRWarmup's: it scales inside the
@@ -321,13 +306,3 @@ def _depth_order(res: FeatureSpeedResults) -> list[int]:
     """Layer indices from shallow to deep: by number of upstream parameters (model order on ties)."""
     names = list(res)
     return sorted(range(len(names)), key=lambda i: len(res[names[i]].upstream))
-
-
-def _expand_scheduler(scheduler: Any, origin: Sequence[int]) -> None:
-    """Repeat a scheduler's per-group lists to follow split groups (new group ``i`` came from ``origin[i]``)."""
-    for attr in _SCHEDULER_GROUP_LISTS:
-        value = getattr(scheduler, attr, None)
-        if isinstance(value, list) and len(value) == max(origin) + 1:
-            setattr(scheduler, attr, [value[o] for o in origin])
-    for child in getattr(scheduler, "_schedulers", []) or []:
-        _expand_scheduler(child, origin)

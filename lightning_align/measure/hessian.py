@@ -10,7 +10,8 @@ All functions take ``(model, loss_fn, batch)`` with ``batch = (inputs, targets)`
   the Hessian on a small Krylov basis plus Hutchinson on its orthogonal complement (unbiased, with a
   standard error).
 - :func:`hessian_density`: spectral density by stochastic Lanczos quadrature (SLQ).
-- :func:`adam_preconditioner`: ``D = (lr / (sqrt(v̂) + eps))^{1/2}`` from an Adam/AdamW state, so that
+- :func:`~lightning_align.measure.optim.adam_preconditioner` (re-exported here, with :func:`lr_preconditioner`
+  and :func:`stability_threshold`): ``D = (lr / (sqrt(v̂) + eps))^{1/2}`` from an Adam/AdamW state, so that
   ``λ_max(D H D)`` is the preconditioned sharpness ``lr · λ_max(P^{-1} H)`` of Cohen et al. (2022),
   whose stability threshold is ``2 (1 + β1) / (1 - β1)`` (38 for β1 = 0.9).
 
@@ -25,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from lightning_align.measure.operators import FlatOperator, FlatParams, LossFn, Method, Reduce, hessian_operator
 from lightning_align.measure.lanczos import LanczosResult, Which, lanczos_eigs, lanczos_extremes, lanczos_tridiagonal
-from lightning_align.measure.optim import learning_rates_by_parameter
+# The optimizer side of the sharpness lives in measure/optim.py; re-exported here, where callers import it.
+from lightning_align.measure.optim import ADAM_LIKE, adam_preconditioner, lr_preconditioner, stability_threshold  # noqa: F401
 
 
 def _default_generator(generator: torch.Generator | None) -> torch.Generator:
@@ -88,7 +89,7 @@ def hessian_eigs(
         generator: random stream of the start vector (default: a fixed seed, so results repeat).
         reduce: applied to every product (an all-reduce mean under DDP; identity otherwise).
         method: HVP method (see :func:`~lightning_align.measure.operators.hessian_operator`).
-        preconditioner: flat ``D``; then the eigenpairs are those of ``D H D`` (see :func:`adam_preconditioner`).
+        preconditioner: flat ``D``; then the eigenpairs are those of ``D H D`` (see :func:`~lightning_align.measure.optim.adam_preconditioner`).
 
     Returns:
         A :class:`~lightning_align.measure.lanczos.LanczosResult` (values in float64).
@@ -263,16 +264,13 @@ def trace_estimate(
 
 
 def hessian_trace_estimate(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: Any,
-    num_samples: int = 16,
-    basis_steps: int = 8,
-    generator: torch.Generator | None = None,
-    reduce: Reduce | None = None,
-    method: Method = "auto",
+    model: nn.Module, loss_fn: LossFn, batch: Any, *, reduce: Reduce | None = None, method: Method = "auto", **kwargs: Any
 ) -> TraceEstimate:
-    """Trace of the Hessian with its standard error (see :func:`trace_estimate`).
+    """Trace of the Hessian with its standard error: :func:`trace_estimate` on the Hessian.
+
+    Args:
+        reduce, method: as in :func:`hessian_eigs`.
+        **kwargs: the settings of :func:`trace_estimate` (``num_samples``, ``basis_steps``, ``generator``).
 
     Example::
 
@@ -280,20 +278,11 @@ def hessian_trace_estimate(
         est.value, est.stderr
     """
     with hessian_operator(model, loss_fn, batch, method=method, reduce=reduce) as op:
-        return trace_estimate(op, op.dim, num_samples, basis_steps, generator, op.dtype, op.device)
+        return trace_estimate(op, op.dim, dtype=op.dtype, device=op.device, **kwargs)
 
 
-def hessian_trace(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: Any,
-    num_samples: int = 16,
-    basis_steps: int = 8,
-    generator: torch.Generator | None = None,
-    reduce: Reduce | None = None,
-    method: Method = "auto",
-) -> float:
-    """Unbiased estimate of ``tr(H)``: :func:`hessian_trace_estimate` without the error bar.
+def hessian_trace(model: nn.Module, loss_fn: LossFn, batch: Any, **kwargs: Any) -> float:
+    """Unbiased estimate of ``tr(H)``: :func:`hessian_trace_estimate` (same keyword arguments) without the error bar.
 
     Example:
         >>> net = torch.nn.Linear(3, 1)
@@ -302,7 +291,7 @@ def hessian_trace(
         >>> abs(t - float(2 * (x.pow(2).sum(1).mean() + 1))) < 1e-4  # H = 2 E[[x,1][x,1]^T]
         True
     """
-    return hessian_trace_estimate(model, loss_fn, batch, num_samples, basis_steps, generator, reduce, method).value
+    return hessian_trace_estimate(model, loss_fn, batch, **kwargs).value
 
 
 @dataclass
@@ -387,20 +376,16 @@ def spectral_density(
 
 
 def hessian_density(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: Any,
-    num_steps: int = 30,
-    num_vectors: int = 1,
-    grid_size: int = 512,
-    sigma: float | None = None,
-    generator: torch.Generator | None = None,
-    reduce: Reduce | None = None,
-    method: Method = "auto",
+    model: nn.Module, loss_fn: LossFn, batch: Any, *, reduce: Reduce | None = None, method: Method = "auto", **kwargs: Any
 ) -> SpectralDensity:
-    """Hessian spectral density by stochastic Lanczos quadrature (see :func:`spectral_density`).
+    """Hessian spectral density by stochastic Lanczos quadrature: :func:`spectral_density` on the Hessian.
 
     Cost: ``num_steps · num_vectors`` Hessian-vector products, so run it rarely.
+
+    Args:
+        reduce, method: as in :func:`hessian_eigs`.
+        **kwargs: the settings of :func:`spectral_density` (``num_steps``, ``num_vectors``, ``grid_size``,
+            ``sigma``, ``generator``).
 
     Example::
 
@@ -408,111 +393,4 @@ def hessian_density(
         plt.semilogy(dens.grid, dens.density)
     """
     with hessian_operator(model, loss_fn, batch, method=method, reduce=reduce) as op:
-        return spectral_density(op, op.dim, num_steps, num_vectors, grid_size, sigma, generator, op.dtype, op.device)
-
-
-#: Optimizer classes whose state holds Adam's second moment ``exp_avg_sq``.
-ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW)
-
-
-def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> Tensor | None:
-    """Flat ``D = (lr / (sqrt(v̂) + eps))^{1/2}`` for ``params`` from an Adam/AdamW optimizer's state.
-
-    With a frozen preconditioner ``P = diag(sqrt(v̂) + eps)``, Adam with momentum ``β1`` is stable on
-    a quadratic while ``lr · λ_max(P^{-1} H) < 2 (1 + β1) / (1 - β1)`` (Cohen et al., "Adaptive
-    gradient methods at the edge of stability", 2022). ``λ(D H D) = λ(lr · P^{-1} H)``; each
-    parameter uses the ``lr`` and ``eps`` of its own param group, and ``v̂`` is the bias-corrected
-    second moment (``max_exp_avg_sq`` with ``amsgrad``). Parameters the optimizer does not update get
-    ``D = 0``.
-
-    Returns:
-        The flat ``D`` in the order of ``params``, or ``None`` while the optimizer has no state yet
-        (before its first step there is no preconditioner).
-
-    Raises:
-        TypeError: if ``optimizer`` is not Adam or AdamW.
-
-    Example::
-
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        ...  # a few training steps, so that Adam's second moments exist
-        d = adam_preconditioner(opt, model.parameters())  # None before the first step
-    """
-    if not isinstance(optimizer, ADAM_LIKE):
-        raise TypeError(
-            f"the preconditioned sharpness needs Adam or AdamW, got {type(optimizer).__name__}; "
-            "use the raw sharpness for other optimizers"
-        )
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    parts = []
-    any_state = False
-    for p in params:
-        group, state = group_of.get(id(p)), optimizer.state.get(p, {})
-        if group is None:
-            parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
-            continue
-        if "exp_avg_sq" not in state:
-            parts.append(None)
-            continue
-        any_state = True
-        beta2 = group["betas"][1]
-        step = float(state["step"])
-        v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-        v_hat = v.detach().to(p.dtype) / (1 - beta2**step)
-        lr = float(group["lr"])
-        parts.append((lr / (v_hat.sqrt() + group["eps"])).sqrt().reshape(-1))
-    if not any_state or any(x is None for x in parts):
-        return None
-    return torch.cat(parts)
-
-
-def lr_preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> Tensor | None:
-    """Flat ``D = sqrt(lr)`` per parameter (its param group's ``lr``), or ``None`` when all groups share one ``lr``.
-
-    With per-group learning rates (μP, per-layer control) gradient descent is stable on a quadratic while
-    ``λ_max(D H D) = λ_max(P H) < 2`` with ``P = diag(lr)``; ``lr · λ_max(H)`` of a single group is then the
-    wrong figure. Parameters the optimizer does not update get ``D = 0``.
-
-    Example:
-        >>> w, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))
-        >>> opt = torch.optim.SGD([{"params": [w], "lr": 0.25}, {"params": [b], "lr": 1.0}])
-        >>> lr_preconditioner(opt, [w, b])
-        tensor([0.5000, 0.5000, 1.0000])
-        >>> lr_preconditioner(torch.optim.SGD([w, b], lr=0.1), [w, b]) is None
-        True
-    """
-    lr_of = learning_rates_by_parameter(optimizer)
-    params = list(params)
-    lrs = [lr_of.get(id(p), 0.0) for p in params]
-    if len(set(lrs)) <= 1:
-        return None
-    return torch.cat([torch.full((p.numel(),), lr**0.5, dtype=p.dtype, device=p.device) for p, lr in zip(params, lrs)])
-
-
-def stability_threshold(optimizer: torch.optim.Optimizer) -> float:
-    """Edge-of-stability threshold of ``lr · λ_max`` (raw for SGD, preconditioned for Adam/AdamW).
-
-    - SGD, heavy-ball momentum ``μ`` and dampening ``d``: ``2 (1 + μ) / (1 - d)`` (2 without momentum);
-      Nesterov: ``2 (1 + μ) / ((1 + 2μ)(1 - d))``.
-    - Adam/AdamW: ``2 (1 + β1) / (1 - β1)`` for the preconditioned sharpness.
-    - Other optimizers: 2 (the gradient-descent value).
-
-    Uses the first param group. Derived from the linear recurrence on a 1-D quadratic
-    (Cohen et al. 2021, 2022); see ``tests/test_hessian_threshold.py``.
-
-    Example:
-        >>> p = [nn.Parameter(torch.zeros(1))]
-        >>> stability_threshold(torch.optim.SGD(p, lr=0.1)), round(stability_threshold(torch.optim.SGD(p, lr=0.1, momentum=0.9)), 6)
-        (2.0, 3.8)
-    """
-    group = optimizer.param_groups[0]
-    if isinstance(optimizer, ADAM_LIKE):
-        beta1 = group["betas"][0]
-        return 2 * (1 + beta1) / (1 - beta1)
-    if isinstance(optimizer, torch.optim.SGD):
-        mu, damp = group.get("momentum", 0.0), group.get("dampening", 0.0)
-        if mu == 0:
-            return 2.0
-        base = 2 * (1 + mu) / (1 + 2 * mu) if group.get("nesterov") else 2 * (1 + mu)
-        return base / (1 - damp)
-    return 2.0
+        return spectral_density(op, op.dim, dtype=op.dtype, device=op.device, **kwargs)

@@ -23,7 +23,8 @@ call it directly.
   with ``unscalable_attention="warn"``, when its head dimension changes with width.
 - **Optimizer**: an optimizer's param groups are split by per-parameter factor in place (lr,
   ``initial_lr``, ``max_lr``, ``min_lr``, weight decay, ``eps``), and LR schedulers built on it follow
-  (:func:`retarget_scheduler`).
+  (:func:`retarget_scheduler`); the splitting and the following are
+  :func:`~lightning_align.measure.optim.split_param_groups` and :func:`~lightning_align.measure.optim.follow_split`.
 
 Example:
     >>> import torch
@@ -52,6 +53,7 @@ import torch
 from torch import nn
 
 from lightning_align.measure.modules import is_hf_conv1d
+from lightning_align.measure.optim import follow_split, split_param_groups, update_family
 from lightning_align.parametrize.ecosystem import attention_scale_attr, head_dim, looks_like_attention
 from lightning_align.parametrize.roles import ParamInfo, branch_parameters, infer_roles, tied_readouts
 from lightning_align.parametrize.rules import (
@@ -66,14 +68,7 @@ from lightning_align.parametrize.rules import (
 
 INITS: tuple[str, ...] = ("default", "normal", "orthogonal")
 UNSCALABLE_ATTENTION: tuple[str, ...] = ("error", "warn")
-_ADAM_LIKE = (
-    torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
-    torch.optim.Adagrad, torch.optim.RMSprop,
-)  # fmt: skip
-_SGD_LIKE = (torch.optim.SGD, torch.optim.ASGD)
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
-_SCHED_LR_LISTS = ("base_lrs", "_last_lr", "min_lrs", "max_lrs")
-_SCHED_PLAIN_LISTS = ("lr_lambdas",)
 
 
 class ScaleOutput:
@@ -105,7 +100,7 @@ def optimizer_family(optimizer: torch.optim.Optimizer, override: str = "auto") -
     """``"adam"`` or ``"sgd"`` for an optimizer (its class, or ``override``), else a clear error.
 
     Adam-like: Adam, AdamW, Adamax, NAdam, RAdam, Adagrad, RMSprop and any class whose name contains
-    "adam". SGD-like: SGD, ASGD.
+    "adam". SGD-like: SGD, ASGD (:func:`~lightning_align.measure.optim.update_family`).
 
     Example:
         >>> p = [torch.nn.Parameter(torch.zeros(1))]
@@ -116,10 +111,9 @@ def optimizer_family(optimizer: torch.optim.Optimizer, override: str = "auto") -
         return override
     if override != "auto":
         raise ValueError(f"optimizer_family must be 'auto', 'adam' or 'sgd', got {override!r}")
-    if isinstance(optimizer, _ADAM_LIKE) or "adam" in type(optimizer).__name__.lower():
-        return "adam"
-    if isinstance(optimizer, _SGD_LIKE):
-        return "sgd"
+    family = update_family(optimizer)
+    if family is not None:
+        return family
     raise ValueError(
         f"Parametrization: optimizer {type(optimizer).__name__} is not supported: μP learning-rate rules are "
         "defined for Adam-like (entry-wise normalised) and SGD-like optimizers. Use one of Adam, AdamW, Adamax, "
@@ -324,25 +318,18 @@ class Parametrized:
             return None
         fam = optimizer_family(optimizer, family)
         names = {id(p): n for n, p in self.model.named_parameters()}
-        new_groups: list[dict[str, Any]] = []
-        mapping: list[tuple[int, ParamRule]] = []
-        for gi, group in enumerate(optimizer.param_groups):
-            buckets: dict[tuple[float, ...], tuple[ParamRule, list[torch.Tensor]]] = {}
-            for p in group["params"]:
-                if id(p) not in names:
-                    raise ValueError(
-                        f"Parametrization: the optimizer holds a tensor of shape {tuple(p.shape)} that is not a "
-                        f"parameter of {type(self.model).__name__}; cannot tell its μP role."
-                    )
-                rule = self.rule(names[id(p)], fam)
-                buckets.setdefault(rule.key, (rule, []))[1].append(p)
-            for rule, params in buckets.values():
-                new = {k: v for k, v in group.items() if k != "params"}
-                new["params"] = params
-                _scale_group(new, rule)
-                new_groups.append(new)
-                mapping.append((gi, rule))
-        optimizer.param_groups = new_groups
+
+        def rule_of(p: torch.Tensor) -> ParamRule:
+            if id(p) not in names:
+                raise ValueError(
+                    f"Parametrization: the optimizer holds a tensor of shape {tuple(p.shape)} that is not a "
+                    f"parameter of {type(self.model).__name__}; cannot tell its μP role."
+                )
+            return self.rule(names[id(p)], fam)
+
+        mapping = [(gi, rule or ParamRule()) for gi, rule in split_param_groups(optimizer, rule_of)]
+        for group, (_, rule) in zip(optimizer.param_groups, mapping):
+            _scale_group(group, rule)
         self._rewritten.add(optimizer)
         return mapping
 
@@ -421,7 +408,8 @@ def retarget_scheduler(scheduler: Any, mapping: Sequence[tuple[int, ParamRule]])
     """Make a scheduler built before :meth:`Parametrized.rewrite_optimizer` follow the new groups.
 
     Per-group lists (``base_lrs``, ``_last_lr``, ``min_lrs``, ``max_lrs``, ``lr_lambdas``) are expanded to
-    the new groups, LR-valued ones scaled by each group's LR factor. Chained/sequential schedulers are
+    the new groups, LR-valued ones scaled by each group's LR factor (:func:`~lightning_align.measure.optim.follow_split`,
+    which raises when a list does not hold one entry per old group). Chained/sequential schedulers are
     handled through their children. ``last_epoch`` and everything else are kept, so schedules stay
     relative (mup's "schedulers must scale group LRs relatively").
 
@@ -431,19 +419,7 @@ def retarget_scheduler(scheduler: Any, mapping: Sequence[tuple[int, ParamRule]])
         mapping = p.rewrite_optimizer_with_mapping(optimizer)  # new param groups
         retarget_scheduler(scheduler, mapping)
     """
-    for child in getattr(scheduler, "_schedulers", []) or []:
-        retarget_scheduler(child, mapping)
-    for attr in _SCHED_LR_LISTS + _SCHED_PLAIN_LISTS:
-        old = getattr(scheduler, attr, None)
-        if not isinstance(old, list) or not old:
-            continue
-        if len(old) <= max(gi for gi, _ in mapping):
-            raise ValueError(f"scheduler {type(scheduler).__name__}.{attr} has {len(old)} entries, fewer than the groups")
-        if attr in _SCHED_LR_LISTS:
-            new = [_scale_value(old[gi], rule.lr) for gi, rule in mapping]
-        else:
-            new = [old[gi] for gi, _ in mapping]
-        setattr(scheduler, attr, new)
+    follow_split(scheduler, [gi for gi, _ in mapping], lambda i, lr: _scale_value(lr, mapping[i][1].lr))
 
 
 def parametrize(
