@@ -2,7 +2,10 @@
 
 Run by hand (single thread keeps the comparison fair on a shared machine)::
 
-    OMP_NUM_THREADS=1 python benchmarks/ntk.py
+    OMP_NUM_THREADS=1 python benchmarks/ntk.py [--repeats 5] [--n-large 8192] [--device cpu|cuda]
+
+With ``--device cuda`` models and inputs live on the GPU and every timed region is bracketed by
+``torch.cuda.synchronize()``; the method (warm-up, median of repeats) is the same.
 
 Part 1, exact kernel: a width-256 ReLU MLP (3 hidden layers), 128 inputs, 10 outputs, full
 ``(n, n, c, c)`` and output-traced ``(n, n)`` kernels. The peer is the recipe of the PyTorch NTK
@@ -51,20 +54,31 @@ def recipe_ntk(model: nn.Module, x: torch.Tensor, traced: bool) -> torch.Tensor:
     return torch.stack([torch.einsum(einsum_expr, j1, j1) for j1 in jac1]).sum(0)
 
 
+DEVICE = {"name": "cpu"}  # set from --device
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work before a clock is read (nothing on CPU)."""
+    if DEVICE["name"] == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
     out = fn()  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         out = fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
 
 def part_exact(repeats: int) -> None:
     torch.manual_seed(0)
-    model = mlp(256, 3, 64, 10)
-    x = torch.randn(128, 64)
+    model = mlp(256, 3, 64, 10).to(DEVICE["name"])
+    x = torch.randn(128, 64).to(DEVICE["name"])
     print("Part 1: exact kernel, MLP width 256 (3 hidden layers, P = %d), n = 128, c = 10" % sum(p.numel() for p in model.parameters()))
     print(f"{'kernel':<22}{'recipe s':>10}{'ours s':>10}{'speed-up':>10}{'max|diff|/max|K|':>18}")
     for traced in (False, True):
@@ -78,18 +92,24 @@ def part_exact(repeats: int) -> None:
 
 def part_matrix_free(n: int) -> None:
     torch.manual_seed(0)
-    model = mlp(256, 3, 64, 10)
-    x = torch.randn(n, 64)
+    model = mlp(256, 3, 64, 10).to(DEVICE["name"])
+    x = torch.randn(n, 64).to(DEVICE["name"])
     size = n * 10
     print(f"\nPart 2: matrix-free top-5 eigenvalues, n = {n}, c = 10: kernel {size} x {size} "
           f"({size * size * 4 / 2**30:.1f} GiB in fp32 if built)")
+    if DEVICE["name"] == "cuda":  # the same run once untimed: kernels, handles, allocator (CPU times stay cold)
+        ntk_spectrum(model, x, k=5, method="lanczos", tol=1e-4, max_matvecs=200, generator=torch.Generator().manual_seed(0))
+    sync()
     t0 = time.perf_counter()
     res = ntk_spectrum(model, x, k=5, method="lanczos", tol=1e-4, max_matvecs=200, generator=torch.Generator().manual_seed(0))
+    sync()
     t_lanczos = time.perf_counter() - t0
     print(f"  lanczos: {t_lanczos:.2f} s, {res.num_matvecs} kernel-vector products, top-5 = {[round(v, 2) for v in res.values.tolist()]}")
     sub = x[:256]
+    sync()
     t0 = time.perf_counter()
     exact = ntk_spectrum(model, sub, k=5, method="exact").values
+    sync()
     t_exact = time.perf_counter() - t0
     lanczos_sub = ntk_spectrum(model, sub, k=5, method="lanczos", tol=1e-4, max_matvecs=200, generator=torch.Generator().manual_seed(0))
     rel = float(((lanczos_sub.values - exact).abs() / exact).max())
@@ -99,9 +119,9 @@ def part_matrix_free(n: int) -> None:
 
 def part_step_equivalents(repeats: int) -> None:
     torch.manual_seed(0)
-    model = mlp(128, 3, 64, 10)
+    model = mlp(128, 3, 64, 10).to(DEVICE["name"])
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    x, y = torch.randn(64, 64).to(DEVICE["name"]), torch.randint(0, 10, (64,)).to(DEVICE["name"])
 
     def step() -> torch.Tensor:
         opt.zero_grad()
@@ -122,8 +142,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--n-large", type=int, default=8192)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    DEVICE["name"] = args.device
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU, 1 thread"
+    print(f"torch {torch.__version__}, {where}")
     part_exact(args.repeats)
     part_matrix_free(args.n_large)
     part_step_equivalents(args.repeats)

@@ -119,7 +119,7 @@ def run_model(name: str, steps: int, device: str) -> dict[str, Any]:
     return {"model": name, "params": params, "step_seconds": step, "records": records}
 
 
-def product_costs(repeats: int) -> None:
+def product_costs(repeats: int, device: str = "cpu") -> None:
     """One kernel-vector product on the example GPT (probe 32, mean over positions): three ways."""
     from torch.func import jvp, linearize
 
@@ -129,8 +129,13 @@ def product_costs(repeats: int) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = GPT(width=128, depth=4, heads=4, block_size=64).eval()
-    x = torch.randint(0, 256, (32, 64))
+    model = GPT(width=128, depth=4, heads=4, block_size=64).eval().to(device)
+    x = torch.randint(0, 256, (32, 64)).to(device)
+
+    def now() -> float:  # the clock after the GPU's queued work (timing only)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     class Mean(torch.nn.Module):
         def __init__(self) -> None:
@@ -148,37 +153,37 @@ def product_costs(repeats: int) -> None:
     def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
         return call_with_fresh_buffers(wrapped, p, (x,)).reshape(n, c)
 
-    v = torch.randn(n * c)
+    v = torch.randn(n * c).to(device)
     best: dict[str, float] = {}
     setups: dict[str, float] = {}
     for _ in range(repeats):
         # (a) torch.func: vjp once, then vjp + jvp per product (jvp re-runs the forward)
         with math_attention():
-            t0 = time.perf_counter()
+            t0 = now()
             _, vjp_fn = torch.func.vjp(f, primals)
-            setup = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            setup = now() - t0
+            t0 = now()
             (u,) = vjp_fn(v.reshape(n, c))
             jvp(f, (primals,), (u,))
-            best["torch.func vjp + jvp (before)"] = min(best.get("torch.func vjp + jvp (before)", 1e9), time.perf_counter() - t0)
+            best["torch.func vjp + jvp (before)"] = min(best.get("torch.func vjp + jvp (before)", 1e9), now() - t0)
             setups["torch.func vjp + jvp (before)"] = min(setups.get("torch.func vjp + jvp (before)", 1e9), setup)
             # (b) linearize once, then vjp + linearised jvp
-            t0 = time.perf_counter()
+            t0 = now()
             _, jvp_fn = linearize(f, primals)
-            setup = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            setup = now() - t0
+            t0 = now()
             (u,) = vjp_fn(v.reshape(n, c))
             jvp_fn(u)
-            best["torch.func.linearize"] = min(best.get("torch.func.linearize", 1e9), time.perf_counter() - t0)
+            best["torch.func.linearize"] = min(best.get("torch.func.linearize", 1e9), now() - t0)
             setups["torch.func.linearize"] = min(setups.get("torch.func.linearize", 1e9), setup + setups["torch.func vjp + jvp (before)"])
         # (c) ours: kept graph + graph of the symbolic VJP
-        t0 = time.perf_counter()
+        t0 = now()
         op = plan.operator(x, False)
         op(v)  # the first product builds the symbolic VJP's graph: part of the set-up
-        setup = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        setup = now() - t0
+        t0 = now()
         op(v)
-        best["kept graph (now)"] = min(best.get("kept graph (now)", 1e9), time.perf_counter() - t0)
+        best["kept graph (now)"] = min(best.get("kept graph (now)", 1e9), now() - t0)
         setups["kept graph (now)"] = min(setups.get("kept graph (now)", 1e9), setup - best["kept graph (now)"])
         del op
     print(f"\nOne kernel-vector product, example GPT (width 128, depth 4, 64 tokens), probe 32, c = {c} "
@@ -200,7 +205,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_model(args.child, args.steps, args.device)))
         return
-    print(f"torch {torch.__version__}, 1 thread, device {args.device}; NTKSpectrum at its defaults except every_n_steps={args.steps}")
+    where = f"cuda ({torch.cuda.get_device_name()})" if args.device == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, 1 thread, device {where}; NTKSpectrum at its defaults except every_n_steps={args.steps}")
     print(f"{'model':<9}{'params':>10}{'rows':>7}{'path':>9}{'step':>6}{'products':>9}{'time [s]':>10}{'[train steps]':>14}"
           f"{'extra MB':>10}{'estimate MB':>12}{'max_eig':>11}{'trace ± stderr':>22}")
     for name in args.models:
@@ -218,7 +224,7 @@ def main() -> None:
         print(f"{'':<9}one training step {res['step_seconds'] * 1e3:.0f} ms; per-sample saved-for-backward "
               f"{res['records'][0]['graph_mb_per_sample']:.2f} MB")
     if args.products:
-        product_costs(args.repeats)
+        product_costs(args.repeats, args.device)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ NTK's matrix-free path this is optimistic; ``benchmarks/sharpness_warm.py`` meas
 
     OMP_NUM_THREADS=1 python benchmarks/overhead.py --implied --model gpt [--steps 40] [--every 10] [--repeats 2]
         [--lengths 10000 100000]
+
+``--device cuda`` trains on the GPU (``accelerator="gpu"``) in either mode; then the step clock and the timing
+wrappers call ``torch.cuda.synchronize()`` before reading the clock, so that queued device work is counted
+where it was launched (this adds one sync per training step, to plain and suite fits alike).
 """
 
 from __future__ import annotations
@@ -61,6 +65,17 @@ from lightning_align import AlignSummary, MeasurementCallback
 NAMES = ("FeatureAlignment", "Sharpness", "NTKSpectrum", "EffectiveLR", "RankMonitor", "CoordCheck")
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 STEPS_PER_EPOCH = 23
+DEVICE = {"name": "cpu"}  # set from --device
+
+
+def accelerator() -> str:
+    return "gpu" if DEVICE["name"] == "cuda" else "cpu"
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work before a clock is read (nothing on CPU)."""
+    if DEVICE["name"] == "cuda":
+        torch.cuda.synchronize()
 
 
 def suite_arguments(schedules: str) -> dict[str, dict[str, Any]]:
@@ -79,10 +94,12 @@ def timed(callback: MeasurementCallback, spent: dict[str, float]) -> Measurement
         original = getattr(callback, method)
 
         def wrapper(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+            sync()
             start = time.perf_counter()
             try:
                 return _original(*args, **kwargs)
             finally:
+                sync()
                 spent[name] += time.perf_counter() - start
 
         setattr(callback, method, wrapper)
@@ -95,12 +112,14 @@ def fit_once(callbacks: list[pl.Callback], epochs: int) -> float:
     model = MLP(width=128, depth=3, norm="batch", lr=0.1, momentum=0.9)
     with tempfile.TemporaryDirectory() as logs:
         trainer = pl.Trainer(
-            max_epochs=epochs, accelerator="cpu", logger=TensorBoardLogger(logs, default_hp_metric=False),
+            max_epochs=epochs, accelerator=accelerator(), devices=1, logger=TensorBoardLogger(logs, default_hp_metric=False),
             enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
             callbacks=[*callbacks, AlignSummary(progress_bar=False, table=False)] if callbacks else [],
         )
+        sync()
         start = time.perf_counter()
         trainer.fit(model, DigitsDataModule(batch_size=64))
+        sync()
         return time.perf_counter() - start
 
 
@@ -164,13 +183,14 @@ def implied(model: str, steps: int, every: int, repeats: int, lengths: list[int]
 
             class Clock(pl.Callback):
                 def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+                    sync()
                     starts.append(time.perf_counter())
 
             callbacks: list[pl.Callback] = [Clock()]
             if configuration == "suite":
                 callbacks += [per_measurement(getattr(lightning_align, name)(every_n_steps=every), records[name]) for name in NAMES]
             trainer = pl.Trainer(
-                max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                max_steps=steps, accelerator=accelerator(), devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                 enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
             )
             trainer.fit(net, data)
@@ -203,10 +223,12 @@ def per_measurement(callback: MeasurementCallback, record: dict[int, float]) -> 
         original = getattr(callback, method)
 
         def wrapper(trainer: pl.Trainer, *args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+            sync()
             start = time.perf_counter()
             try:
                 return _original(trainer, *args, **kwargs)
             finally:
+                sync()
                 record[trainer.global_step] += time.perf_counter() - start
 
         setattr(callback, method, wrapper)
@@ -224,16 +246,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="--implied: training steps per fit")
     parser.add_argument("--every", type=int, default=10, help="--implied: every_n_steps of every callback")
     parser.add_argument("--lengths", type=int, nargs="+", default=[10_000, 100_000], help="--implied: run lengths")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    DEVICE["name"] = args.device
+    where = f"device {torch.cuda.get_device_name()}" if args.device == "cuda" else "device cpu"
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if args.implied:
         torch.set_num_threads(1)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); implied overhead at the default schedules")
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {where}; implied overhead at the default schedules")
         implied(args.model, args.steps, args.every, args.repeats, args.lengths)
         return
     arguments = suite_arguments(args.schedules)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); schedules: {args.schedules}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {where}; schedules: {args.schedules}")
     for name in NAMES:
         print(f"  {name}({', '.join(f'{k}={v}' for k, v in arguments[name].items())})")
     fit_once([], 1)  # warm-up: imports, allocator

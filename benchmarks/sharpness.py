@@ -16,13 +16,17 @@ lightning_align with float64 Lanczos vectors and a final Rayleigh-Ritz step with
 
 PyHessian and curvlinops are not project dependencies: ``pip install pyhessian curvlinops-for-pytorch``
 into the environment to run this (``--curvlinops`` adds curvlinops' ``HessianLinearOperator`` with scipy's
-``eigsh``). PyHessian runs on CPU with ``cuda=False``; it puts the model in eval mode and leaves
-``create_graph`` gradients in ``.grad`` (cleared after).
+``eigsh``). PyHessian runs with ``cuda=False`` on CPU and ``cuda=True`` with ``--device cuda``; it puts
+the model in eval mode and leaves ``create_graph`` gradients in ``.grad`` (cleared after).
+
+``--device cuda`` runs everything (model, batch, the three solvers, the float64 reference) on the GPU;
+every timed region is then bracketed by ``torch.cuda.synchronize()`` so that the wall clock sees the
+device's work, and the same interleaved repeats and minimum are taken.
 
 Run::
 
     OMP_NUM_THREADS=1 python benchmarks/sharpness.py [--model mlp|conv|gpt] [--width 256] [--depth 3]
-        [--batch 512] [--repeats 5] [--curvlinops] [--rounds 0]
+        [--batch 512] [--repeats 5] [--curvlinops] [--rounds 0] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -99,7 +103,12 @@ def reference_top(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lo
     m64 = make_like(model).double()
     b64 = (batch[0].double() if batch[0].is_floating_point() else batch[0], batch[1])
     with math_attention(), hessian_operator(m64, loss, b64, method="double_backward") as op:
-        lin = LinearOperator((op.dim, op.dim), matvec=lambda v: op(torch.from_numpy(np.ascontiguousarray(v).ravel())).numpy(), dtype=np.float64)
+        device = next(m64.parameters()).device
+
+        def matvec(v: np.ndarray) -> np.ndarray:
+            return op(torch.from_numpy(np.ascontiguousarray(v).ravel()).to(device)).cpu().numpy()
+
+        lin = LinearOperator((op.dim, op.dim), matvec=matvec, dtype=np.float64)
         vals = eigsh(lin, k=1, which="LA", tol=1e-12, return_eigenvectors=False)
     return float(vals[0])
 
@@ -108,11 +117,19 @@ def make_like(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+def sync() -> None:
+    """Wait for the GPU's queued work (timing only; nothing when CUDA is unused)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int):
     times, out = [], None
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         out = fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times), out
 
@@ -123,8 +140,10 @@ def interleaved(fns: dict[str, object], repeats: int) -> dict[str, tuple[float, 
     outs: dict[str, object] = {}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             outs[name] = fn()
+            sync()
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
     return {name: (best[name], outs[name]) for name in fns}
 
@@ -134,7 +153,7 @@ def pyhessian_top(model: nn.Module, batch, tol: float, seed: int = 0, loss=F.cro
 
     torch.manual_seed(seed)
     was_training = model.training
-    h = PyHessian(model, loss, data=batch, cuda=False)
+    h = PyHessian(model, loss, data=batch, cuda=batch[0].is_cuda)
     counter = {"n": 0}
     import sys
 
@@ -203,9 +222,9 @@ def per_product(model: nn.Module, batch, loss, repeats: int, products: int = 10)
     from pyhessian.utils import hessian_vector_product
 
     was_training = model.training
-    h = PyHessian(model, loss, data=batch, cuda=False)
+    h = PyHessian(model, loss, data=batch, cuda=batch[0].is_cuda)
     model.train(was_training)
-    vs = [torch.randn(p.shape) for p in h.params]
+    vs = [torch.randn(p.shape, device=p.device) for p in h.params]
     with hessian_operator(model, loss, batch) as op:
         flat = torch.cat([v.reshape(-1) for v in vs])
         timings = interleaved({
@@ -226,10 +245,12 @@ def main() -> None:
     parser.add_argument("--curvlinops", action="store_true", help="add curvlinops + scipy eigsh rows")
     parser.add_argument("--train-steps", type=int, default=20, help="SGD steps between warm-started measurements")
     parser.add_argument("--rounds", type=int, default=5, help="warm-started measurements (0: none)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
     loss = LOSS[args.model]
     model, batch = build(args.model, args.width, args.depth, args.batch)
+    model, batch = model.to(args.device), tuple(t.to(args.device) for t in batch)
     with contextlib.ExitStack() as stack:
         stack.enter_context(math_attention())
         run(args, model, batch, loss)
@@ -245,7 +266,8 @@ def run(args: argparse.Namespace, model: nn.Module, batch, loss) -> None:
     opt.zero_grad(set_to_none=True)
     n_params = sum(p.numel() for p in model.parameters())
     ref = reference_top(model, batch, loss)
-    print(f"model: {args.model} ({n_params} params), batch {tuple(batch[0].shape)}, torch {torch.__version__}, 1 thread")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU, 1 thread"
+    print(f"model: {args.model} ({n_params} params), batch {tuple(batch[0].shape)}, torch {torch.__version__}, {where}")
     print(f"reference lambda_max (ARPACK on a float64 copy, tol 1e-12): {ref:.8f}\n")
 
     fns = {}

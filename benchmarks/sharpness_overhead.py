@@ -7,7 +7,9 @@ batch 64, 10 epochs (230 optimizer steps, with validation each epoch).
 
 Run by hand::
 
-    OMP_NUM_THREADS=1 python benchmarks/sharpness_overhead.py [--epochs 10] [--repeats 3]
+    OMP_NUM_THREADS=1 python benchmarks/sharpness_overhead.py [--epochs 10] [--repeats 3] [--device cpu|cuda]
+
+``--device cuda`` trains on the GPU; the clocks are then read after ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ import torch
 from example_modules import MLP, DigitsDataModule
 from lightning_align.callbacks.sharpness import Sharpness
 
+DEVICE = {"name": "cpu"}  # set from --device
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work before a clock is read (nothing on CPU)."""
+    if DEVICE["name"] == "cuda":
+        torch.cuda.synchronize()
+
 
 class TimedSharpness(Sharpness):
     """Sharpness that records the wall time and products of each measurement."""
@@ -33,8 +43,10 @@ class TimedSharpness(Sharpness):
         self.records: list[tuple[int, float, int]] = []
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sync()
         start = time.perf_counter()
         super()._run(trainer, pl_module)
+        sync()
         matvecs = int(trainer.callback_metrics["sharpness/matvecs"])
         self.records.append((trainer.global_step, time.perf_counter() - start, matvecs))
 
@@ -44,11 +56,13 @@ def timed_fit(make_callbacks: Callable[[], list[pl.Callback]], epochs: int) -> t
     model = MLP(in_features=64, num_classes=10, width=128, depth=3, lr=0.1, momentum=0.9)
     callbacks = make_callbacks()
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        max_epochs=epochs, accelerator="gpu" if DEVICE["name"] == "cuda" else "cpu", devices=1, logger=False, enable_progress_bar=False,
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
     )
+    sync()
     start = time.perf_counter()
     trainer.fit(model, DigitsDataModule(batch_size=64))
+    sync()
     return time.perf_counter() - start, trainer.global_step, callbacks
 
 
@@ -56,8 +70,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    DEVICE["name"] = args.device
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
     configs: dict[str, dict[str, object]] = {
@@ -83,7 +99,7 @@ def main() -> None:
     step_time = t_base / steps
     print(f"quickstart MLP on digits: {steps} optimizer steps (batch 64), baseline {t_base:.3f} s "
           f"(min of {len(base)}; {1e3 * step_time:.2f} ms per step incl. validation), Sharpness every 100 steps, "
-          f"torch {torch.__version__}, 1 thread")
+          f"torch {torch.__version__}, {torch.cuda.get_device_name() if args.device == 'cuda' else '1 thread'}")
     print(f"{'configuration':<38}{'wall overhead':>14}{'in-callback':>13}{'cold [steps]':>14}{'warm [steps]':>14}  HVPs per measurement")
     for name in configs:
         runs = inside[name]
