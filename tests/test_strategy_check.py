@@ -1,9 +1,10 @@
-"""Strategies that shard parameters (FSDP, DeepSpeed, model parallel) are refused at fit start, clearly.
+"""Strategies with flat parameter shards (FSDP1, DeepSpeed) are refused at fit start by every callback, clearly;
+ModelParallelStrategy (FSDP2) by the callbacks that declare a ``sharded_refusal`` (the others run there:
+tests/test_sharded.py).
 
-On this CPU machine no FSDP fit can run: Lightning refuses ``FSDPStrategy`` without a GPU when the Trainer
-is built, and torch's FSDP refuses CPU-only processes when it is set up. So the strategy objects are
-built without running them and handed to each callback's first hook through a stub trainer; real
-single-device and DDP trainers must pass.
+On this CPU machine no FSDP1 fit can run: Lightning refuses ``FSDPStrategy`` without a GPU when the Trainer
+is built. So the strategy objects are built without running them and handed to each callback's first hook
+through a stub trainer; real single-device and DDP trainers must pass.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
+from lightning_align import FeatureAlignment, NTKSpectrum, Sharpness
 from lightning_align.callbacks.feature_speed_control import FeatureSpeedControl
 from lightning_align.callbacks.parametrization import Parametrization
 from lightning_align.callbacks.rank import RankMonitor
-from lightning_align.callbacks.strategy import check_strategy, sharding_strategy_classes
+from lightning_align.callbacks.strategy import check_strategy, flat_sharding_strategy_classes, model_parallel_strategy_classes
 from lightning_align.callbacks.warmup import ELRWarmup
 
 
@@ -28,11 +30,7 @@ def deepspeed_strategy() -> DeepSpeedStrategy:
     return DeepSpeedStrategy.__new__(DeepSpeedStrategy)
 
 
-SHARDING = {
-    "FSDPStrategy": FSDPStrategy,
-    "ModelParallelStrategy": ModelParallelStrategy,
-    "DeepSpeedStrategy": deepspeed_strategy,
-}
+SHARDING = {"FSDPStrategy": FSDPStrategy, "DeepSpeedStrategy": deepspeed_strategy}
 
 
 def test_fsdp_cannot_even_be_built_on_cpu() -> None:
@@ -42,8 +40,9 @@ def test_fsdp_cannot_even_be_built_on_cpu() -> None:
 
 
 def test_the_sharding_classes_are_found() -> None:
-    assert set(SHARDING.values()) - {deepspeed_strategy} <= set(sharding_strategy_classes())
-    assert DeepSpeedStrategy in sharding_strategy_classes()
+    assert {FSDPStrategy, DeepSpeedStrategy} <= set(flat_sharding_strategy_classes())
+    assert ModelParallelStrategy in model_parallel_strategy_classes()
+    assert ModelParallelStrategy not in flat_sharding_strategy_classes()
 
 
 @pytest.mark.parametrize("name", list(SHARDING))
@@ -53,7 +52,24 @@ def test_sharding_strategy_error_names_owner_strategy_and_remedy(name: str) -> N
     message = str(err.value)
     assert message.startswith("Sharpness:")
     assert name in message
-    assert "ddp" in message and "remove Sharpness" in message
+    assert "ddp" in message and "remove the callback" in message
+
+
+@pytest.mark.parametrize("callback", [NTKSpectrum, FeatureAlignment, FeatureSpeedControl])
+def test_model_parallel_is_refused_with_the_callbacks_reason(callback: type) -> None:
+    reason = callback.sharded_refusal
+    assert reason, f"{callback.__name__} declares no reason"
+    with pytest.raises(ValueError) as err:
+        check_strategy(SimpleNamespace(strategy=ModelParallelStrategy()), callback.__name__, reason)
+    message = str(err.value)
+    assert message.startswith(f"{callback.__name__} cannot run under ModelParallelStrategy")
+    assert reason in message and "strategy='ddp'" in message
+
+
+def test_model_parallel_passes_for_callbacks_that_run_sharded() -> None:
+    assert Sharpness.sharded_refusal is None
+    check_strategy(SimpleNamespace(strategy=ModelParallelStrategy()), "Sharpness", Sharpness.sharded_refusal)
+    check_strategy(SimpleNamespace(strategy=ModelParallelStrategy()), "Parametrization")
 
 
 def test_single_device_and_ddp_trainers_pass() -> None:
@@ -74,7 +90,7 @@ class Normalized(pl.LightningModule):
         return self.net(x)
 
 
-@pytest.mark.parametrize("strategy", [FSDPStrategy, ModelParallelStrategy, deepspeed_strategy])
+@pytest.mark.parametrize("strategy", [FSDPStrategy, deepspeed_strategy])
 @pytest.mark.parametrize(
     "make, hook, owner",
     [
@@ -91,7 +107,7 @@ def test_each_callback_refuses_at_its_first_hook_and_changes_nothing(make, hook,
     configure = module.__dict__.get("configure_optimizers")
     trainer = SimpleNamespace(strategy=strategy(), optimizers=[], ckpt_path=None, callbacks=[callback], loggers=[])
     args = (trainer, module, "fit") if hook == "setup" else (trainer, module)
-    with pytest.raises(ValueError, match=rf"^{owner}: the \w+Strategy strategy shards parameters"):
+    with pytest.raises(ValueError, match=rf"^{owner}: the \w+Strategy strategy flattens and shards"):
         getattr(callback, hook)(*args)
     after = module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "weights changed before the error"

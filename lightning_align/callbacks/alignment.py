@@ -98,6 +98,11 @@ class FeatureAlignment(MeasurementCallback):
     """
 
     family = "align"
+    sharded_refusal = (
+        "the first-order feature change J·Δθ is a Jacobian-vector product through torch.func over the unsharded "
+        "parameters, and each layer's loss decrease follows the autograd graph to the parameters, where FSDP2 puts "
+        "its gathered copies."
+    )
     needs_loss = True
     headlines = (
         Headline("align", "min cos over layers", r"align/cos/.+", "min", bar="min_cos"),

@@ -52,6 +52,7 @@ from lightning_align.callbacks.probe import (
 )
 from lightning_align.measure.batch import batch_size_of
 from lightning_align.measure.modules import NORMS_WITH_STATS
+from lightning_align.measure.sharded import ShardLayout, has_sharded_parameters, shard_layout
 from lightning_align.dashboard import write_dashboard
 from lightning_align.headlines import Headline, HeadlineHistory, progress_bar_values
 from lightning_align.callbacks.strategy import check_strategy
@@ -106,6 +107,10 @@ class MeasurementCallback(Callback, abc.ABC):
     #: subclass reduces its results with :meth:`all_reduce_mean` (sum-decomposable quantities, e.g.
     #: Hessian-vector products).
     shard_probe: ClassVar[bool] = False
+    #: Why this callback cannot run on FSDP2-sharded parameters (``ModelParallelStrategy``); ``None``: it can
+    #: (then :attr:`shard_layout` says how the trainable parameters are split, ``None`` when they are not).
+    sharded_refusal: ClassVar[str | None] = "it was not written for sharded parameters."
+    shard_layout: ShardLayout | None = None
     #: Run :meth:`measure` inside :meth:`probe_context`. A callback that only reads weights (no forward
     #: pass on the probe) sets ``False`` and skips the context's cost at every measurement.
     measure_in_probe_context: ClassVar[bool] = True
@@ -259,7 +264,15 @@ class MeasurementCallback(Callback, abc.ABC):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # FSDP/DeepSpeed: refused before validate
-        check_strategy(trainer, type(self).__name__)
+        check_strategy(trainer, type(self).__name__, self.sharded_refusal)
+        if self.sharded_refusal is None:
+            trainable = [p for p in pl_module.parameters() if p.requires_grad]
+            self.shard_layout = shard_layout(trainable, type(self).__name__)
+        elif has_sharded_parameters(pl_module):  # sharded by hand, outside ModelParallelStrategy
+            raise ValueError(
+                f"{type(self).__name__} cannot run on sharded (DTensor) parameters: {self.sharded_refusal} "
+                f"Remove {type(self).__name__} from the callbacks for this run."
+            )
         if self.needs_loss and not pl_module.automatic_optimization and not hasattr(pl_module, "probe_loss"):
             raise ValueError(
                 f"{type(self).__name__}: {type(pl_module).__name__} uses manual optimization (automatic_optimization="

@@ -113,6 +113,11 @@ class NTKSpectrum(MeasurementCallback):
     """
 
     family = "ntk"
+    sharded_refusal = (
+        "the kernel is built from Jacobians taken with torch.func over every parameter at once, and under FSDP2 "
+        "the forward pass swaps in its own gathered parameters (a finite-difference Jacobian would cost two "
+        "forward passes per probe output)."
+    )
     headlines = (
         Headline("ntk", "NTK max eigenvalue", r"ntk/max_eig"),
         Headline("ntk", "NTK condition number", r"ntk/cond"),

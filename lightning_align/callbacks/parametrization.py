@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_align.callbacks.strategy import check_strategy
 from lightning_align.logging import log_text, markdown_table
+from lightning_align.measure.sharded import has_sharded_parameters, user_class_name
 from lightning_align.parametrize.apply import INITS, UNSCALABLE_ATTENTION, Parametrized, retarget_scheduler
 from lightning_align.parametrize.auto import auto_parametrize
 from lightning_align.parametrize.roles import ROLE_TABLE_HEADER, ROLES, role_table_rows
@@ -263,6 +264,13 @@ class Parametrization(Callback):
 
     def _rewrite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out: Any) -> None:
         if pl_module.__dict__.get(_MARK) != self._token:  # parameters were created in configure_model
+            if self.init != "default" and has_sharded_parameters(pl_module):
+                raise ValueError(
+                    f"Parametrization(init={self.init!r}): {user_class_name(pl_module)} creates its layers in "
+                    "configure_model, where they were sharded (fully_shard) before this callback could re-draw them, "
+                    "and a re-draw needs each whole matrix. Create the layers in __init__ (the callback then applies "
+                    "before sharding), or use init='default' (a rescaling, which works on the shards)."
+                )
             self._apply(trainer, pl_module, rescale=trainer.ckpt_path is None)
         assert self.parametrized is not None
         self._check_against_checkpoint()

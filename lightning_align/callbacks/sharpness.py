@@ -25,6 +25,7 @@ from lightning_align.measure.hessian import (
     trace_estimate,
 )
 from lightning_align.measure.operators import FlatOperator, Method, hessian_operator
+from lightning_align.measure.sharded import finite_difference_hessian
 from lightning_align.measure.lanczos import WARM_START_NOISE, LanczosResult, _refined, lanczos_eigs, lanczos_extremes
 from lightning_align.schedules import ScheduleName
 
@@ -158,6 +159,7 @@ class Sharpness(MeasurementCallback):
         off = {"smallest Hessian eigenvalue": not self.min_eig, "Hessian trace": not self.trace}
         return {title: chart for title, chart in self.charts.items() if not off.get(title, False)}
     shard_probe = True  # every Hessian-vector product is all-reduced over ranks
+    sharded_refusal = None  # finite-difference products through the model's own backward, Lanczos on local slices
 
     def __init__(
         self,
@@ -253,6 +255,9 @@ class Sharpness(MeasurementCallback):
                 "set preconditioned=None (auto) or False."
             )
         self._use_preconditioner = adam and self.preconditioned is not False
+        if self.shard_layout is not None:
+            self._validate_sharded()
+            return
         for name in ("_vectors", "_pre_vectors"):
             vec = getattr(self, name)
             if vec is not None and vec.shape[0] != n:
@@ -262,7 +267,22 @@ class Sharpness(MeasurementCallback):
                 )
                 setattr(self, name, None)
 
+    def _validate_sharded(self) -> None:
+        """What the finite-difference route on sharded parameters cannot do, refused at fit start."""
+        unavailable = [name for name, on in (("trace", self.trace), ("density", self.density),
+                                             ("gradient_check", self.gradient_check)) if on]
+        if self.method != "auto":
+            unavailable.append(f"method={self.method!r}")
+        if unavailable:
+            raise ValueError(
+                f"Sharpness: {', '.join(unavailable)} is not available on FSDP2-sharded parameters (Hessian-vector "
+                "products there are finite differences of two gradients, and Lanczos runs on each rank's slice); "
+                "turn it off, or train with strategy='ddp'."
+            )
+
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
+        if self.shard_layout is not None:
+            return self._measure_sharded(trainer, pl_module, batch)
         reduce = (lambda t: self.all_reduce_mean(trainer, t)) if trainer.world_size > 1 else None
         generator = torch.Generator().manual_seed(self.seed + trainer.global_step)
         loss_model = self.probe_loss_model(pl_module)
@@ -288,7 +308,25 @@ class Sharpness(MeasurementCallback):
             metrics[tag("sharpness", "probe_loss")] = loss
         return metrics
 
+    def _measure_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> dict[str, Any]:
+        """FSDP2: ``H v`` by central differences of the strategy's own backward (gradients averaged over the
+        ranks' probe slices by FSDP's reduce-scatter); vectors are the local slices."""
+        generator = torch.Generator().manual_seed(self.seed + trainer.global_step + 7919 * trainer.global_rank)
+        loss_model = self.probe_loss_model(pl_module)
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        with finite_difference_hessian(lambda: loss_model(batch), params, self.shard_layout, richardson=self.high_precision) as op:
+            loss = float(self.all_reduce_mean(trainer, op.loss.reshape(1)))
+            if not math.isfinite(loss):
+                return self._nan_metrics(trainer, loss)
+            self._refine64 = None
+            metrics = self._eigs(trainer, op, generator)
+            metrics[tag("sharpness", "matvecs")] = op.num_matvecs
+            metrics[tag("sharpness", "probe_loss")] = loss
+        return metrics
+
     def extra_state(self) -> dict[str, Any]:
+        if self.shard_layout is not None:  # each rank's slice: a resumed sharded run starts its Lanczos cold
+            return {}
         state: dict[str, Any] = {}
         if self._vectors is not None:
             state["vectors"] = self._vectors.detach().cpu()
@@ -326,7 +364,7 @@ class Sharpness(MeasurementCallback):
     def _eigs(self, trainer: pl.Trainer, op: FlatOperator, generator: torch.Generator) -> dict[str, Any]:
         common = dict(
             tol=self.tol, max_matvecs=self.max_matvecs, generator=generator, dtype=self._dtype(op), device=op.device,
-            refine=self.high_precision and self._refine64 is None,
+            refine=self.high_precision and self._refine64 is None, all_reduce=getattr(op, "all_reduce", None),
         )
         top, bottom = self._solve(op, op, self._vectors, op.gradient, self.k, self.min_eig, common)
         if self._refine64 is not None:
@@ -345,12 +383,12 @@ class Sharpness(MeasurementCallback):
             return metrics
         threshold = stability_threshold(optimizer)
         if self._use_preconditioner:
-            lr_x = self._preconditioned(op, adam_preconditioner(optimizer, op.params.tensors), common)
+            lr_x = self._preconditioned(op, adam_preconditioner(optimizer, op.tensors), common)
             if lr_x is None:
                 return metrics
             metrics[tag("sharpness", "preconditioned_max_eig")] = lr_x / float(optimizer.param_groups[0]["lr"])
         else:
-            d = lr_preconditioner(optimizer, op.params.tensors)  # None: one lr for every parameter
+            d = lr_preconditioner(optimizer, op.tensors)  # None: one lr for every parameter
             lr_x = float(optimizer.param_groups[0]["lr"]) * float(top.values[0]) if d is None else self._preconditioned(op, d, common)
         metrics[tag("sharpness", "lr_x_max_eig")] = lr_x
         metrics[tag("sharpness", "threshold")] = threshold

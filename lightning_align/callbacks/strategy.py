@@ -1,48 +1,60 @@
-"""Refuse strategies that shard parameters: every callback here reads (and some write) full parameters.
+"""Which training strategies each callback can run under, decided at fit start.
 
-Measurement callbacks take Hessian-vector products, Jacobians and weight norms of the whole, unsharded
-parameters; the control callbacks split and rescale optimizer parameter groups by parameter identity.
-Under FSDP, DeepSpeed (ZeRO) or tensor/model parallelism a rank holds only a flat shard of each
-parameter, so these computations would be wrong (a shard's norm is not the weight's norm) or would run
-collectives on some ranks only. Rather than measure something else silently, :func:`check_strategy`
-raises a clear error at fit start, before the first optimizer step.
-
-Data parallelism (``ddp``, ``ddp_spawn``, ``ddp_fork``; every rank holds the full model) and single-device
-strategies are supported.
+Every rank holds the whole model under data parallelism (``ddp``, ``ddp_spawn``, ``ddp_fork``) and on one
+device: every callback runs. Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy` with
+FSDP2's ``fully_shard`` (``DTensor`` parameters, each rank a ``Shard(0)`` slice) is supported by the callbacks
+that declare ``sharded_support = True``: they compute sums over parameters from local slices
+(:mod:`lightning_align.measure.sharded`), gather one weight at a time where a whole matrix is needed, and take
+Hessian-vector products by finite differences of the model's own backward. Callbacks that cannot (they
+differentiate through ``torch.func`` over the whole parameter set) refuse with their ``sharded_refusal``
+reason. FSDP1 (``FSDPStrategy``: flat parameters), DeepSpeed (ZeRO) and XLA FSDP are refused by every
+callback: a rank's flat shard of several parameters has no per-layer meaning.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["check_strategy", "sharding_strategy_classes"]
+__all__ = ["check_strategy", "flat_sharding_strategy_classes", "model_parallel_strategy_classes"]
 
-#: Lightning strategy classes that shard parameters over ranks (looked up by name: some need optional
-#: packages, and older Lightning versions lack ``ModelParallelStrategy``).
-_SHARDING_NAMES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+#: Strategies whose ranks hold flat shards of several parameters (looked up by name: some need optional
+#: packages).
+_FLAT_SHARDING = ("FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
+_MODEL_PARALLEL = ("ModelParallelStrategy",)
 
 
-def sharding_strategy_classes() -> tuple[type, ...]:
-    """The parameter-sharding strategy classes that exist in the installed Lightning (and Lightning Fabric)."""
+def _classes(names: tuple[str, ...]) -> tuple[type, ...]:
     found: list[type] = []
     for module_name in ("lightning.pytorch.strategies", "lightning.fabric.strategies"):
         try:
-            module = __import__(module_name, fromlist=list(_SHARDING_NAMES))
+            module = __import__(module_name, fromlist=list(names))
         except Exception:  # pragma: no cover - an incomplete install: nothing to detect there
             continue
-        for name in _SHARDING_NAMES:
+        for name in names:
             cls = getattr(module, name, None)
             if isinstance(cls, type) and cls not in found:
                 found.append(cls)
     return tuple(found)
 
 
-def check_strategy(trainer: Any, owner: str) -> None:
-    """Raise if ``trainer.strategy`` shards parameters (FSDP, DeepSpeed, model parallel, XLA FSDP).
+def flat_sharding_strategy_classes() -> tuple[type, ...]:
+    """FSDP1, DeepSpeed and XLA FSDP strategy classes of the installed Lightning (refused by every callback)."""
+    return _classes(_FLAT_SHARDING)
+
+
+def model_parallel_strategy_classes() -> tuple[type, ...]:
+    """``ModelParallelStrategy`` classes of the installed Lightning (FSDP2 ``DTensor`` parameters)."""
+    return _classes(_MODEL_PARALLEL)
+
+
+def check_strategy(trainer: Any, owner: str, sharded_refusal: str | None = None) -> None:
+    """Raise if ``owner`` cannot run under ``trainer.strategy``.
 
     Args:
         trainer: a ``lightning.pytorch.Trainer`` (anything with a ``strategy`` attribute).
         owner: the callback's name, for the message (e.g. ``"Sharpness"``).
+        sharded_refusal: why ``owner`` cannot run on FSDP2-sharded parameters (``ModelParallelStrategy``);
+            ``None`` when it can.
 
     Raises:
         ValueError: naming ``owner``, the strategy class and what to do instead.
@@ -50,15 +62,20 @@ def check_strategy(trainer: Any, owner: str) -> None:
     Example::
 
         def on_fit_start(self, trainer, pl_module):
-            check_strategy(trainer, type(self).__name__)
+            check_strategy(trainer, type(self).__name__, self.sharded_refusal)
     """
     strategy = getattr(trainer, "strategy", None)
     if strategy is None:
         return
-    if isinstance(strategy, sharding_strategy_classes()):
+    name = type(strategy).__name__
+    if isinstance(strategy, flat_sharding_strategy_classes()):
         raise ValueError(
-            f"{owner}: the {type(strategy).__name__} strategy shards parameters over ranks, but {owner} reads and "
-            "changes full, unsharded parameters (per-layer norms, Hessian/Jacobian products, optimizer parameter "
-            f"groups), so it would compute wrong values or hang. Train with strategy='ddp' or 'ddp_spawn' "
-            f"(every rank holds the whole model), or remove {owner} from the callbacks for this run."
+            f"{owner}: the {name} strategy flattens and shards several parameters together, so a rank holds no "
+            f"layer's weights and {owner}'s per-layer values would be wrong. Use ModelParallelStrategy with FSDP2's "
+            "fully_shard (per-parameter sharding) or strategy='ddp', or remove the callback for this run."
+        )
+    if sharded_refusal is not None and isinstance(strategy, model_parallel_strategy_classes()):
+        raise ValueError(
+            f"{owner} cannot run under {name} (FSDP2-sharded parameters): {sharded_refusal} Train with "
+            f"strategy='ddp' (every rank holds the whole model), or remove {owner} from the callbacks for this run."
         )

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 Which = Literal["LA", "SA", "LM"]
+Reduce = Callable[[Tensor], Tensor]
 
 #: Relative norm of the random perturbation mixed into a warm start, so that a start vector that is
 #: (almost) an exact eigenvector cannot end the Krylov space at once and hide a larger eigenvalue.
@@ -99,6 +100,7 @@ def lanczos_eigs(
     refine: bool = False,
     keep_basis: bool = False,
     block: bool = False,
+    all_reduce: Reduce | None = None,
 ) -> LanczosResult:
     """``k`` extreme eigenpairs of a symmetric operator by Lanczos with full re-orthogonalisation.
 
@@ -131,6 +133,10 @@ def lanczos_eigs(
             a warm start from several previous eigenvectors, or from the previous top vector and the current
             gradient: the first block step stops when the residual allows, and a larger eigenvalue that has
             appeared along any start column shows at once.
+        all_reduce: for vectors split over processes (sharded parameters: each rank holds its own slice of
+            every vector and ``dim`` is the local slice's size): sums a tensor of partial inner products over
+            the ranks (in place or not; the result is used). Every rank must call with the same arguments.
+            ``None``: the vectors are whole. Not with ``block``.
 
     Returns:
         A :class:`LanczosResult`.
@@ -145,13 +151,14 @@ def lanczos_eigs(
         >>> [round(x, 4) for x in res.values.tolist()]
         [10.0, 9.0]
     """
-    _check_args(dim, k, which, tol, max_matvecs)
+    _check_args(dim, k, which, tol, max_matvecs, all_reduce is not None)
     if device is None:
         device = init.device if init is not None else torch.device("cpu")
     device = torch.device(device)
-    steps = min(max_matvecs, dim)
-    results = _run(matvec, dim, init, [(k, which)], tol, steps, generator, dtype, device, init_noise, min_matvecs, keep_basis, block)
-    return _refined(matvec, results, dtype)[0] if refine else results[0]
+    steps = max_matvecs if all_reduce is not None else min(max_matvecs, dim)  # a local slice may be smaller than k
+    space = _Space(all_reduce)
+    results = _run(matvec, dim, init, [(k, which)], tol, steps, generator, dtype, device, init_noise, min_matvecs, keep_basis, block, space)
+    return _refined(matvec, results, dtype, space)[0] if refine else results[0]
 
 
 def lanczos_extremes(
@@ -170,6 +177,7 @@ def lanczos_extremes(
     min_matvecs: int = 1,
     refine: bool = False,
     block: bool = False,
+    all_reduce: Reduce | None = None,
 ) -> tuple[LanczosResult, LanczosResult]:
     """The ``k_top`` largest and ``k_bottom`` smallest eigenpairs from one Krylov space.
 
@@ -187,16 +195,18 @@ def lanczos_extremes(
         >>> round(float(top.values[0]), 4), round(float(bottom.values[0]), 4)
         (6.0, -3.0)
     """
-    _check_args(dim, max(k_top, k_bottom), "LA", tol, max_matvecs)
-    if k_top + k_bottom > dim:
+    _check_args(dim, max(k_top, k_bottom), "LA", tol, max_matvecs, all_reduce is not None)
+    if k_top + k_bottom > dim and all_reduce is None:
         raise ValueError(f"lanczos_extremes: k_top + k_bottom = {k_top + k_bottom} exceeds the dimension {dim}")
     if device is None:
         device = init.device if init is not None else torch.device("cpu")
     device = torch.device(device)
-    steps = min(max(max_matvecs, k_top + k_bottom), dim)
+    steps = max(max_matvecs, k_top + k_bottom)
+    steps = steps if all_reduce is not None else min(steps, dim)
     wants = [(k_top, "LA"), (k_bottom, "SA")]
-    results = _run(matvec, dim, init, wants, tol, steps, generator, dtype, device, init_noise, min_matvecs, False, block)
-    top, bottom = _refined(matvec, results, dtype) if refine else results
+    space = _Space(all_reduce)
+    results = _run(matvec, dim, init, wants, tol, steps, generator, dtype, device, init_noise, min_matvecs, False, block, space)
+    top, bottom = _refined(matvec, results, dtype, space) if refine else results
     return top, bottom
 
 
@@ -214,22 +224,25 @@ def _run(
     min_matvecs: int,
     keep_basis: bool,
     block: bool,
+    space: _Space,
 ) -> list[LanczosResult]:
     min_steps = min(max(min_matvecs, 1), steps)
+    if block and space.split:
+        raise ValueError("lanczos_eigs: block=True is not available for vectors split over processes (all_reduce)")
     if block and init is not None:
         rows = _start_block(dim, init, generator, dtype, device, init_noise)
         if rows is not None and rows.shape[0] <= steps:
             return _block_lanczos(matvec, rows, wants, tol, steps, generator, min_steps, keep_basis)
-    start = _start_vector(dim, init, generator, dtype, device, init_noise)
-    return _lanczos(matvec, start, wants, tol, steps, generator, min_steps, keep_basis)
+    start = _start_vector(dim, init, generator, dtype, device, init_noise, space)
+    return _lanczos(matvec, start, wants, tol, steps, generator, min_steps, keep_basis, space)
 
 
-def _check_args(dim: int, k: int, which: str, tol: float, max_matvecs: int) -> None:
+def _check_args(dim: int, k: int, which: str, tol: float, max_matvecs: int, split: bool = False) -> None:
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"lanczos_eigs: which must be 'LA', 'SA' or 'LM', got {which!r}")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"lanczos_eigs: k must be a positive int, got {k!r}")
-    if k > dim:
+    if k > dim and not split:  # a split vector's dim is the local slice's
         raise ValueError(f"lanczos_eigs: k={k} eigenpairs asked of an operator of dimension {dim}; use k <= {dim}")
     if max_matvecs < k:
         raise ValueError(f"lanczos_eigs: max_matvecs={max_matvecs} is less than k={k}; allow at least k products")
@@ -249,21 +262,23 @@ def _start_vector(
     dtype: torch.dtype,
     device: torch.device,
     init_noise: float = WARM_START_NOISE,
+    space: _Space | None = None,
 ) -> Tensor:
+    space = space or _Space(None)
     noise = _randn(dim, generator, dtype, device)
-    noise = noise / noise.norm()
+    noise = noise / space.norm(noise)
     if init is None:
         return noise
     cols = init.detach().to(device=device, dtype=dtype)
     cols = cols.unsqueeze(1) if cols.ndim == 1 else cols
     if cols.ndim != 2 or cols.shape[0] != dim:
         raise ValueError(f"lanczos_eigs: init must have shape ({dim},) or ({dim}, j), got {tuple(init.shape)}")
-    norms = cols.norm(dim=0)
-    usable = torch.isfinite(cols).all(dim=0) & (norms > 0)
+    norms = space.sum(cols.square().sum(dim=0)).sqrt()
+    usable = torch.isfinite(norms) & (norms > 0)
     if not bool(usable.any()):
         return noise
     start = (cols[:, usable] / norms[usable]).sum(dim=1)
-    start_norm = start.norm()
+    start_norm = space.norm(start)
     if not start_norm > 0:
         return noise
     return start / start_norm + init_noise * noise
@@ -278,14 +293,49 @@ def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
     return torch.argsort(theta.abs(), descending=True, stable=True)[:k]
 
 
+class _Space:
+    """Inner products of vectors that are whole (``all_reduce=None``) or split over processes (each rank holds a
+    slice; partial sums are added over the ranks by ``all_reduce``)."""
+
+    def __init__(self, all_reduce: Reduce | None) -> None:
+        self.all_reduce = all_reduce
+
+    @property
+    def split(self) -> bool:
+        return self.all_reduce is not None
+
+    def sum(self, partial: Tensor) -> Tensor:
+        """``partial`` summed over the ranks (itself for whole vectors)."""
+        return partial if self.all_reduce is None else self.all_reduce(partial)
+
+    def norm(self, v: Tensor) -> Tensor:
+        return v.norm() if self.all_reduce is None else self.sum(v.square().sum()).sqrt()
+
+    def norm_before_sum(self, v: Tensor) -> Tensor:
+        """``‖v‖`` for whole vectors, the local ``‖v‖²`` for split ones (summed in :meth:`read`)."""
+        return v.norm() if self.all_reduce is None else v.square().sum()
+
+    def read(self, alpha: Tensor, norm_a: Tensor, norm_b: Tensor, w: Tensor) -> tuple[float, float, float, bool]:
+        """``α``, two norms (from :meth:`norm_before_sum`) and whether ``w`` is finite, in one host read
+        (and one all-reduce for split vectors; ``α`` is already summed)."""
+        if self.all_reduce is None:
+            a, na, nb, finite = torch.stack([alpha, norm_a, norm_b, torch.isfinite(w).all().to(alpha.dtype)]).tolist()
+            return a, na, nb, bool(finite)
+        sums = self.sum(torch.stack([norm_a, norm_b, (~torch.isfinite(w)).sum().to(w.dtype)]))
+        a, sq_a, sq_b, infinite = torch.cat([alpha.reshape(1), sums]).tolist()
+        finite = not infinite and math.isfinite(sq_a) and math.isfinite(sq_b)
+        return a, math.sqrt(max(sq_a, 0.0)), math.sqrt(max(sq_b, 0.0)), finite
+
+
 class _Basis:
     """An orthonormal basis ``(m, n)`` that grows as vectors are appended, in blocks (2, 2, 4, 8, 8, ...).
 
     Nothing is allocated for products that are never made, and no block is ever copied.
     """
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, space: _Space | None = None) -> None:
         self.dim, self.dtype, self.device = dim, dtype, device
+        self.space = space or _Space(None)
         self.blocks: list[Tensor] = []
         self.size = 0
         self._free = 0
@@ -316,8 +366,11 @@ class _Basis:
 
     def project_out(self, w: Tensor) -> Tensor:
         """One classical Gram-Schmidt pass: ``w - Q Qᵀ w`` (block by block)."""
-        coeffs = [q @ w for q in self.filled()]  # all coefficients from the same w: classical GS
-        for q, c in zip(self.filled(), coeffs):
+        blocks = self.filled()
+        coeffs = [q @ w for q in blocks]  # all coefficients from the same w: classical GS
+        if self.space.split and blocks:  # one all-reduce for the whole pass
+            coeffs = list(self.space.sum(torch.cat(coeffs)).split([q.shape[0] for q in blocks]))
+        for q, c in zip(blocks, coeffs):
             w = w - q.T @ c
         return w
 
@@ -343,17 +396,20 @@ def _lanczos(
     generator: torch.Generator | None,
     min_steps: int = 1,
     keep_basis: bool = False,
+    space: _Space | None = None,
 ) -> list[LanczosResult]:
     """Run Lanczos until every ``(k, which)`` in ``wants`` has converged Ritz pairs; one result each.
 
     One host read per product (``α``, ``β`` and the finiteness test together); a second
-    Gram-Schmidt pass, with one more read, only when the first removed most of the vector.
+    Gram-Schmidt pass, with one more read, only when the first removed most of the vector. Split
+    vectors: one all-reduce per Gram-Schmidt pass and one for ``α``, ``β`` and the finiteness test.
     """
+    space = space or _Space(None)
     dim, dtype, device = start.numel(), start.dtype, start.device
     need = sum(k for k, _ in wants)  # both ends wanted: as many distinct Ritz values as asked in all
     tiny = 10 * torch.finfo(dtype).eps
-    basis = _Basis(dim, dtype, device)
-    q = start / start.norm()
+    basis = _Basis(dim, dtype, device, space)
+    q = start / space.norm(start)
     q_prev: Tensor | None = None
     basis.append(q)
     alphas: list[float] = []
@@ -363,21 +419,18 @@ def _lanczos(
         if w.shape != (dim,):
             raise ValueError(f"lanczos_eigs: matvec returned shape {tuple(w.shape)}, expected ({dim},)")
         w = w.to(dtype)
-        alpha_t = torch.dot(w, q)
+        alpha_t = space.sum(torch.dot(w, q))
         w = w - alpha_t * q
         if q_prev is not None and betas[-1] != 0.0:
             w = w - betas[-1] * q_prev
-        recurrence_norm = w.norm()
+        recurrence_norm = space.norm_before_sum(w)
         w = basis.project_out(w)
-        beta_t = w.norm()
-        alpha, norm_before, beta, finite = torch.stack(
-            [alpha_t, recurrence_norm, beta_t, torch.isfinite(w).all().to(alpha_t.dtype)]
-        ).tolist()
+        alpha, norm_before, beta, finite = space.read(alpha_t, recurrence_norm, space.norm_before_sum(w), w)
         if not finite or not math.isfinite(alpha):
             return [_nan_result(k, dim, j + 1, dtype, device) for k, _ in wants]
         if beta < 0.5 * norm_before:  # the pass removed most of w: once more (twice is enough)
             w = basis.project_out(w)
-            beta = float(w.norm())
+            beta = float(space.norm(w))
         alphas.append(alpha)
         m = j + 1
         theta_np, s_np = _tridiagonal_eigh_np(alphas, betas)  # numpy: ~10x less overhead than torch at this size
@@ -396,7 +449,7 @@ def _lanczos(
             # invariant subspace found: continue in its orthogonal complement
             w = _randn(dim, generator, dtype, device)
             w = basis.project_out(basis.project_out(w))
-            beta_next, w = 0.0, w / w.norm()
+            beta_next, w = 0.0, w / space.norm(w)
         else:
             beta_next, w = beta, w / beta
         betas.append(beta_next)
@@ -570,14 +623,17 @@ def _result(
 ) -> LanczosResult:
     coeffs = s[:m, idx].to(device=basis.device, dtype=basis.dtype)
     vectors = basis.combine(coeffs)
-    vectors = vectors / vectors.norm(dim=0, keepdim=True)
+    vectors = vectors / basis.space.sum(vectors.square().sum(dim=0, keepdim=True)).sqrt()
     return LanczosResult(
         values=theta[idx].clone(), vectors=vectors, num_matvecs=m, residuals=residuals.clone(), krylov_trace=trace, basis=kept
     )
 
 
-def _refined(matvec: Callable[[Tensor], Tensor], results: list[LanczosResult], dtype: torch.dtype) -> list[LanczosResult]:
+def _refined(
+    matvec: Callable[[Tensor], Tensor], results: list[LanczosResult], dtype: torch.dtype, space: _Space | None = None
+) -> list[LanczosResult]:
     """Each Ritz vector's Rayleigh quotient and true residual from one more product (float64 sums)."""
+    space = space or _Space(None)
     out = []
     extra = sum(r.vectors.shape[1] for r in results)
     for res in results:
@@ -589,8 +645,9 @@ def _refined(matvec: Callable[[Tensor], Tensor], results: list[LanczosResult], d
             y = res.vectors[:, i]
             w = matvec(y).to(dtype)
             y64, w64 = y.double(), w.double()
-            theta = torch.dot(y64, w64) / torch.dot(y64, y64)
-            r = (w64 - theta * y64).norm() / y64.norm()
+            yw, yy = space.sum(torch.stack([torch.dot(y64, w64), torch.dot(y64, y64)]))
+            theta = yw / yy
+            r = space.norm(w64 - theta * y64) / yy.sqrt()
             values.append(theta)
             residuals.append(r)
         vals = torch.stack(values).cpu()

@@ -123,6 +123,11 @@ class FlatOperator:
         return self.params.dim
 
     @property
+    def tensors(self) -> list[Tensor]:
+        """The parameters, in the order of the flat vector."""
+        return self.params.tensors
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.params.dtype
 
