@@ -142,5 +142,16 @@ class DumpMetrics(pl.Callback):
         Path(self.folder, f"rank{trainer.global_rank}_of{trainer.world_size}.json").write_text(json.dumps(record))
 
 
+class SaveAt(pl.Callback):
+    """A checkpoint after optimizer step ``step`` (its end of epoch: the resumed run sees the same batches)."""
+
+    def __init__(self, path: str, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)  # every rank: a collective under ModelParallelStrategy
+
+
 def read(folder: Path, rank: int, world: int) -> dict[str, Any]:
     return json.loads((folder / f"rank{rank}_of{world}.json").read_text())

@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import ddp_order_loader
 from lightning.pytorch.strategies import ModelParallelStrategy
-from sharded_helpers import DumpMetrics, ShardedNet, dataset, read, run_sharded
+from sharded_helpers import DumpMetrics, SaveAt, ShardedNet, dataset, read, run_sharded
 from torch.utils.data import DataLoader
 
 from lightning_align import NTKSpectrum, Parametrization, Sharpness
@@ -37,10 +37,15 @@ SUITES = {
 }
 
 
-def fit(folder: str, suite: str, sharded: bool, max_steps: int = 4, optimizer: str = "sgd", lazy: bool = False) -> None:
+def fit(
+    folder: str, suite: str, sharded: bool, max_steps: int = 4, optimizer: str = "sgd", lazy: bool = False,
+    ckpt_path: str | None = None, save: str | None = None,
+) -> None:
+    """One fit; ``save``: a checkpoint after step 2 (from inside the run: see ``SaveAt``)."""
     pl.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
     callbacks = [*SUITES[suite](), DumpMetrics(folder, ("sharpness/", "elr/", "rank/", "coord/", "align/", "ntk/"))]
+    callbacks += [SaveAt(save, 2)] if save else []
     common: dict[str, Any] = dict(
         accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
         enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
@@ -52,7 +57,7 @@ def fit(folder: str, suite: str, sharded: bool, max_steps: int = 4, optimizer: s
     else:
         trainer = pl.Trainer(devices=1, **common)
         loader = ddp_order_loader(data, batch_size=32)
-    trainer.fit(ShardedNet(optimizer=optimizer, lazy=lazy), loader)
+    trainer.fit(ShardedNet(optimizer=optimizer, lazy=lazy), loader, ckpt_path=ckpt_path)
 
 
 def _both(tmp_path: Path, suite: str, *args: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -119,3 +124,17 @@ def test_orthogonal_init_is_drawn_on_whole_matrices_before_sharding(tmp_path: Pa
 def test_orthogonal_init_after_sharding_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"Parametrization\(init='orthogonal'\): ShardedNet creates its layers in configure_model"):
         run_sharded(fit, str(tmp_path), "mup_orthogonal", True, 2, "sgd", True)
+
+
+def test_a_sharded_run_resumes_with_the_callbacks_state(tmp_path: Path) -> None:
+    """Adam (its state is sharded too) and Sharpness's preconditioned tags; the resumed run measures at step 4 what
+    the uninterrupted run does (its warm-start vectors are per-rank slices and not saved: it restarts cold)."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole.mkdir(), resumed.mkdir()
+    run_sharded(fit, str(whole), "sharpness", True, 4, "adam", False, None, str(tmp_path / "ckpt"))
+    run_sharded(fit, str(resumed), "sharpness", True, 4, "adam", False, str(tmp_path / "ckpt"))
+    end, again = read(whole, 0, 2), read(resumed, 0, 2)
+    assert "sharpness/preconditioned_max_eig" in end["end"]
+    assert again["weights"] == end["weights"]  # the resumed training is the same training
+    _close(again["end"], end["end"], 1e-4, ("matvecs", "residual"))
+    assert again["start"] == {}  # nothing re-measured at the resume point: the step counter was restored

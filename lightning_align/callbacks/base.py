@@ -52,7 +52,7 @@ from lightning_align.callbacks.probe import (
 )
 from lightning_align.measure.batch import batch_size_of
 from lightning_align.measure.modules import NORMS_WITH_STATS
-from lightning_align.measure.sharded import ShardLayout, has_sharded_parameters, shard_layout
+from lightning_align.measure.sharded import ShardLayout, has_sharded_parameters, reshard, shard_layout
 from lightning_align.dashboard import write_dashboard
 from lightning_align.headlines import Headline, HeadlineHistory, progress_bar_values
 from lightning_align.callbacks.strategy import check_strategy
@@ -207,7 +207,8 @@ class MeasurementCallback(Callback, abc.ABC):
         (unless ``dropout=True``), BatchNorm per ``bn_mode``, the original (uncompiled) ``forward`` and
         ``training_step``, and at least float32 arithmetic: bfloat16/float16 parameters and buffers
         (``precision="bf16-true"``/``"16-true"``) are float32 copies, float64 ones stay float64. On exit:
-        flags, buffers, ``.grad``, RNG streams, methods and the original low-precision tensors restored.
+        flags, buffers, ``.grad``, RNG streams, methods and the original low-precision tensors restored, and
+        under FSDP2 every parameter its ``DTensor`` slice again.
         """
         device_type = _device_type(pl_module)
         with contextlib.ExitStack() as stack:
@@ -220,6 +221,8 @@ class MeasurementCallback(Callback, abc.ABC):
             stack.enter_context(_uncompiled(pl_module))
             stack.enter_context(refused_training_steps(pl_module, type(self).__name__))
             stack.enter_context(_without_input_require_grads(pl_module))
+            if self.shard_layout is not None:  # FSDP2 keeps a forward's gathered root parameters without a backward
+                stack.callback(reshard, pl_module)
             self._set_probe_modes(pl_module)
             yield
 

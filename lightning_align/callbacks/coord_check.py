@@ -33,6 +33,11 @@ class CoordCheck(MeasurementCallback):
     Cost: one forward pass on the probe batch every ``every_n_steps``; ``h_0`` is kept in memory
     (probe size × layer width floats per layer).
 
+    Under ``ModelParallelStrategy`` (FSDP2, ``DTensor`` parameters) the probe forward is the model's own
+    (FSDP gathers one module's parameters at a time), every rank runs it on the whole probe, so every rank
+    logs the same values; the gathered parameters are freed right after (FSDP keeps the root module's after a
+    forward without backward).
+
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (250) keeps it
             under 1% of a long quickstart run (README, "Speed and overhead").
@@ -61,6 +66,7 @@ class CoordCheck(MeasurementCallback):
         "relative change from init per layer": ["Multiline", [r"^coord/delta/"]],
     }
     heatmaps = {"coord/delta/": "relative change from init ‖h−h₀‖/‖h₀‖"}
+    sharded_refusal = None  # activations only: the model's own forward, under FSDP2 too
 
     def __init__(
         self,

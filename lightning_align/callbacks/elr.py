@@ -28,6 +28,7 @@ from lightning_align.measure.elr import (
 )
 from lightning_align.measure.modules import select_modules
 from lightning_align.measure.optim import learning_rates_by_parameter
+from lightning_align.measure.sharded import local, reshard
 from lightning_align.measure.state import map_tensors
 from lightning_align.schedules import ScheduleName
 
@@ -63,7 +64,11 @@ class EffectiveLR(MeasurementCallback):
 
     The gradients are those the optimizer is about to use (AMP-unscaled, before clipping, accumulated).
     Cost: a copy of the tracked weights and a few norms per measured step; one or two probe forwards per
-    weight, once. Under DDP every rank computes the same values (weights and gradients are in sync).
+    weight, once. Under DDP every rank computes the same values (weights and gradients are in sync). Under
+    ``ModelParallelStrategy`` (FSDP2, ``DTensor`` parameters) each rank copies only its slices and the
+    norms are summed over ranks, one all-reduce per step for the gradients and one for the ELRs; the
+    scale-invariance test scales each rank's slice in place for one forward (and copies it back), and rank 0's
+    findings are used on every rank.
 
     Args:
         every_n_steps: measure every this many optimizer steps (each measurement covers the one step
@@ -108,6 +113,7 @@ class EffectiveLR(MeasurementCallback):
         layer = super().heatmap_layer(tag, prefix)
         return None if layer is None or re.match(ELR_NOT_LAYER, layer) else layer
     measure_in_probe_context = False  # measurements only read weights; the probe is used once, in prepare()
+    sharded_refusal = None  # FSDP2: norms from local slices, summed over ranks (see the class docstring)
 
     def __init__(
         self,
@@ -131,6 +137,7 @@ class EffectiveLR(MeasurementCallback):
         self.scale_factor = scale_factor
         self.invariance_rtol = invariance_rtol
         self._modules: dict[str, nn.Module] = {}
+        self._sharded_params: dict[str, dict[str, torch.Tensor]] = {}
         self.invariance: dict[str, ScaleInvariance] | None = None
         self._before: dict[str, list[torch.Tensor]] | None = None
         self._ratios: dict[str, float] = {}
@@ -140,6 +147,7 @@ class EffectiveLR(MeasurementCallback):
     # ----------------------------------------------------------------------------------------------
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._modules = tracked_modules(pl_module, self.weights, "EffectiveLR(weights=...)")
+        self._sharded_params = sharded_parameters(self._modules) if self.shard_layout is not None else {}
         self.invariance = None
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -149,11 +157,12 @@ class EffectiveLR(MeasurementCallback):
         if self.invariance is None:
             return
         groups = self._groups()
-        self._before = {name: [t.detach().clone() for t in ts] for name, ts in groups.items()}
+        self._before = {name: [local(t).detach().clone() for t in ts] for name, ts in groups.items()}
         si = {n: ts for n, ts in groups.items() if self.invariance[n].scale_invariant}
         grads = {n: [t.grad for t in ts] for n, ts in si.items()}
         scale = grad_scale(trainer, trainer.optimizers[0]) if trainer.optimizers else 1.0
-        self._ratios = {k: v / scale for k, v in grad_weight_ratios(si, grads).items()}
+        ratios = grad_weight_ratios(si, grads, sum_over_ranks=self._sum_over_ranks)
+        self._ratios = {k: v / scale for k, v in ratios.items()}
         self._lrs = layer_lrs(trainer.optimizers, si)
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
@@ -161,8 +170,8 @@ class EffectiveLR(MeasurementCallback):
         before, self._before = self._before, None
         if before is None:  # step 0, or a step whose weights were not copied
             return metrics
-        after = {name: [t.detach() for t in ts] for name, ts in self._groups().items()}
-        elrs = effective_lrs(before, after)
+        after = {name: [local(t).detach() for t in ts] for name, ts in self._groups().items()}
+        elrs = effective_lrs(before, after, sum_over_ranks=self._sum_over_ranks)
         skipped = all(v == 0 for v in elrs.values())
         metrics["elr/skipped_step"] = float(skipped)
         if skipped:
@@ -183,9 +192,13 @@ class EffectiveLR(MeasurementCallback):
         return metrics
 
     # ----------------------------------------------------------------------------------------------
+    @property
+    def _sum_over_ranks(self) -> Any:
+        return None if self.shard_layout is None else self.shard_layout.all_reduce
+
     def _groups(self) -> dict[str, list[torch.Tensor]]:
         assert self.invariance is not None
-        return {n: weight_group(self._modules[n], self.invariance[n]) for n in self._modules}
+        return {n: tracked_group(self._modules[n], self.invariance[n], self._sharded_params.get(n)) for n in self._modules}
 
     def _detect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> dict[str, float]:
         model = self.probe_outputs_model(pl_module)
@@ -202,6 +215,8 @@ class EffectiveLR(MeasurementCallback):
                 "elr/critical_lr are not). Check the data and the model's initialization."
             )
             self.invariance = {n: ScaleInvariance(("weight",), False, math.nan) for n in self._modules}
+        if self.shard_layout is not None:  # the same findings on every rank (computed alike; made sure of here)
+            self.invariance = trainer.strategy.broadcast(self.invariance, src=0)
         rows = [[n, "yes" if r.scale_invariant else "no", "+".join(r.params), f"{r.relative_change:.1e}"]
                 for n, r in self.invariance.items()]
         log_text(trainer, "elr/scale_invariant", markdown_table(["layer", "scale-invariant", "weight", "output change"], rows))
@@ -233,7 +248,31 @@ def outputs_finite(model: nn.Module, batch: Any) -> bool:
     finite: list[bool] = []
     with torch.no_grad():
         map_tensors(model(batch), lambda t: finite.append(not t.is_floating_point() or bool(torch.isfinite(t).all())) or t)
+    reshard(model)  # FSDP2: no gathered parameters left behind by this forward
     return all(finite)
+
+
+def sharded_parameters(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each tracked module's ``weight`` and ``bias`` as the sharded (``DTensor``) parameters the optimizer holds.
+
+    Read at fit start, when every parameter is its slice: FSDP2 swaps a module's attributes for the gathered
+    tensors during a forward pass (and keeps the root module's gathered after a forward without backward),
+    so ``module.weight`` read later could be the whole tensor on every rank.
+    """
+    return {
+        n: {k: t for k in ("weight", "bias") if isinstance(t := getattr(m, k, None), torch.Tensor)}
+        for n, m in modules.items()
+    }
+
+
+def tracked_group(
+    module: nn.Module, result: ScaleInvariance, sharded: Mapping[str, torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """The tensors of a tracked weight (:func:`~lightning_align.measure.elr.weight_group`); under FSDP2 the
+    sharded parameters recorded by :func:`sharded_parameters`."""
+    if sharded is None:
+        return weight_group(module, result)
+    return [sharded[k] for k in result.params]
 
 
 def check_invariance_test_args(owner: str, scale_factor: float, invariance_rtol: float) -> None:

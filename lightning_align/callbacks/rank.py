@@ -15,6 +15,7 @@ from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import log_histogram, tag
 from lightning_align.measure.modules import captured_outputs, running_statistics, select_modules
 from lightning_align.measure.rank import jacobian_rank, representation_ranks, weight_spectrum
+from lightning_align.measure.sharded import full
 from lightning_align.schedules import ScheduleName
 from lightning_align.measure.batch import batch_inputs, batch_size_of
 
@@ -34,6 +35,12 @@ class RankMonitor(MeasurementCallback):
     ``rank/jacobian_numerical`` and ``rank/jacobian_logdet`` (mean over points).
 
     Cost: one SVD per weight and one forward plus one SVD per representation layer, every ``every_n_steps``.
+
+    Under ``ModelParallelStrategy`` (FSDP2, ``DTensor`` parameters) a spectrum needs the whole matrix: each
+    weight is gathered on every rank, one at a time (freed before the next), and every rank computes its
+    SVD; the representations come from the model's own forward on the whole probe. Every rank logs the same
+    values. ``jacobian_points > 0`` is refused there (``torch.func`` cannot differentiate through sharded
+    parameters).
 
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) keeps it
@@ -71,6 +78,7 @@ class RankMonitor(MeasurementCallback):
         "singular values near one per layer": ["Multiline", [r"^rank/weight_near_one/"]],
     }
     heatmaps = {"rank/repr_effective/": "representation effective rank"}
+    sharded_refusal = None  # weights gathered one at a time; jacobian_points > 0 refused in validate()
 
     def __init__(
         self,
@@ -104,6 +112,12 @@ class RankMonitor(MeasurementCallback):
         self._repr_modules: dict[str, torch.nn.Module] = {}
 
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.jacobian_points and self.shard_layout is not None:
+            raise ValueError(
+                f"RankMonitor(jacobian_points={self.jacobian_points}): the input-output Jacobian differentiates the "
+                "model through torch.func, which cannot run on FSDP2-sharded (DTensor) parameters; set "
+                "jacobian_points=0 under ModelParallelStrategy (weight and representation ranks still run)."
+            )
         weights = select_modules(pl_module, self.weights, "weights", owner="RankMonitor(weights=...)")
         missing = [n for n, m in weights.items() if not _has_matrix_weight(m)]
         if missing:
@@ -114,10 +128,11 @@ class RankMonitor(MeasurementCallback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
         metrics: dict[str, float] = {}
         for name, module in self._weight_modules.items():
-            if not _finite(module.weight):  # e.g. a diverged fp16 run: log NaN (with a warning), no SVD
+            weight = full(module.weight.detach())  # FSDP2: this weight only, gathered (a collective on every rank)
+            if not _finite(weight):  # e.g. a diverged fp16 run: log NaN (with a warning), no SVD
                 metrics.update({tag("rank", what, name): math.nan for what in _WEIGHT_TAGS})
                 continue
-            spec = weight_spectrum(module.weight, threshold=self.threshold, near_one_tol=self.near_one_tol)
+            spec = weight_spectrum(weight, threshold=self.threshold, near_one_tol=self.near_one_tol)
             metrics[tag("rank", "weight_stable", name)] = spec.stable_rank
             metrics[tag("rank", "weight_above", name)] = spec.count_above
             metrics[tag("rank", "weight_near_one", name)] = spec.count_near_one

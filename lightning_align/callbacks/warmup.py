@@ -15,8 +15,17 @@ from typing_extensions import override
 
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import MeasurementCallback
-from lightning_align.callbacks.elr import check_invariance_test_args, grad_scale, layer_lrs, outputs_finite, tracked_modules
-from lightning_align.measure.elr import ScaleInvariance, critical_lr, detect_scale_invariance, grad_weight_ratios, weight_group
+from lightning_align.callbacks.elr import (
+    check_invariance_test_args,
+    grad_scale,
+    layer_lrs,
+    outputs_finite,
+    sharded_parameters,
+    tracked_group,
+    tracked_modules,
+)
+from lightning_align.measure.elr import ScaleInvariance, critical_lr, detect_scale_invariance, grad_weight_ratios
+from lightning_align.measure.sharded import ShardLayout, local
 
 
 class ELRWarmup(MeasurementCallback):
@@ -41,6 +50,11 @@ class ELRWarmup(MeasurementCallback):
 
     The rule comes from plain-SGD theory; with momentum or Adam it is a heuristic (still scaling the
     configured LR only). Needs a single optimizer.
+
+    Under ``ModelParallelStrategy`` (FSDP2, ``DTensor`` parameters) the norms come from each rank's slices,
+    summed over ranks in one all-reduce per step (float64), so every rank computes the same factor from the
+    same numbers and scales its learning rates alike; the scale-invariant weights are rank 0's findings
+    (broadcast once), and the finite-gradient check of a loss-scaled step is summed over ranks too.
 
     Args:
         every_n_steps: how often to log the factor (the warm-up itself acts at every step).
@@ -68,6 +82,7 @@ class ELRWarmup(MeasurementCallback):
     headlines = (Headline("elr", "warm-up factor", r"elr/warmup_factor"),)
     charts = {"ELR warm-up factor": ["Multiline", [r"^elr/warmup_factor$"]]}
     measure_in_probe_context = False  # logging the factor needs no probe; the probe is used once, in prepare()
+    sharded_refusal = None  # FSDP2: norms from local slices, summed over ranks; the same factor on every rank
 
     def __init__(
         self,
@@ -88,6 +103,7 @@ class ELRWarmup(MeasurementCallback):
         self.factor = math.nan
         self._final_logged = False
         self._modules: dict[str, nn.Module] = {}
+        self._sharded_params: dict[str, dict[str, torch.Tensor]] = {}
         self._invariant: dict[str, ScaleInvariance] | None = None
         self._scaled: list[tuple[dict[str, Any], float, float]] = []
         self._hook: Any = None
@@ -99,10 +115,13 @@ class ELRWarmup(MeasurementCallback):
                 f"ELRWarmup: {type(pl_module).__name__} has {len(trainer.optimizers)} optimizers; ELRWarmup needs exactly one"
             )
         self._modules = tracked_modules(pl_module, self.weights, "ELRWarmup(weights=...)")
+        self._sharded_params = sharded_parameters(self._modules) if self.shard_layout is not None else {}
         self._invariant = None
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         self._detect(pl_module, batch)
+        if self.shard_layout is not None:  # the same weights on every rank (found alike; made sure of here)
+            self._invariant = trainer.strategy.broadcast(self._invariant, src=0)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -122,12 +141,15 @@ class ELRWarmup(MeasurementCallback):
         if self.done or self._invariant is None:
             return
         optimizer = trainer.optimizers[0]
-        groups = {n: weight_group(self._modules[n], r) for n, r in self._invariant.items()}
+        layout = self.shard_layout
+        groups = {n: tracked_group(self._modules[n], r, self._sharded_params.get(n)) for n, r in self._invariant.items()}
         grads = {n: [t.grad for t in ts] for n, ts in groups.items()}
-        if getattr(trainer.precision_plugin, "scaler", None) is not None and not _all_finite(optimizer):
+        if getattr(trainer.precision_plugin, "scaler", None) is not None and not _all_finite(optimizer, layout):
             self.factor = math.nan  # the grad scaler will skip this step
             return
-        ratios = {k: v / grad_scale(trainer, optimizer) for k, v in grad_weight_ratios(groups, grads).items()}
+        sum_over_ranks = None if layout is None else layout.all_reduce
+        ratios = grad_weight_ratios(groups, grads, sum_over_ranks=sum_over_ranks)
+        ratios = {k: v / grad_scale(trainer, optimizer) for k, v in ratios.items()}
         lrs = layer_lrs([optimizer], groups)
         missing = sorted(set(groups) - set(lrs))
         if missing:
@@ -219,6 +241,12 @@ class ELRWarmup(MeasurementCallback):
             self._hook = None
 
 
-def _all_finite(optimizer: torch.optim.Optimizer) -> bool:
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return all(bool(torch.isfinite(g).all()) for g in grads)
+def _all_finite(optimizer: torch.optim.Optimizer, layout: ShardLayout | None = None) -> bool:
+    """Whether every gradient is finite; with ``layout`` (FSDP2) every rank's slices are checked (one all-reduce)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    if layout is None:
+        return all(bool(torch.isfinite(g).all()) for g in grads)
+    bad = sum(int((~torch.isfinite(g)).any()) for g in grads)
+    device = local(params[0]).device if params else torch.device("cpu")
+    return int(layout.all_reduce(torch.tensor([float(bad)], device=device)).item()) == 0

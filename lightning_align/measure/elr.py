@@ -25,7 +25,7 @@ Everything here is pure PyTorch; the model is never changed (see :func:`detect_s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -34,10 +34,14 @@ from torch import nn
 from torch.func import functional_call
 
 from lightning_align.measure.modules import NORMS_WITH_STATS, is_weight_layer
+from lightning_align.measure.sharded import has_sharded_parameters, is_sharded, local, reshard
 from lightning_align.measure.state import preserved_state
 
 #: A weight: one tensor, or several tensors that scale together (e.g. a weight and its bias).
 WeightLike = Union[torch.Tensor, Sequence[torch.Tensor]]
+#: The sum over ranks of a tensor (every rank calls it), for weights sharded over ranks (FSDP2): e.g.
+#: :meth:`lightning_align.measure.sharded.ShardLayout.all_reduce`.
+SumOverRanks = Callable[[torch.Tensor], torch.Tensor]
 
 _NORMS = (*NORMS_WITH_STATS, nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 #: ``eps`` of the norm layers during the invariance test (see :func:`detect_scale_invariance`).
@@ -63,12 +67,28 @@ def group_norm(x: WeightLike | None) -> float:
     Example:
         >>> group_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         5.0
+
+    A sharded tensor (``DTensor``) counts whole: its norm is reduced over ranks (a collective every rank must
+    call, one per tensor; :func:`effective_lrs` and :func:`grad_weight_ratios` with ``sum_over_ranks`` need
+    one for all weights).
     """
     total = 0.0
     for t in _parts(x):
         low = t.dtype in (torch.float16, torch.bfloat16)
-        total += float(torch.linalg.vector_norm(t.detach(), dtype=torch.float32 if low else None)) ** 2
+        norm = torch.linalg.vector_norm(t.detach(), dtype=torch.float32 if low else None)
+        total += float(norm.full_tensor() if is_sharded(norm) else norm) ** 2
     return math.sqrt(total)
+
+
+def _group_norms(groups: Sequence[Sequence[torch.Tensor]], sum_over_ranks: SumOverRanks) -> list[float]:
+    """Norms of groups of tensors sharded over ranks: local sums of squares (float64), one sum over ranks."""
+    device = next((local(t).device for g in groups for t in g), torch.device("cpu"))
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    local_sq = [sum((local(t).detach().double().square().sum() for t in g), zero) for g in groups]
+    if not local_sq:
+        return []
+    total = sum_over_ranks(torch.stack(local_sq))
+    return [math.sqrt(v) for v in total.tolist()]
 
 
 def _ratio(num: float, den: float) -> float:
@@ -77,7 +97,9 @@ def _ratio(num: float, den: float) -> float:
     return math.nan if num == 0 else math.inf
 
 
-def effective_lrs(before: Mapping[str, WeightLike], after: Mapping[str, WeightLike]) -> dict[str, float]:
+def effective_lrs(
+    before: Mapping[str, WeightLike], after: Mapping[str, WeightLike], *, sum_over_ranks: SumOverRanks | None = None
+) -> dict[str, float]:
     """Effective learning rates ``‖after - before‖ / ‖before‖`` of named weights, from an actual update.
 
     Works for any optimizer (momentum, Adam, weight decay, clipping): it measures the step that was
@@ -87,6 +109,9 @@ def effective_lrs(before: Mapping[str, WeightLike], after: Mapping[str, WeightLi
     Args:
         before: name -> weight before the optimizer step.
         after: name -> the same weight after the step (same names, same shapes).
+        sum_over_ranks: for weights sharded over ranks (FSDP2): the tensors are this rank's slices (or
+            ``DTensor``s, whose slices are taken) and the squared norms of all weights are summed over ranks
+            in one call (float64); every rank then returns the same values. ``None``: whole tensors.
 
     Raises:
         ValueError: if the names or shapes differ.
@@ -101,33 +126,47 @@ def effective_lrs(before: Mapping[str, WeightLike], after: Mapping[str, WeightLi
             f"{sorted(set(before) - set(after))}, only in after: {sorted(set(after) - set(before))}"
         )
     out: dict[str, float] = {}
+    shard = local if sum_over_ranks is not None else (lambda t: t)
+    deltas: dict[str, list[torch.Tensor]] = {}
     for name, w0 in before.items():
-        p0, p1 = _parts(w0), _parts(after[name])
+        p0, p1 = [shard(t) for t in _parts(w0)], [shard(t) for t in _parts(after[name])]
         if len(p0) != len(p1) or any(a.shape != b.shape for a, b in zip(p0, p1)):
             raise ValueError(f"effective_lrs: weight {name!r} has different shapes before and after the step")
         # one rounding relative to the difference itself (exact for small updates, Sterbenz): no upcast needed
-        delta = [b.detach() - a.detach() for a, b in zip(p0, p1)]
-        out[name] = _ratio(group_norm(delta), group_norm(p0))
+        deltas[name] = [b.detach() - a.detach() for a, b in zip(p0, p1)]
+        if sum_over_ranks is None:
+            out[name] = _ratio(group_norm(deltas[name]), group_norm(p0))
+    if sum_over_ranks is not None:
+        names = list(deltas)
+        norms = _group_norms([*deltas.values(), *(_parts(before[n]) for n in names)], sum_over_ranks)
+        out = {n: _ratio(norms[i], norms[len(names) + i]) for i, n in enumerate(names)}
     return out
 
 
-def grad_weight_ratios(weights: Mapping[str, WeightLike], grads: Mapping[str, WeightLike | None]) -> dict[str, float]:
+def grad_weight_ratios(
+    weights: Mapping[str, WeightLike], grads: Mapping[str, WeightLike | None], *, sum_over_ranks: SumOverRanks | None = None
+) -> dict[str, float]:
     """``e_ℓ = ‖g_ℓ‖ / ‖w_ℓ‖``: the SGD effective learning rate per unit learning rate.
 
     Args:
         weights: name -> weight (tensor or group of tensors).
         grads: name -> gradient of the same shape(s); ``None`` (or a ``None`` part) counts as zero.
+        sum_over_ranks: for weights sharded over ranks (FSDP2), as in :func:`effective_lrs`: local slices,
+            one sum over ranks for all weights and gradients.
 
     Example:
         >>> grad_weight_ratios({"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([0.0, 1.0])})
         {'w': 0.2}
     """
-    out: dict[str, float] = {}
-    for name, w in weights.items():
+    grad_parts: dict[str, list[torch.Tensor]] = {}
+    for name in weights:
         g = grads.get(name)
-        parts = [t for t in _parts(g) if t is not None] if g is not None else []
-        out[name] = _ratio(group_norm(parts), group_norm(w))
-    return out
+        grad_parts[name] = [t for t in _parts(g) if t is not None] if g is not None else []
+    if sum_over_ranks is not None:
+        names = list(weights)
+        norms = _group_norms([*grad_parts.values(), *(_parts(weights[n]) for n in names)], sum_over_ranks)
+        return {n: _ratio(norms[i], norms[len(names) + i]) for i, n in enumerate(names)}
+    return {name: _ratio(group_norm(grad_parts[name]), group_norm(w)) for name, w in weights.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,7 +351,10 @@ def detect_scale_invariance(
     Norm layers use **batch statistics** (train mode) and dropout is off during the test: batch
     statistics absorb the scale, which is the function SGD optimizes and for which ``g ⊥ w``; with
     running statistics (eval mode) no weight would be scale-invariant. Flags, buffers, ``.grad`` and RNG
-    streams are restored afterwards; parameters are never written (``torch.func.functional_call``).
+    streams are restored afterwards; parameters are never written (``torch.func.functional_call``), except
+    those of a model sharded by FSDP2 (``DTensor`` parameters live in FSDP's hooks, which ``functional_call``
+    cannot override): there each rank scales its slice in place for one forward and copies it back
+    (bit-exact), every forward pass being a collective that every rank runs in the same order.
     During the test the norm layers' ``eps`` is set to ``1e-30`` (and put back): ``eps`` breaks invariance
     only by about ``eps/var``, which would hide small weights (variance near ``eps``) that training
     treats as scale-invariant. With ``factor=2``, exact in floating point, an invariant weight then
@@ -344,8 +386,10 @@ def detect_scale_invariance(
     if not rtol > 0:
         raise ValueError(f"detect_scale_invariance: rtol must be positive, got {rtol}")
     modules = default_weight_modules(model) if modules is None else dict(modules)
+    reshard(model)  # FSDP2: every parameter its DTensor slice (a probe before may have left the root gathered)
+    sharded = has_sharded_parameters(model)
     names_by_id = {id(p): n for n, p in model.named_parameters()}
-    plans: dict[str, list[tuple[tuple[str, ...], dict[str, torch.Tensor]]]] = {}
+    plans: dict[str, list[tuple[tuple[str, ...], list[torch.Tensor]]]] = {}
     for name, module in modules.items():
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or id(weight) not in names_by_id:
@@ -357,9 +401,27 @@ def detect_scale_invariance(
         bias = getattr(module, "bias", None)
         if isinstance(bias, torch.Tensor) and id(bias) in names_by_id:
             attrs.append(("weight", "bias"))
-        plans[name] = [
-            (a, {names_by_id[id(getattr(module, k))]: getattr(module, k).detach() * factor for k in a}) for a in attrs
-        ]
+        plans[name] = [(a, [getattr(module, k) for k in a]) for a in attrs]
+
+    def output() -> torch.Tensor:
+        try:
+            return _flat_output(model(inputs))
+        finally:
+            if sharded:
+                reshard(model)  # the next forward gathers the (possibly scaled) slices afresh
+
+    def scaled_output(params: list[torch.Tensor]) -> torch.Tensor:
+        if not sharded:
+            overrides = {names_by_id[id(p)]: p.detach() * factor for p in params}
+            return _flat_output(functional_call(model, overrides, (inputs,)))
+        saved = [local(p).detach().clone() for p in params]
+        try:
+            for p in params:
+                local(p).mul_(factor)
+            return output()
+        finally:
+            for p, original in zip(params, saved):
+                local(p).copy_(original)
 
     results: dict[str, ScaleInvariance] = {}
     saved_eps = [(m, m.eps) for m in model.modules() if isinstance(m, _NORMS)]
@@ -368,7 +430,7 @@ def detect_scale_invariance(
             m.eps = _TEST_EPS
         with preserved_state(model), torch.no_grad():
             _test_modes(model)
-            results = _test_plans(model, inputs, plans, rtol)
+            results = _test_plans(output, scaled_output, type(model).__name__, plans, rtol)
     finally:
         for m, eps in saved_eps:
             m.eps = eps
@@ -384,20 +446,24 @@ def _test_modes(model: nn.Module) -> None:
 
 
 def _test_plans(
-    model: nn.Module, inputs: Any, plans: dict[str, list[tuple[tuple[str, ...], dict[str, torch.Tensor]]]], rtol: float
+    output: Callable[[], torch.Tensor],
+    scaled_output: Callable[[list[torch.Tensor]], torch.Tensor],
+    model_name: str,
+    plans: dict[str, list[tuple[tuple[str, ...], list[torch.Tensor]]]],
+    rtol: float,
 ) -> dict[str, ScaleInvariance]:
     results: dict[str, ScaleInvariance] = {}
-    base = _flat_output(model(inputs))
-    noise = _rel(_flat_output(model(inputs)), base)
+    base = output()
+    noise = _rel(output(), base)
     if noise > rtol / 10:
         raise ValueError(
-            f"detect_scale_invariance: {type(model).__name__} gives different outputs on the same inputs "
+            f"detect_scale_invariance: {model_name} gives different outputs on the same inputs "
             f"(relative change {noise:.2e}); make the forward deterministic to test scale invariance"
         )
     for name, plan in plans.items():
         smallest = math.inf
-        for attrs, overrides in plan:
-            change = _rel(_flat_output(functional_call(model, overrides, (inputs,))), base)
+        for attrs, params in plan:
+            change = _rel(scaled_output(params), base)
             if change <= rtol:
                 results[name] = ScaleInvariance(attrs, True, change)
                 break
