@@ -11,7 +11,12 @@ Lanczos loop show apart from the once-per-estimate ones. Counted:
   short Lightning fit of the quickstart MLP, cold at step 0 and warm at step ``--every``.
 
 Also printed: the wall time of each estimate (synchronised) and its products, so the cost of the syncs can be
-read against one product. Needs CUDA (on CPU there is nothing to count; ``--device cpu`` only checks that the
+read against one product; the products the Lanczos loop made (``made``: one more than reported when a product
+queued ahead of a stop was dropped); and, first, a plain matrix at three tolerances on the GPU and on the CPU
+(values and products side by side, and the syncs of the GPU runs, which should not grow with the products).
+
+The debug mode does not see ``torch.cuda.Event.synchronize``: the loop's reads that wait on an event while the
+next product is already queued show only in the profiler's ``cudaEventSynchronize`` count (solver estimates). Needs CUDA (on CPU there is nothing to count; ``--device cpu`` only checks that the
 script runs).
 
 Run by hand on a GPU machine::
@@ -90,12 +95,65 @@ def self_check() -> None:
         x.item()
     print(f"self-check: one .item() counted as {sum(sites.values())} sync(s); "
           f"profiler: {profiled_syncs(lambda: x.item())}")
+    event, sites = torch.cuda.Event(), Counter()
+    with counting_syncs(sites):
+        event.record()
+        event.synchronize()
+    print(f"self-check: one Event.synchronize() counted as {sum(sites.values())} sync(s) by the debug mode")
 
 
-def report(title: str, sites: Counter, products: int, seconds: float) -> None:
+@contextlib.contextmanager
+def counting_products(made: list[int]) -> Iterator[None]:
+    """Count the products the Lanczos loop makes (``lanczos._product``) into ``made[0]``."""
+    from lightning_align.measure import lanczos
+
+    plain = lanczos._product
+
+    def counted(*args: Any) -> Any:
+        made[0] += 1
+        return plain(*args)
+
+    lanczos._product = counted
+    try:
+        yield
+    finally:
+        lanczos._product = plain
+
+
+def matrix(device: str) -> None:
+    """lanczos_eigs on a fixed symmetric matrix, cold at three tolerances and warm, on ``device`` and on the CPU."""
+    from lightning_align.measure.lanczos import lanczos_eigs
+
+    gen = torch.Generator().manual_seed(0)
+    n = 2000
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    lam = torch.cat([torch.tensor([10.0, 9.0]), torch.rand(n - 2, generator=gen, dtype=torch.float64) * 8 - 3])
+    a_cpu = (q * lam) @ q.T
+    a_dev = a_cpu.to(device)
+    print(f"\nlanczos_eigs on a {n} x {n} float64 matrix (top 10, 9): {device} against cpu")
+    for tol, warm, split in ((1e-2, False, False), (1e-4, False, False), (1e-8, False, False), (1e-2, True, False),
+                             (1e-8, False, True)):
+        out = {}
+        for where, a in (("cpu", a_cpu), (device, a_dev)):
+            init = q[:, 0].to(where) + 1e-3 * torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(where) if warm else None
+            sites: Counter = Counter()
+            made = [0]
+            with counting_syncs(sites) if where != "cpu" else contextlib.nullcontext(), counting_products(made):
+                res = lanczos_eigs(lambda v: a @ v, n, tol=tol, max_matvecs=200, init=init, init_noise=2.5e-3,
+                                   generator=torch.Generator().manual_seed(2), dtype=torch.float64, device=where,
+                                   all_reduce=(lambda t: t.clone()) if split else None)
+                sync()
+            out[where] = (float(res.values[0]), res.num_matvecs, made[0], sum(sites.values()))
+        (v0, p0, _, _), (v1, p1, m1, s1) = out["cpu"], out[device]
+        print(f"  {'warm' if warm else 'cold'}{' split (one rank)' if split else ''} tol {tol:g}: cpu {v0:.15g} ({p0} products); {device} {v1:.15g} "
+              f"({p1} products, {m1} made, {s1} syncs); |difference| {abs(v0 - v1):.2g}")
+
+
+def report(title: str, sites: Counter, products: int, seconds: float, made: int | None = None) -> None:
     total = sum(sites.values())
     lanczos = sum(n for (where, _), n in sites.items() if where.startswith("lightning_align/measure/lanczos.py"))
-    print(f"\n{title}: {products} products, {seconds * 1e3:.1f} ms, {total} syncs "
+    made_text = "" if made is None else f" ({made} made in the Lanczos loop)"
+    print(f"\n{title}: {products} products{made_text}, {seconds * 1e3:.1f} ms, {total} syncs "
           f"({lanczos} in lanczos.py; {total / max(products, 1):.2f} per product)")
     for (where, code), n in sorted(sites.items(), key=lambda kv: -kv[1]):
         print(f"  {n:>4}  {where:<48} {code[:90]}")
@@ -122,26 +180,34 @@ def solver(models: list[str], device: str) -> None:
             estimate(None, 1e-2)  # warm-up: kernels, handles, allocator
             for tol in (1e-2, 1e-3):
                 sites: Counter = Counter()
-                with counting_syncs(sites):
+                made = [0]
+                with counting_syncs(sites), counting_products(made):
                     start = time.perf_counter()
                     res = estimate(None, tol)
                     sync()
                     seconds = time.perf_counter() - start
-                report(f"{name}: hessian_eigs cold, tol {tol:g}", sites, res.num_matvecs, seconds)
+                report(f"{name}: hessian_eigs cold, tol {tol:g}", sites, res.num_matvecs, seconds, made[0])
                 if device == "cuda":
                     print(f"  profiler, blocking runtime calls in the same estimate: {profiled_syncs(lambda: estimate(None, tol))}")
+            cpu_model, cpu_batch = bench.build(name, 256, 3, 512)
+            on_cpu = hessian_eigs(cpu_model, loss, cpu_batch, k=1, tol=1e-3, max_matvecs=200, generator=torch.Generator().manual_seed(0))
+            print(f"  cold tol 1e-3, λ: {float(res.values[0]):.7g} on {device} ({res.num_matvecs} products), "
+                  f"{float(on_cpu.values[0]):.7g} on the CPU ({on_cpu.num_matvecs} products)")
             for _ in range(5):
                 opt.zero_grad()
                 loss(model(batch[0]), batch[1]).backward()
                 opt.step()
             opt.zero_grad(set_to_none=True)
             sites = Counter()
-            with counting_syncs(sites):
+            made = [0]
+            with counting_syncs(sites), counting_products(made):
                 start = time.perf_counter()
                 warm = estimate(res.vectors, 1e-2)
                 sync()
                 seconds = time.perf_counter() - start
-            report(f"{name}: hessian_eigs warm (5 SGD steps later), tol 0.01", sites, warm.num_matvecs, seconds)
+            report(f"{name}: hessian_eigs warm (5 SGD steps later), tol 0.01", sites, warm.num_matvecs, seconds, made[0])
+            if device == "cuda":
+                print(f"  profiler, blocking runtime calls in the same estimate: {profiled_syncs(lambda: estimate(res.vectors, 1e-2))}")
 
 
 def callback(device: str, every: int) -> None:
@@ -193,7 +259,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {where}; synchronising CUDA calls per Sharpness estimate")
     if args.device == "cuda":
         self_check()
-    steps: list[Callable[[], None]] = [lambda: solver(args.models, args.device), lambda: callback(args.device, args.every)]
+    steps: list[Callable[[], None]] = [
+        lambda: matrix(args.device), lambda: solver(args.models, args.device), lambda: callback(args.device, args.every),
+    ]
     for step in steps:
         step()
 

@@ -245,3 +245,69 @@ def test_block_start_sees_a_new_top_along_its_second_column() -> None:
     both = lanczos_eigs(lambda v: a @ v, 300, tol=1e-2, init=torch.stack([old_top, lean], 1), init_noise=0.0, block=True,
                         generator=_gen(7), dtype=torch.float64)
     assert abs(float(both.values[0]) - 3.0) <= float(both.residuals[0]) + 1e-12 and float(both.values[0]) > 2.9
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reading ahead (the CUDA path: the next product queued before the host reads a step), run on the CPU here
+
+
+@pytest.fixture
+def read_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_align.measure.lanczos as lanczos_module
+
+    monkeypatch.setattr(lanczos_module, "_AHEAD_DEVICES", ("cuda", "cpu"))
+
+
+class _Counted:
+    def __init__(self, a: torch.Tensor) -> None:
+        self.a, self.calls = a, 0
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.a @ v
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_reading_ahead_runs_the_same_iteration(which: str, split: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_align.measure.lanczos as lanczos_module
+
+    a = _sym(200, 1)
+    kwargs = dict(k=2, which=which, tol=1e-6, max_matvecs=150, dtype=torch.float64,
+                  all_reduce=(lambda t: t.clone()) if split else None)
+    plain = lanczos_eigs(lambda v: a @ v, 200, generator=_gen(0), **kwargs)
+    monkeypatch.setattr(lanczos_module, "_AHEAD_DEVICES", ("cuda", "cpu"))
+    op = _Counted(a)
+    ahead = lanczos_eigs(op, 200, generator=_gen(0), **kwargs)
+    assert ahead.num_matvecs == plain.num_matvecs and op.calls <= ahead.num_matvecs + 1
+    torch.testing.assert_close(ahead.values, plain.values, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ahead.residuals, plain.residuals, rtol=0, atol=1e-12)
+
+
+def test_reading_ahead_warm_start_makes_one_product(read_ahead: None) -> None:
+    a, lam, q = _gap_operator()
+    op = _Counted(a)
+    top = q[:, -1] + 1e-4 * torch.randn(300, generator=_gen(1), dtype=torch.float64)
+    res = lanczos_eigs(op, 300, tol=1e-2, init=top, init_noise=2.5e-3, generator=_gen(2), dtype=torch.float64)
+    assert res.num_matvecs == 1 and op.calls == 1  # the first test reads before queueing another product
+
+
+def test_reading_ahead_drops_an_unused_product(read_ahead: None) -> None:
+    # three distinct eigenvalues: the run ends at once at its third product, which the residual trend cannot foresee
+    a = torch.diag(torch.tensor([3.0, 1.0, -1.0], dtype=torch.float64).repeat(10))
+    op = _Counted(a)
+    res = lanczos_eigs(op, 30, tol=1e-8, generator=_gen(0), dtype=torch.float64)
+    assert res.num_matvecs == 3 and op.calls == 4  # the product made ahead is dropped, not counted
+    assert torch.allclose(res.values, torch.tensor([3.0], dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_reading_ahead_breakdown_and_nan(read_ahead: None, split: bool) -> None:
+    reduce = (lambda t: t.clone()) if split else None
+    u = torch.ones(20, dtype=torch.float64) / 20**0.5
+    op = _Counted(torch.eye(20, dtype=torch.float64) + 4 * torch.outer(u, u))
+    res = lanczos_eigs(op, 20, k=3, tol=1e-8, generator=_gen(0), dtype=torch.float64, all_reduce=reduce)
+    assert torch.allclose(res.values, torch.tensor([5.0, 1.0, 1.0], dtype=torch.float64), atol=1e-8)
+    assert op.calls <= res.num_matvecs + 2  # one made ahead of the breakdown, one ahead of the stop at most
+    nan = lanczos_eigs(lambda v: v * float("nan"), 10, k=2, generator=_gen(0), all_reduce=reduce)
+    assert torch.isnan(nan.values).all() and nan.num_matvecs == 1

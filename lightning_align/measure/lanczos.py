@@ -13,6 +13,14 @@ every Ritz value ``θ``, so the stopping rule ``residual <= tol · max|θ|`` bou
 by ``tol`` relative to the spectral scale (and in practice by far less: the error is
 ``O(residual²/gap)``).
 
+Host reads: on the CPU, one per product (``α``, ``β`` and the finiteness test together, for the stopping test).
+On a CUDA device ``α``, ``β`` and the next vector stay on the device (the second Gram-Schmidt pass chosen with
+``torch.where``), and the product of step ``j + 1`` is queued before the host reads step ``j``'s scalars through a
+pinned buffer, so the device does not wait for the stopping test; only the steps that may stop (the first test,
+and the last few by the residuals' trend) read before queueing: about 3 synchronising reads per run whatever its
+length. A product made ahead and not used (the run stopped) is dropped and not counted: at most one per run,
+plus one per breakdown. ``lanczos_tridiagonal`` and block Lanczos still read once per step.
+
 Memory: the basis grows with the products actually made, in blocks of at most 8 vectors (a warm start
 that stops after 2 products holds 2 vectors, not ``max_matvecs``), on the device of the vectors.
 
@@ -56,7 +64,8 @@ class LanczosResult:
         values: ``(k,)`` Ritz values, ordered as asked (``"LA"``: largest first, ``"SA"``: smallest
             first, ``"LM"``: largest magnitude first). NaN when the operator returned a non-finite vector.
         vectors: ``(n, k)`` unit Ritz vectors, column ``i`` belongs to ``values[i]``.
-        num_matvecs: number of operator products used.
+        num_matvecs: number of operator products used (on a CUDA device one more may have been made ahead and
+            dropped: see the module docstring).
         residuals: ``(k,)`` Ritz residual norms ``‖A y_i - θ_i y_i‖`` (each bounds the distance from
             ``values[i]`` to the nearest eigenvalue of ``A``).
         krylov_trace: ``tr(Qᵀ A Q)`` over the Krylov basis ``Q`` (the sum of the recurrence's ``α``),
@@ -387,6 +396,12 @@ class _Basis:
         return torch.cat(self.filled()) if self.blocks else torch.empty(0, self.dim, dtype=self.dtype, device=self.device)
 
 
+#: Device types on which :func:`_lanczos` reads each step's scalars only after queueing the next product
+#: (:func:`_lanczos_ahead`). Not on the CPU, where nothing runs asynchronously and a product made ahead would be
+#: real extra work; tests add ``"cpu"`` to run that path here.
+_AHEAD_DEVICES: tuple[str, ...] = ("cuda",)
+
+
 def _lanczos(
     matvec: Callable[[Tensor], Tensor],
     start: Tensor,
@@ -403,8 +418,11 @@ def _lanczos(
     One host read per product (``α``, ``β`` and the finiteness test together); a second
     Gram-Schmidt pass, with one more read, only when the first removed most of the vector. Split
     vectors: one all-reduce per Gram-Schmidt pass and one for ``α``, ``β`` and the finiteness test.
+    On a CUDA device: :func:`_lanczos_ahead` (same iteration, no read between a product and the next).
     """
     space = space or _Space(None)
+    if start.device.type in _AHEAD_DEVICES:
+        return _lanczos_ahead(matvec, start, wants, tol, max_steps, generator, min_steps, keep_basis, space)
     dim, dtype, device = start.numel(), start.dtype, start.device
     need = sum(k for k, _ in wants)  # both ends wanted: as many distinct Ritz values as asked in all
     tiny = 10 * torch.finfo(dtype).eps
@@ -415,10 +433,7 @@ def _lanczos(
     alphas: list[float] = []
     betas: list[float] = []  # betas[j] couples basis j and j+1
     for j in range(max_steps):
-        w = matvec(q)
-        if w.shape != (dim,):
-            raise ValueError(f"lanczos_eigs: matvec returned shape {tuple(w.shape)}, expected ({dim},)")
-        w = w.to(dtype)
+        w = _product(matvec, q, dim, dtype)
         alpha_t = space.sum(torch.dot(w, q))
         w = w - alpha_t * q
         if q_prev is not None and betas[-1] != 0.0:
@@ -433,18 +448,9 @@ def _lanczos(
             beta = float(space.norm(w))
         alphas.append(alpha)
         m = j + 1
-        theta_np, s_np = _tridiagonal_eigh_np(alphas, betas)  # numpy: ~10x less overhead than torch at this size
-        scale = max(float(np.abs(theta_np).max()), 1e-30)
-        if m >= need and m >= min_steps:
-            last = np.abs(s_np[-1])
-            picks_np = [_wanted_np(theta_np, k, which) for k, which in wants]
-            if all(bool((beta * last[idx] <= tol * scale).all()) for idx in picks_np) or m == max_steps:
-                theta, s = torch.from_numpy(theta_np), torch.from_numpy(s_np)
-                picks = [torch.from_numpy(idx) for idx in picks_np]
-                residuals = [beta * s[-1, idx].abs() for idx in picks]
-                trace = float(sum(alphas))
-                kept = basis.stacked() if keep_basis else None
-                return [_result(basis, theta, s, idx, r, m, trace, kept) for idx, r in zip(picks, residuals)]
+        theta_np, s_np, scale, picks_np, _ = _ritz_test(alphas, betas, beta, wants, tol, m, need, min_steps, max_steps)
+        if picks_np is not None:
+            return _finish(basis, theta_np, s_np, picks_np, beta, m, alphas, keep_basis)
         if beta <= tiny * scale * math.sqrt(m):
             # invariant subspace found: continue in its orthogonal complement
             w = _randn(dim, generator, dtype, device)
@@ -456,6 +462,158 @@ def _lanczos(
         q_prev, q = q, w
         basis.append(q)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _lanczos_ahead(
+    matvec: Callable[[Tensor], Tensor],
+    start: Tensor,
+    wants: list[tuple[int, str]],
+    tol: float,
+    max_steps: int,
+    generator: torch.Generator | None,
+    min_steps: int,
+    keep_basis: bool,
+    space: _Space,
+) -> list[LanczosResult]:
+    """:func:`_lanczos` for vectors on an asynchronous device: the product of step ``j + 1`` is queued before the
+    host reads step ``j``'s scalars, so the device never waits for the host's stopping test.
+
+    ``α``, ``β`` and the next vector stay on the device: the second Gram-Schmidt pass is always computed and
+    kept by ``torch.where`` where the first removed most of the vector (the same choice as :func:`_lanczos`),
+    and ``q = w / β`` is taken there. The host reads ``[α, β, finite]`` of step ``j`` through a pinned buffer
+    and an event once the product of step ``j + 1`` is queued, then runs the stopping test, the finiteness test
+    and the breakdown test on them; a stop, a non-finite step or a breakdown drops the product made ahead (it is
+    not counted in ``num_matvecs``). Steps whose test may stop (:func:`_may_stop`: the first that can, and those
+    where the residuals' trend reaches ``tol`` within a factor of 4) read first instead (a synchronising read),
+    so that a warm start that stops after one product makes one, and a run makes at most one product more than
+    it reports in the usual case (plus one per breakdown). Split vectors: five all-reduces per product (``α``,
+    each Gram-Schmidt pass, the norms with the finiteness count, ``β`` after the second pass), none read on the host.
+    """
+    dim, dtype, device = start.numel(), start.dtype, start.device
+    need = sum(k for k, _ in wants)
+    tiny = 10 * torch.finfo(dtype).eps
+    basis = _Basis(dim, dtype, device, space)
+    q = start / space.norm(start)
+    basis.append(q)
+    q_prev: Tensor | None = None
+    beta_prev = torch.zeros((), dtype=dtype, device=device)
+    alphas: list[float] = []
+    betas: list[float] = []
+    progress: list[float] = []  # per step: the largest wanted residual over tol · max|θ| (stop at <= 1)
+    cuda = device.type == "cuda"
+    host = torch.empty(3, dtype=torch.float64, pin_memory=cuda)
+    ready = torch.cuda.Event() if cuda else None
+    w = _product(matvec, q, dim, dtype)
+    for j in range(max_steps):
+        m = j + 1
+        alpha_t = space.sum(torch.dot(w, q))
+        w = w - alpha_t * q
+        if q_prev is not None:
+            w = w - beta_prev * q_prev  # β = 0 after a breakdown: subtracts nothing
+        w, beta_t, finite_t = _orthogonalised(w, basis, space)
+        scalars = torch.stack([alpha_t, beta_t, finite_t.to(dtype)]).to(torch.float64)
+        q_next = w / torch.where(beta_t > 0, beta_t, torch.ones_like(beta_t))
+        w_next: Tensor | None = None
+        if m < max_steps and not _may_stop(progress, m, need, min_steps):
+            if ready is not None:
+                host.copy_(scalars, non_blocking=True)
+                ready.record(torch.cuda.current_stream(device))
+            w_next = _product(matvec, q_next, dim, dtype)  # queued behind step j; dropped if step j ends the run
+            if ready is not None:
+                ready.synchronize()  # step j's scalars, while the device runs the product just queued
+                alpha, beta, finite = host.tolist()
+            else:
+                alpha, beta, finite = scalars.tolist()
+        else:
+            alpha, beta, finite = scalars.tolist()
+        if not finite or not math.isfinite(alpha):
+            return [_nan_result(k, dim, m, dtype, device) for k, _ in wants]
+        alphas.append(alpha)
+        theta_np, s_np, scale, picks_np, ratio = _ritz_test(alphas, betas, beta, wants, tol, m, need, min_steps, max_steps)
+        if picks_np is not None:
+            return _finish(basis, theta_np, s_np, picks_np, beta, m, alphas, keep_basis)
+        if m >= need:
+            progress.append(ratio)
+        if beta <= tiny * scale * math.sqrt(m):  # invariant subspace: on in its orthogonal complement
+            fresh = _randn(dim, generator, dtype, device)
+            fresh = basis.project_out(basis.project_out(fresh))
+            q_next, w_next = fresh / space.norm(fresh), None
+            beta, beta_t = 0.0, torch.zeros((), dtype=dtype, device=device)
+        betas.append(beta)
+        q_prev, q, beta_prev = q, q_next, beta_t
+        basis.append(q)
+        w = w_next if w_next is not None else _product(matvec, q, dim, dtype)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _product(matvec: Callable[[Tensor], Tensor], q: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    w = matvec(q)
+    if w.shape != (dim,):
+        raise ValueError(f"lanczos_eigs: matvec returned shape {tuple(w.shape)}, expected ({dim},)")
+    return w.to(dtype)
+
+
+def _orthogonalised(w: Tensor, basis: _Basis, space: _Space) -> tuple[Tensor, Tensor, Tensor]:
+    """``w`` after one Gram-Schmidt pass, or two where the first removed most of it, chosen on the device; its
+    norm ``β`` and whether the step is finite, all as device tensors (no host read)."""
+    before = space.norm_before_sum(w)
+    once = basis.project_out(w)
+    after = space.norm_before_sum(once)
+    if space.split:
+        bad = (~torch.isfinite(once)).sum().to(once.dtype)
+        before, after, bad = space.sum(torch.stack([before, after, bad])).unbind(0)
+        before, after = before.clamp_min(0).sqrt(), after.clamp_min(0).sqrt()
+        finite = (bad == 0) & torch.isfinite(before) & torch.isfinite(after)
+    else:
+        finite = torch.isfinite(once).all()
+    twice = basis.project_out(once)
+    again = after < 0.5 * before  # the first pass removed most of w: keep the second (twice is enough)
+    return torch.where(again, twice, once), torch.where(again, space.norm(twice), after), finite
+
+
+def _may_stop(progress: list[float], m: int, need: int, min_steps: int) -> bool:
+    """Whether step ``m``'s stopping test may end the run, judged before reading it: never before ``need`` and
+    ``min_steps``; always at the first test (a warm start); then when the last residual ratio, carried on by its
+    last rate of decrease (0.1 when only one is known), comes within 4 of ``tol``."""
+    if m < need or m < min_steps:
+        return False
+    if not progress:
+        return True
+    if not math.isfinite(progress[-1]):  # tol = 0: only the last step stops
+        return False
+    rate = 0.1 if len(progress) < 2 or not progress[-2] > 0 else min(1.0, progress[-1] / progress[-2])
+    return progress[-1] * rate <= 4.0
+
+
+def _ritz_test(
+    alphas: list[float], betas: list[float], beta: float, wants: list[tuple[int, str]], tol: float, m: int, need: int,
+    min_steps: int, max_steps: int,
+) -> tuple[np.ndarray, np.ndarray, float, list[np.ndarray] | None, float]:
+    """Ritz values and vectors of the tridiagonal matrix (ascending), the spectral scale, the wanted indices
+    when the run stops here (``None`` otherwise) and the largest wanted residual over ``tol · scale``."""
+    theta_np, s_np = _tridiagonal_eigh_np(alphas, betas)  # numpy: ~10x less overhead than torch at this size
+    scale = max(float(np.abs(theta_np).max()), 1e-30)
+    if m < need:
+        return theta_np, s_np, scale, None, math.inf
+    last = np.abs(s_np[-1])
+    picks_np = [_wanted_np(theta_np, k, which) for k, which in wants]
+    worst = max(float((beta * last[idx]).max()) for idx in picks_np)
+    ratio = worst / (tol * scale) if tol > 0 else math.inf
+    if m >= min_steps and (all(bool((beta * last[idx] <= tol * scale).all()) for idx in picks_np) or m == max_steps):
+        return theta_np, s_np, scale, picks_np, ratio
+    return theta_np, s_np, scale, None, ratio
+
+
+def _finish(
+    basis: _Basis, theta_np: np.ndarray, s_np: np.ndarray, picks_np: list[np.ndarray], beta: float, m: int,
+    alphas: list[float], keep_basis: bool,
+) -> list[LanczosResult]:
+    theta, s = torch.from_numpy(theta_np), torch.from_numpy(s_np)
+    picks = [torch.from_numpy(idx) for idx in picks_np]
+    residuals = [beta * s[-1, idx].abs() for idx in picks]
+    trace = float(sum(alphas))
+    kept = basis.stacked() if keep_basis else None
+    return [_result(basis, theta, s, idx, r, m, trace, kept) for idx, r in zip(picks, residuals)]
 
 
 def _start_block(
