@@ -1,6 +1,6 @@
 """Strategies with flat parameter shards (FSDP1, DeepSpeed) are refused at fit start by every callback, clearly;
 ModelParallelStrategy (FSDP2) by the callbacks that declare a ``sharded_refusal`` (the others run there:
-tests/test_sharded.py).
+tests/test_sharded.py, tests/test_sharded_monitors.py, tests/test_sharded_alignment.py).
 
 On this CPU machine no FSDP1 fit can run: Lightning refuses ``FSDPStrategy`` without a GPU when the Trainer
 is built. So the strategy objects are built without running them and handed to each callback's first hook
@@ -55,7 +55,7 @@ def test_sharding_strategy_error_names_owner_strategy_and_remedy(name: str) -> N
     assert "ddp" in message and "remove the callback" in message
 
 
-@pytest.mark.parametrize("callback", [NTKSpectrum, FeatureAlignment, FeatureSpeedControl])
+@pytest.mark.parametrize("callback", [NTKSpectrum])
 def test_model_parallel_is_refused_with_the_callbacks_reason(callback: type) -> None:
     reason = callback.sharded_refusal
     assert reason, f"{callback.__name__} declares no reason"
@@ -66,9 +66,10 @@ def test_model_parallel_is_refused_with_the_callbacks_reason(callback: type) -> 
     assert reason in message and "strategy='ddp'" in message
 
 
-def test_model_parallel_passes_for_callbacks_that_run_sharded() -> None:
-    assert Sharpness.sharded_refusal is None
-    check_strategy(SimpleNamespace(strategy=ModelParallelStrategy()), "Sharpness", Sharpness.sharded_refusal)
+@pytest.mark.parametrize("callback", [Sharpness, FeatureAlignment, FeatureSpeedControl])
+def test_model_parallel_passes_for_callbacks_that_run_sharded(callback: type) -> None:
+    assert callback.sharded_refusal is None
+    check_strategy(SimpleNamespace(strategy=ModelParallelStrategy()), callback.__name__, callback.sharded_refusal)
     check_strategy(SimpleNamespace(strategy=ModelParallelStrategy()), "Parametrization")
 
 

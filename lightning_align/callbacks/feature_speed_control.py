@@ -21,11 +21,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from typing_extensions import override
 
-from lightning_align.callbacks.alignment import PREFIX, real_update, snapshot_trainable
+from lightning_align.callbacks.alignment import PREFIX, measure_speeds, real_update, snapshot_trainable
 from lightning_align.measure.modules import select_modules
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import tag
-from lightning_align.measure.alignment import FeatureSpeedResults, feature_speed
+from lightning_align.measure.alignment import FeatureSpeedResults
 from lightning_align.measure.optim import follow_split, split_param_groups
 from lightning_align.schedules import ScheduleName
 
@@ -61,7 +61,9 @@ class FeatureSpeedControl(MeasurementCallback):
     ``align/control_speed/<layer>`` (measured speed of the step just taken) and ``align/control_cos/<layer>``.
 
     Cost per control step: a copy of the trainable weights, then one forward and three backward passes on
-    the probe batch (as :class:`FeatureAlignment`).
+    the probe batch (as :class:`FeatureAlignment`). Under ``ModelParallelStrategy`` (FSDP2) the speeds come from
+    :class:`FeatureAlignment`'s finite-difference measurement (5 forwards and one backward; values identical on
+    every rank, so every rank takes the same learning-rate decisions, within ~1e-4 of one process's).
 
     Args:
         target_speed: wanted ``‖δf‖_rms/‖f‖_rms`` per step: one value for every layer, or one per selected
@@ -87,7 +89,7 @@ class FeatureSpeedControl(MeasurementCallback):
     """
 
     family = "align"
-    sharded_refusal = "it steers learning rates by FeatureAlignment's feature speeds, which cannot be measured there."
+    sharded_refusal = None
     needs_loss = True
     charts = {
         "controlled LR per layer": ["Multiline", [r"^align/control_lr/"]],
@@ -156,7 +158,7 @@ class FeatureSpeedControl(MeasurementCallback):
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         if not self._group_layer:  # a fresh fit: which parameters move which layer, then one group per layer
-            res = feature_speed(self.probe_loss_model(pl_module), None, batch, self._layers, lr=0.0)
+            res = measure_speeds(self.probe_loss_model(pl_module), batch, self._layers, self.shard_layout, lr=0.0)
             self.plan = _ownership(res)
             self.multipliers = [1.0] * len(self.plan)
             self._split_groups(trainer, pl_module)
@@ -233,7 +235,7 @@ class FeatureSpeedControl(MeasurementCallback):
         if self._before is not None and trainer.global_step > 0:
             update, point = real_update(pl_module, self._before)
             self._before = None
-            res = feature_speed(self.probe_loss_model(pl_module), None, batch, self._layers, update=update, params=point)
+            res = measure_speeds(self.probe_loss_model(pl_module), batch, self._layers, self.shard_layout, update=update, params=point)
             for name, r in res.items():
                 metrics[tag("align", "control_speed", name)] = r.speed
                 metrics[tag("align", "control_cos", name)] = r.cos_angle
