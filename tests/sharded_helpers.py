@@ -58,15 +58,16 @@ class ShardedNet(pl.LightningModule):
     """A LayerNorm MLP that ``fully_shard``s each Linear and itself under ModelParallelStrategy (and is a plain
     module in one process). Odd widths make the ranks' slices uneven."""
 
-    def __init__(self, lr: float = 0.1, optimizer: str = "sgd", width: int = 15, lazy: bool = False) -> None:
+    def __init__(self, lr: float = 0.1, optimizer: str = "sgd", width: int = 15, lazy: bool = False, relu: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.lr, self.optimizer, self.width = lr, optimizer, width
+        self.lr, self.optimizer, self.width, self.relu = lr, optimizer, width, relu
         self.net = None if lazy else self._layers()
 
     def _layers(self) -> nn.Sequential:
         w = self.width
-        return nn.Sequential(nn.Linear(8, w), nn.LayerNorm(w), nn.Tanh(), nn.Linear(w, w), nn.GELU(), nn.Linear(w, 3))
+        act = (nn.ReLU(), nn.ReLU()) if self.relu else (nn.Tanh(), nn.GELU())
+        return nn.Sequential(nn.Linear(8, w), nn.LayerNorm(w), act[0], nn.Linear(w, w), act[1], nn.Linear(w, 3))
 
     def configure_model(self) -> None:
         if self.net is None:  # ``lazy``: the layers are created here (as for models too large for one device)

@@ -30,6 +30,11 @@ from lightning_align.measure.lanczos import WARM_START_NOISE, LanczosResult, _re
 from lightning_align.schedules import ScheduleName
 
 
+#: Largest relative change of the top Rayleigh quotient when the finite-difference step is halved (FSDP2) for
+#: which the sharded estimate is trusted; smooth models give ~1e-5 in float32, ReLU networks 1e-2 and more.
+FD_CONSISTENCY_LIMIT = 1e-3
+
+
 class Sharpness(MeasurementCallback):
     """Top (and bottom) Hessian eigenvalues of the training loss on a fixed probe batch.
 
@@ -63,11 +68,21 @@ class Sharpness(MeasurementCallback):
     - ``sharpness/eos_ratio``: ``lr_x_max_eig / threshold`` (1 = at the edge of stability);
     - ``sharpness/max_eig_residual``: Ritz residual of ``max_eig`` (an error bound);
     - ``sharpness/matvecs``: Hessian-vector products used by this measurement;
+    - ``sharpness/fd_consistency`` (FSDP2 only): relative change of the top Rayleigh quotient when the
+      finite-difference step is halved;
     - ``sharpness/probe_loss``: the loss on the probe batch;
     - ``sharpness/trace``, ``sharpness/trace_stderr`` (``trace=True``);
     - ``sharpness/density`` (``density=True``): the SLQ spectral density as a TensorBoard figure.
 
     For Adam the preconditioned tags start after the first optimizer step (there is no ``v̂`` before it).
+
+    Under ``ModelParallelStrategy`` with FSDP2 (``DTensor`` parameters) the products are central finite
+    differences of two gradients through the model's own backward (:class:`~lightning_align.measure.sharded.
+    FiniteDifferenceHessian`; exact double backward cannot reach sharded parameters) and Lanczos runs on each
+    rank's slice; ``sharpness/fd_consistency`` logs how much the top Rayleigh quotient moves when the step is
+    halved (two more products): above 1e-3 the loss is not smooth at that scale (ReLU networks) and the
+    eigenvalues are logged as NaN, with a warning. ``trace``, ``density`` and ``gradient_check`` are refused
+    there.
 
     Warm estimates: a measurement starts from the previous top vector, with a perturbation of a quarter of
     ``tol`` (so that it cannot push the residual past ``tol`` by itself). The first product gives that
@@ -229,6 +244,7 @@ class Sharpness(MeasurementCallback):
         self._pre_vectors: torch.Tensor | None = None  # (n, 1) previous preconditioned top eigenvector
         self._use_preconditioner = False
         self._refine64: Any = None
+        self._warned_rough = False
         self.last_density: SpectralDensity | None = None
 
     # ----------------------------------------------------------------------------------------------
@@ -319,9 +335,33 @@ class Sharpness(MeasurementCallback):
             if not math.isfinite(loss):
                 return self._nan_metrics(trainer, loss)
             self._refine64 = None
+            previous = self._vectors
             metrics = self._eigs(trainer, op, generator)
+            if self._vectors is None or self._vectors is previous:  # not converged: nothing to check (the residual says so)
+                metrics[tag("sharpness", "fd_consistency")] = math.nan
+            else:
+                consistency = op.consistency(self._vectors[:, 0])
+                metrics[tag("sharpness", "fd_consistency")] = consistency
+                if consistency > FD_CONSISTENCY_LIMIT:
+                    return self._rough_loss(trainer, loss, consistency, metrics)
             metrics[tag("sharpness", "matvecs")] = op.num_matvecs
             metrics[tag("sharpness", "probe_loss")] = loss
+        return metrics
+
+    def _rough_loss(self, trainer: pl.Trainer, loss: float, consistency: float, measured: dict[str, Any]) -> dict[str, Any]:
+        """Every eigenvalue tag NaN, with one warning: finite differences do not resolve this loss's Hessian."""
+        if not self._warned_rough:
+            self._warned_rough = True
+            rank_zero_warn(
+                f"Sharpness (FSDP2): the finite-difference Hessian-vector products change by {consistency:.1e} (more "
+                f"than {FD_CONSISTENCY_LIMIT:g}) when their step is halved, on the top eigenvector at step "
+                f"{trainer.global_step}: the loss is not smooth at the step's scale (piecewise-linear activations such "
+                "as ReLU switch between θ ± h·v), so the eigenvalues are logged as NaN. Use smooth activations (GELU, "
+                "SiLU, tanh) or strategy='ddp' (exact products) to measure sharpness on this model."
+            )
+        metrics = self._nan_metrics(trainer, loss)
+        metrics[tag("sharpness", "fd_consistency")] = consistency
+        metrics[tag("sharpness", "matvecs")] = measured.get(tag("sharpness", "matvecs"), 0)
         return metrics
 
     def extra_state(self) -> dict[str, Any]:
