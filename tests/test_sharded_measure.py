@@ -4,6 +4,7 @@ Hessian, and Lanczos on vectors split over 2 processes (gloo) against the whole-
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from sharded_helpers import run_sharded
 from torch import nn
 
+from lightning_align.measure.alignment import finite_difference_feature_speed
 from lightning_align.measure.lanczos import lanczos_eigs, lanczos_extremes
 from lightning_align.measure.sharded import finite_difference_hessian
 
@@ -112,3 +114,28 @@ def test_the_consistency_check_tells_a_smooth_loss_from_a_piecewise_linear_one()
             results[act] = op.consistency(top.vectors[:, 0])
     assert results[nn.Tanh] < 1e-4
     assert results[nn.ReLU] > 1e-3
+
+
+def test_feature_speeds_whose_difference_quotient_has_not_converged_are_nan_with_a_warning() -> None:
+    """The sharded feature speed compares ``J·Δθ`` at the steps ``h`` and ``h/2``: at the default step on a smooth
+    net no warning; at a step where float32 rounding swamps the difference, NaN and a warning naming the layers."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+
+    class Loss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    model = Loss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        smooth = finite_difference_feature_speed(model, (x, y), ["net.0", "net.2"], None, lr=0.1)
+    assert all(r.speed == r.speed for _, r in smooth.items())
+    with pytest.warns(UserWarning, match=r"changes by more than 0\.01 relative .* at net\.0"):
+        rough = finite_difference_feature_speed(model, (x, y), ["net.0", "net.2"], None, lr=0.1, step=1e-8)
+    assert rough["net.0"].speed != rough["net.0"].speed  # NaN

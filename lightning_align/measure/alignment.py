@@ -33,7 +33,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -47,6 +48,10 @@ from lightning_align.measure.sharded import ShardLayout, local, reshard
 from lightning_align.measure.state import preserved_state
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+
+#: Largest relative change of a feature's finite-difference ``J·Δθ`` between the steps ``h`` and ``h/2`` for which
+#: the sharded feature speed is trusted (the Richardson-combined value is then far more accurate than this).
+FD_SPREAD_LIMIT = 1e-2
 ModuleSpec = Sequence[str] | str | Mapping[str, nn.Module] | None
 FD_STEP = 1e-3  # relative size of the finite-difference perturbation (see finite_difference_feature_speed)
 
@@ -321,7 +326,9 @@ def finite_difference_feature_speed(
             values = sums.tolist()
             param_dec = dict(zip(trainable, values[: len(trainable)]))
             theta_norm, delta_norm = math.sqrt(values[-2]), math.sqrt(values[-1])
-            dfs = _finite_differences(model, batch, mods, slices, point, delta, layout, theta_norm, delta_norm, step, richardson, f)
+            dfs, spreads = _finite_differences(
+                model, batch, mods, slices, point, delta, layout, theta_norm, delta_norm, step, richardson, f
+            )
     finally:
         _write(slices, saved, layout, model)
         for n, g in grads.items():
@@ -330,8 +337,20 @@ def finite_difference_feature_speed(
     results.loss = float(loss.detach())
     results.loss_decrease = float(sum(param_dec.values()))
     results.param_loss_decrease = param_dec
-    for name, fi, bi, dfi, up in zip(mods, f, backs, dfs, upstream):
+    rough = []
+    for name, fi, bi, dfi, up, spread in zip(mods, f, backs, dfs, upstream, spreads):
         results[name] = _speed(fi.detach(), bi.detach(), dfi, sum(param_dec[n] for n in up), tuple(up))
+        if spread > FD_SPREAD_LIMIT:  # the difference quotient has not converged: no value rather than a wrong one
+            rough.append(f"{name} ({spread:.1e})")
+            results[name] = replace(results[name], cos_angle=math.nan, speed=math.nan, predicted_speed=math.nan)
+    if rough:
+        warnings.warn(
+            "feature_speed (sharded): J·Δθ changes by more than "
+            f"{FD_SPREAD_LIMIT:g} relative when the finite-difference step is halved at {', '.join(rough)}: the "
+            "features are not smooth at that scale (e.g. ReLU units switching), so their speed, angle and predicted "
+            "speed are NaN. Smooth activations (GELU, SiLU, tanh), or strategy='ddp' (exact products), measure them.",
+            stacklevel=2,
+        )
     return results
 
 
@@ -552,7 +571,9 @@ def _finite_differences(
     point: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], layout: ShardLayout | None,
     theta_norm: float, delta_norm: float, step: float, richardson: bool, like: Sequence[torch.Tensor],
 ) -> list[torch.Tensor]:
-    """``J_i·Δθ`` for every feature by central differences of the model's forward (float64 results)."""
+    """``J_i·Δθ`` for every feature by central differences of the model's forward (float64 results), and for each
+    the relative change between the steps ``h`` and ``h/2`` (``nan`` without ``richardson``): ~``h²`` where the
+    forward is smooth at that scale, much more where units switch (ReLU kinks) or rounding dominates."""
 
     def features(h: float) -> list[torch.Tensor]:
         with torch.no_grad():
@@ -571,12 +592,15 @@ def _finite_differences(
         return [(a - b) / (2 * h) for a, b in zip(plus, minus)]
 
     if delta_norm == 0.0:
-        return [torch.zeros_like(f, dtype=torch.float64) for f in like]
+        return [torch.zeros_like(f, dtype=torch.float64) for f in like], [0.0 for _ in like]
     h = step * (theta_norm if theta_norm > 0 else 1.0) / delta_norm
     out = central(h)
+    spread = [math.nan for _ in out]
     if richardson:
-        out = [(4 * b - a) / 3 for a, b in zip(out, central(h / 2))]
-    return out
+        half = central(h / 2)
+        spread = [float((a - b).norm() / max(float(b.norm()), 1e-300)) for a, b in zip(out, half)]
+        out = [(4 * b - a) / 3 for a, b in zip(out, half)]
+    return out, spread
 
 
 def _update(
