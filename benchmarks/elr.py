@@ -80,10 +80,10 @@ def main() -> None:
     torch.set_num_threads(1)
 
     configs: dict[str, Callable[[], list[pl.Callback]]] = {
-        "EffectiveLR(every_n_steps=1)": lambda: [EffectiveLR(every_n_steps=1, figure_every_n_steps=0)],
-        "EffectiveLR(every_n_steps=10)": lambda: [EffectiveLR(every_n_steps=10, figure_every_n_steps=0)],
+        "EffectiveLR(every_n_steps=1)": lambda: [EffectiveLR(every_n_steps=1, figure_every=0)],
+        "EffectiveLR(every_n_steps=10)": lambda: [EffectiveLR(every_n_steps=10, figure_every=0)],
         "ELRWarmup()": lambda: [ELRWarmup()],
-        "ELRWarmup() + EffectiveLR(1)": lambda: [ELRWarmup(), EffectiveLR(every_n_steps=1, figure_every_n_steps=0)],
+        "ELRWarmup() + EffectiveLR(1)": lambda: [ELRWarmup(), EffectiveLR(every_n_steps=1, figure_every=0)],
     }
     print(f"MLP(width={args.width}, depth={args.depth}, norm='batch'), digits, batch 128, {args.steps} steps, 1 thread")
     timed_fit(list, 5, args.width, args.depth)  # warm-up (imports, data)
@@ -100,7 +100,7 @@ def main() -> None:
               f"  (median ratio {statistics.median(ts) / statistics.median(bases):.3f})")
 
     # Within-run share: time spent inside the callbacks' hooks / whole fit (robust to machine load).
-    for cls, kwargs in ((EffectiveLR, {"every_n_steps": 1, "figure_every_n_steps": 0}), (ELRWarmup, {})):
+    for cls, kwargs in ((EffectiveLR, {"every_n_steps": 1, "figure_every": 0}), (ELRWarmup, {})):
         timed_cb = _timed(cls)(**kwargs)
         total = timed_fit(lambda: [timed_cb], args.steps, args.width, args.depth)
         print(f"  {cls.__name__:32s} time in its hooks / whole fit: {timed_cb.spent / total:.3f} "

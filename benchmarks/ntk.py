@@ -98,20 +98,20 @@ def part_matrix_free(n: int) -> None:
     print(f"\nPart 2: matrix-free top-5 eigenvalues, n = {n}, c = 10: kernel {size} x {size} "
           f"({size * size * 4 / 2**30:.1f} GiB in fp32 if built)")
     if DEVICE["name"] == "cuda":  # the same run once untimed: kernels, handles, allocator (CPU times stay cold)
-        ntk_spectrum(model, x, k=5, method="lanczos", tol=1e-4, max_matvecs=200, generator=torch.Generator().manual_seed(0))
+        ntk_spectrum(model, x, k=5, solver="lanczos", tol=1e-4, max_matvecs=200, generator=torch.Generator().manual_seed(0))
     sync()
     t0 = time.perf_counter()
-    res = ntk_spectrum(model, x, k=5, method="lanczos", tol=1e-4, max_matvecs=200, generator=torch.Generator().manual_seed(0))
+    res = ntk_spectrum(model, x, k=5, solver="lanczos", tol=1e-4, max_matvecs=200, generator=torch.Generator().manual_seed(0))
     sync()
     t_lanczos = time.perf_counter() - t0
     print(f"  lanczos: {t_lanczos:.2f} s, {res.num_matvecs} kernel-vector products, top-5 = {[round(v, 2) for v in res.values.tolist()]}")
     sub = x[:256]
     sync()
     t0 = time.perf_counter()
-    exact = ntk_spectrum(model, sub, k=5, method="exact").values
+    exact = ntk_spectrum(model, sub, k=5, solver="exact").values
     sync()
     t_exact = time.perf_counter() - t0
-    lanczos_sub = ntk_spectrum(model, sub, k=5, method="lanczos", tol=1e-4, max_matvecs=200, generator=torch.Generator().manual_seed(0))
+    lanczos_sub = ntk_spectrum(model, sub, k=5, solver="lanczos", tol=1e-4, max_matvecs=200, generator=torch.Generator().manual_seed(0))
     rel = float(((lanczos_sub.values - exact).abs() / exact).max())
     print(f"  check on n = 256 (2560 x 2560): exact {t_exact:.2f} s; lanczos {lanczos_sub.num_matvecs} products, "
           f"max relative error of top-5 {rel:.1e}")

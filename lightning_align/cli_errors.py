@@ -9,6 +9,8 @@ quickstart config when no model or data was given.
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
 import re
 import sys
 from typing import NoReturn
@@ -16,6 +18,17 @@ from typing import NoReturn
 from lightning.pytorch.cli import LightningArgumentParser
 
 QUICKSTART_HINT = "start from a config: lightning-align fit --config configs/quickstart.yaml (see lightning-align --help)"
+
+#: Callback arguments renamed before the first release, ``(class, old name) -> new name``: the old name is an
+#: error (no alias), and the message names the new one (``docs/callbacks.md``, "Arguments every callback shares").
+RENAMED_ARGUMENTS: dict[tuple[str, str], str] = {
+    ("FeatureAlignment", "modules"): "layers",
+    ("FeatureSpeedControl", "modules"): "layers",
+    ("NTKSpectrum", "params"): "weights",
+    ("NTKSpectrum", "method"): "solver",
+    ("NTKSpectrum", "figures"): "figure_every",
+    ("EffectiveLR", "figure_every_n_steps"): "figure_every",
+}
 
 
 def root_cause(ex: BaseException | None) -> BaseException | None:
@@ -30,14 +43,14 @@ def root_cause(ex: BaseException | None) -> BaseException | None:
     return ex
 
 
-def near_misses(bad: str, known: list[str], n: int = 3) -> list[str]:
+def near_misses(bad: str, known: list[str], n: int = 3, cutoff: float = 0.8) -> list[str]:
     """Valid keys close to ``bad`` (``--trainer.max_stpes`` -> ``--trainer.max_steps``).
 
     Example:
         >>> near_misses("--trainer.max_stpes", ["--trainer.max_steps", "--trainer.min_steps", "--model"])
         ['--trainer.max_steps', '--trainer.min_steps']
     """
-    return difflib.get_close_matches(bad, known, n=n, cutoff=0.8)
+    return difflib.get_close_matches(bad, known, n=n, cutoff=cutoff)
 
 
 def nested_key_error(message: str) -> str | None:
@@ -62,6 +75,53 @@ def nested_key_error(message: str) -> str | None:
     return f"{owner}({key}): {detail}" if owner else f"{key}: {detail}"
 
 
+def init_arguments(class_path: str) -> list[str]:
+    """The keyword arguments ``class_path``'s constructor accepts (``[]`` when it cannot be imported).
+
+    Example:
+        >>> init_arguments("lightning_align.CoordCheck")[:2]
+        ['every_n_steps', 'layers']
+    """
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.name != "self"]
+
+
+def unknown_init_argument(message: str) -> str | None:
+    """``Class: unknown argument 'x'; ...`` for a ``class_path`` given an argument it does not take, or ``None``.
+
+    A renamed argument (:data:`RENAMED_ARGUMENTS`) names its new name; any other gets the nearest accepted ones.
+
+    Example:
+        >>> unknown_init_argument("Problem with given class_path 'lightning_align.FeatureAlignment':\\n"
+        ...                       "    Option 'modules' is not accepted")
+        "FeatureAlignment: unknown argument 'modules'; it is now called 'layers'"
+        >>> unknown_init_argument("Problem with given class_path 'lightning_align.EffectiveLR':\\n"
+        ...                       "    Option 'figure_evry' is not accepted")
+        "EffectiveLR: unknown argument 'figure_evry'; did you mean 'figure_every'?"
+    """
+    found = re.search(r"Problem with given class_path '([^']+)':\s*Option '([^']+)' is not accepted", message)
+    if not found:
+        return None
+    class_path, bad = found.groups()
+    owner = class_path.rsplit(".", 1)[-1]
+    new = RENAMED_ARGUMENTS.get((owner, bad))
+    if new is not None:
+        return f"{owner}: unknown argument {bad!r}; it is now called {new!r}"
+    accepted = init_arguments(class_path)
+    close = near_misses(bad, accepted, cutoff=0.6)
+    if close:
+        hint = f"; did you mean {' or '.join(map(repr, close))}?"
+    else:
+        hint = f"; it takes {', '.join(accepted)}" if accepted else ""
+    return f"{owner}: unknown argument {bad!r}{hint}"
+
+
 def short_message(message: str, ex: BaseException | None, known: list[str]) -> str:
     """The one-paragraph error for ``message`` (and its exception), with suggestions.
 
@@ -80,6 +140,9 @@ def short_message(message: str, ex: BaseException | None, known: list[str]) -> s
         close = near_misses(dotted, known)
         hint = f"; did you mean {' or '.join(repr(c if bad.startswith('--') else c[2:]) for c in close)}?" if close else ""
         return f"unrecognized argument {bad!r}{hint}"
+    renamed = unknown_init_argument(message)
+    if renamed:
+        return renamed
     if "the following arguments are required" in message and ("model" in message or "data" in message):
         return f"{message}; {QUICKSTART_HINT}"
     nested = nested_key_error(message)

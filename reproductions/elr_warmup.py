@@ -85,7 +85,7 @@ def run(kind: str, cfg: dict[str, Any], args: Any) -> dict[str, Any]:
     lr = cfg["small_lr"] if kind == "constant" else cfg["large_lr"]
     model = MLP(width=cfg["width"], depth=cfg["depth"], norm="batch", bias=False, optimizer="sgd", lr=lr)
     callbacks: list[pl.Callback] = [ELRWarmup()] if kind == "warmup" else []
-    callbacks.append(EffectiveLR(every_n_steps=1, figure_every_n_steps=max(1, cfg["steps"] // 4)))
+    callbacks.append(EffectiveLR(every_n_steps=1, figure_every=max(1, cfg["steps"] // 4)))
     memory = common.MemoryLogger()
     trainer = common.trainer(args.out, kind, callbacks, extra_loggers=(memory,), max_steps=cfg["steps"], limit_val_batches=0)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=cfg["batch_size"], seed=args.seed))

@@ -81,7 +81,7 @@ def test_logged_values_use_the_real_update(optimizer):
 
 def test_step_zero_uses_the_gradient_step_at_the_optimizer_lr():
     layers = ["net.0", "net.7"]
-    cb, logger = FeatureAlignment(every_n_steps=5, modules=layers, probe_size=32, figure_every=0), MemoryLogger()
+    cb, logger = FeatureAlignment(every_n_steps=5, layers=layers, probe_size=32, figure_every=0), MemoryLogger()
     pl.seed_everything(0)
     module = TinyClassifier(optimizer="sgd", lr=0.05)
     init = copy.deepcopy(module)
@@ -118,7 +118,7 @@ def test_unknown_module_fails_before_training_naming_it():
     module = TinyClassifier()
     before = copy.deepcopy(module.state_dict())
     with pytest.raises(ValueError, match="'net.99'"):
-        fit([FeatureAlignment(every_n_steps=1, modules=["net.0", "net.99"])], module=module)
+        fit([FeatureAlignment(every_n_steps=1, layers=["net.0", "net.99"])], module=module)
     for k, v in module.state_dict().items():
         assert torch.equal(v, before[k])
 
@@ -139,7 +139,7 @@ def test_default_modules_are_linear_conv_and_attention():
 def test_figure_and_tags_with_tensorboard_on_an_example_module(tmp_path):
     import example_modules
     module = example_modules.ResMLP(width=32, depth=3, branch_multiplier=None, optimizer="adam", lr=1e-3)
-    cb = FeatureAlignment(every_n_steps=2, modules=["embed", r"blocks\.\d+", "readout"], probe_size=64, figure_every=1)
+    cb = FeatureAlignment(every_n_steps=2, layers=["embed", r"blocks\.\d+", "readout"], probe_size=64, figure_every=1)
     loader = tiny_loader(n=64, in_features=64, num_classes=10, batch_size=32)
     _, trainer = fit([cb], module=module, loader=loader, max_steps=2, logger=TensorBoardLogger(tmp_path))
     metrics = trainer.callback_metrics

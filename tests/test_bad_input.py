@@ -93,7 +93,7 @@ def dict_loader() -> DataLoader:
 FIT_CASES: list[tuple[str, Callable[[], list[pl.Callback]], Callable[[], pl.LightningModule], Callable[[], DataLoader], str]] = [
     ("RankMonitor unknown layer", lambda: [RankMonitor(layers=["encoder.fc"])], TinyClassifier, tiny_loader, "'encoder.fc' matches no module"),
     ("RankMonitor weight without a matrix", lambda: [RankMonitor(weights=["net.2"])], TinyClassifier, tiny_loader, r"RankMonitor\(weights=...\).*net\.2"),
-    ("FeatureAlignment unknown module", lambda: [FeatureAlignment(modules=["decoder"])], TinyClassifier, tiny_loader, "'decoder'"),
+    ("FeatureAlignment unknown module", lambda: [FeatureAlignment(layers=["decoder"])], TinyClassifier, tiny_loader, "'decoder'"),
     ("CoordCheck unknown layer", lambda: [CoordCheck(layers=["head"])], TinyClassifier, tiny_loader, "'head'"),
     ("EffectiveLR unknown weight", lambda: [EffectiveLR(weights=["stem"])], TinyClassifier, tiny_loader, "'stem'"),
     ("Sharpness k above its product budget", lambda: [Sharpness(k=10**6)], TinyClassifier, tiny_loader, "lower k or raise max_matvecs"),

@@ -39,6 +39,23 @@ def test_a_callback_argument_error_is_one_line_naming_the_callback(capsys: pytes
     assert err.count("every_n_steps must be") == 1
 
 
+def test_a_renamed_callback_argument_names_the_new_one(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_align.FeatureAlignment\n"
+        "      init_args: {every_n_steps: 50, modules: [readout]}\n"
+    )
+    err = _error(capsys, ["fit", "--config", QUICKSTART, "--config", str(old)])
+    assert "FeatureAlignment: unknown argument 'modules'; it is now called 'layers'" in err
+    err = _error(capsys, ["fit", "--config", QUICKSTART, "--trainer.callbacks+=lightning_align.NTKSpectrum", "--trainer.callbacks.method=lanczos"])
+    assert "NTKSpectrum: unknown argument 'method'; it is now called 'solver'" in err
+
+
+def test_a_misspelled_callback_argument_gets_the_nearest_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["fit", "--config", QUICKSTART, "--trainer.callbacks+=lightning_align.EffectiveLR", "--trainer.callbacks.figure_evry=2"])
+    assert "EffectiveLR: unknown argument 'figure_evry'; did you mean 'figure_every'?" in err
+
+
 def test_no_config_points_to_the_quickstart(capsys: pytest.CaptureFixture[str]) -> None:
     assert "configs/quickstart.yaml" in _error(capsys, ["fit"])
 

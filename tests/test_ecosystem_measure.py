@@ -229,7 +229,7 @@ def test_training_with_the_suite_is_bit_identical_on_torchvision_resnet18() -> N
     suite = [
         FeatureAlignment(every_n_steps=2, probe_size=8),
         Sharpness(every_n_steps=2, probe_size=8, k=1, max_matvecs=20, tol=1e-2),
-        NTKSpectrum(every_n_steps=2, probe_size=2, k=2, params=[r"net\.fc\..*"]),
+        NTKSpectrum(every_n_steps=2, probe_size=2, k=2, weights=[r"net\.fc\..*"]),
         *[cb for cb in measurement_suite(every_n_steps=2) if type(cb).__name__ in ("EffectiveLR", "RankMonitor", "CoordCheck")],
     ]
     for cb in suite:

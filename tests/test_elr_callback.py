@@ -147,7 +147,7 @@ def test_scale_invariance_flags_logged_once_before_training() -> None:
 
 
 def test_training_is_bit_identical_with_effective_lr(tmp_path: Any) -> None:
-    cb = EffectiveLR(every_n_steps=2, figure_every_n_steps=2)
+    cb = EffectiveLR(every_n_steps=2, figure_every=2)
     with_cb = fit([cb], max_steps=6, logger=TensorBoardLogger(tmp_path))
     without = fit([], max_steps=6)
     assert_same_training_state(with_cb, without)
@@ -156,6 +156,7 @@ def test_training_is_bit_identical_with_effective_lr(tmp_path: Any) -> None:
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent)).Reload()
     tags = events.Tags()
     assert "elr/profile" in tags["images"]
+    assert [e.step for e in events.Images("elr/profile")] == [2, 6]  # every 2nd measurement with ELRs (none at step 0)
     assert "elr/spread" in tags["scalars"] and "elr/net.7" in tags["scalars"]
     assert [e.step for e in events.Scalars("elr/spread")] == [2, 4, 6]
 

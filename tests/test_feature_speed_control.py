@@ -82,7 +82,7 @@ class StepRecorder(Callback):
 def test_splits_groups_keeps_hyperparameters_and_scales_the_scheduled_lr():
     pl.seed_everything(0, verbose=False)
     module = TwoGroups(optimizer="sgd")
-    control = FeatureSpeedControl(target_speed=0.05, every_n_steps=1, modules=["net.0", "net.4"], probe_size=32, smoothing=0.0)
+    control = FeatureSpeedControl(target_speed=0.05, every_n_steps=1, layers=["net.0", "net.4"], probe_size=32, smoothing=0.0)
     rec = StepRecorder(control)
     module, trainer = fit([control, rec], module=module, max_steps=4)
     opt = trainer.optimizers[0]
@@ -144,10 +144,10 @@ def test_unit_multipliers_leave_training_bit_identical():
 def test_resume_restores_plan_multipliers_and_optimizer_state(tmp_path):
     pl.seed_everything(0, verbose=False)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
-    first = FeatureSpeedControl(target_speed=0.05, every_n_steps=1, modules=["net.0", "net.4"], probe_size=32)
+    first = FeatureSpeedControl(target_speed=0.05, every_n_steps=1, layers=["net.0", "net.4"], probe_size=32)
     fit([first, ckpt], module=TwoGroups(optimizer="sgd"), max_steps=3, enable_checkpointing=True)
     saved = list(first.multipliers)
-    second = FeatureSpeedControl(target_speed=0.05, every_n_steps=1, modules=["net.0", "net.4"], probe_size=32)
+    second = FeatureSpeedControl(target_speed=0.05, every_n_steps=1, layers=["net.0", "net.4"], probe_size=32)
     trainer = pl.Trainer(
         max_steps=5, callbacks=[second], accelerator="cpu", logger=False, enable_progress_bar=False,
         enable_checkpointing=False, enable_model_summary=False,
@@ -167,8 +167,8 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="min_multiplier"):
         FeatureSpeedControl(target_speed=0.1, min_multiplier=2.0)
     with pytest.raises(ValueError, match="3 targets for 2 layers"):
-        fit([FeatureSpeedControl(target_speed=[0.1, 0.1, 0.1], modules=["net.0", "net.4"])], max_steps=1)
+        fit([FeatureSpeedControl(target_speed=[0.1, 0.1, 0.1], layers=["net.0", "net.4"])], max_steps=1)
     with pytest.raises(ValueError, match="'net.42'"):
-        fit([FeatureSpeedControl(target_speed=0.1, modules=["net.42"])], max_steps=1)
+        fit([FeatureSpeedControl(target_speed=0.1, layers=["net.42"])], max_steps=1)
     with pytest.raises(ValueError, match="'net.2'.*no parameters of its own"):
-        fit([FeatureSpeedControl(target_speed=0.1, modules=["net.1", "net.2"])], max_steps=1)
+        fit([FeatureSpeedControl(target_speed=0.1, layers=["net.1", "net.2"])], max_steps=1)

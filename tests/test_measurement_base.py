@@ -202,3 +202,27 @@ def test_measure_outside_probe_context_when_asked() -> None:
     cb = WeightsOnly(every_n_steps=1)
     fit([cb], max_steps=2)
     assert cb.modes[-1]["net.3"] is True, "no probe context: the model is as training left it"
+
+
+def test_every_callback_shares_argument_names_and_keeps_its_tail_keyword_only() -> None:
+    """One name, one meaning (docs/callbacks.md, "Arguments every callback shares"): ``layers`` for outputs,
+    ``weights`` for weights, ``figure_every`` for figures; only the leading arguments are positional."""
+    import inspect
+
+    import lightning_align
+    from lightning_align.cli_errors import RENAMED_ARGUMENTS
+
+    leading = {"every_n_steps", "target_speed", "k", "layers", "weights"}
+    shared = {"schedule", "probe_size", "probe_seed", "bn_mode", "dropout", "name"}
+    renamed = {old for _, old in RENAMED_ARGUMENTS} - {"method"}
+    classes = [getattr(lightning_align, n) for n in lightning_align.__all__ if n[0].isupper()]
+    measuring = [c for c in classes if isinstance(c, type) and issubclass(c, MeasurementCallback)]
+    assert len(measuring) >= 8
+    for cls in measuring:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        positional = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        keyword_only = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert set(positional) <= leading, (cls.__name__, positional)
+        assert shared & {p.name for p in params} <= keyword_only, cls.__name__
+        assert not renamed & {p.name for p in params}, cls.__name__
+        assert ("method" in keyword_only) == (cls.__name__ == "Sharpness"), cls.__name__

@@ -218,13 +218,13 @@ def test_nested_inputs() -> None:
 
 # -- eigenvalues ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("traced", [False, True], ids=["full", "traced"])
-@pytest.mark.parametrize("method", ["exact", "lanczos"])
-def test_ntk_eigs_match_eigvalsh(method: str, traced: bool) -> None:
+@pytest.mark.parametrize("solver", ["exact", "lanczos"])
+def test_ntk_eigs_match_eigvalsh(solver: str, traced: bool) -> None:
     torch.manual_seed(5)
     model = TinyAttention().to(D)
     x = torch.randn(6, 4, 6, dtype=D)
     want = torch.linalg.eigvalsh(flatten_kernel(oracle_ntk(model, x, traced))).flip(0)[:3]
-    got = ntk_eigs(model, x, 3, trace_outputs=traced, method=method, tol=1e-8, max_matvecs=60,
+    got = ntk_eigs(model, x, 3, trace_outputs=traced, solver=solver, tol=1e-8, max_matvecs=60,
                    generator=torch.Generator().manual_seed(0))
     assert got.dtype == torch.float64 and got.shape == (3,)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8 * float(want[0]))
@@ -236,12 +236,12 @@ def test_lanczos_fp32_and_warm_start() -> None:
     x = torch.randn(40, 5)
     want = torch.linalg.eigvalsh(flatten_kernel(oracle_ntk(model.to(D), x.to(D)))).flip(0)[:4]
     model = model.float()
-    cold = ntk_spectrum(model, x, 4, method="lanczos", tol=1e-5, generator=torch.Generator().manual_seed(0))
+    cold = ntk_spectrum(model, x, 4, solver="lanczos", tol=1e-5, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(cold.values, want, rtol=1e-4, atol=0)
-    warm = ntk_spectrum(model, x, 4, method="lanczos", tol=1e-5, init=cold.vectors, generator=torch.Generator().manual_seed(1))
+    warm = ntk_spectrum(model, x, 4, solver="lanczos", tol=1e-5, init=cold.vectors, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(warm.values, want, rtol=1e-4, atol=0)
     assert warm.num_matvecs <= cold.num_matvecs
-    assert cold.kernel is None and cold.method == "lanczos"
+    assert cold.kernel is None and cold.solver == "lanczos"
 
 
 def test_exact_eigenvectors() -> None:
@@ -256,8 +256,8 @@ def test_exact_eigenvectors() -> None:
 def test_auto_switches_to_matrix_free() -> None:
     model = mlp().to(D)
     x = torch.randn(10, 5, dtype=D)
-    assert ntk_spectrum(model, x, 2).method == "exact"
-    assert ntk_spectrum(model, x, 2, max_exact_size=29).method == "lanczos"
+    assert ntk_spectrum(model, x, 2).solver == "exact"
+    assert ntk_spectrum(model, x, 2, max_exact_size=29).solver == "lanczos"
 
 
 def test_matvec_and_trace_match_kernel() -> None:
@@ -286,7 +286,7 @@ def test_matrix_free_linearises_the_forward_once() -> None:
             v = torch.randn(size, dtype=D, generator=torch.Generator().manual_seed(i))
             torch.testing.assert_close(mv(v), k @ v)
         assert len(calls) == after_build, "no product re-runs the forward"
-        res = ntk_spectrum(model, x, 3, method="lanczos", tol=1e-10, max_matvecs=size, generator=torch.Generator().manual_seed(0))
+        res = ntk_spectrum(model, x, 3, solver="lanczos", tol=1e-10, max_matvecs=size, generator=torch.Generator().manual_seed(0))
     finally:
         handle.remove()
     assert res.num_matvecs > 5
@@ -339,11 +339,11 @@ def test_hutchpp_trace_on_the_matrix_free_path() -> None:
     model = conv().to(D)
     x = torch.randn(12, 2, 6, 6, dtype=D)
     exact = float(flatten_kernel(oracle_ntk(model, x)).trace())
-    assert ntk_spectrum(model, x, 2, method="exact").trace == pytest.approx(exact, rel=1e-12)
-    assert ntk_spectrum(model, x, 2, method="lanczos").trace is None  # not asked for: no extra product
+    assert ntk_spectrum(model, x, 2, solver="exact").trace == pytest.approx(exact, rel=1e-12)
+    assert ntk_spectrum(model, x, 2, solver="lanczos").trace is None  # not asked for: no extra product
     estimates, stderrs = [], []
     for seed in range(20):
-        res = ntk_spectrum(model, x, 2, method="lanczos", tol=1e-6, trace_samples=16, generator=torch.Generator().manual_seed(seed))
+        res = ntk_spectrum(model, x, 2, solver="lanczos", tol=1e-6, trace_samples=16, generator=torch.Generator().manual_seed(seed))
         assert 0 < res.trace_stderr < 0.05 * exact
         assert abs(res.trace - exact) <= 6 * res.trace_stderr  # Rademacher quadratic forms: heavier tails than normal
         estimates.append(res.trace)
@@ -352,9 +352,9 @@ def test_hutchpp_trace_on_the_matrix_free_path() -> None:
     assert abs(sum(estimates) / 20 - exact) <= 3 * spread / 20**0.5  # unbiased
     assert 0.5 < sorted(stderrs)[10] / spread < 2  # the reported error bar is the estimates' spread
     # a basis spanning the whole kernel makes the Krylov part exact (no Hutchinson term)
-    full = ntk_spectrum(model, x, 2, method="lanczos", tol=0.0, max_matvecs=36, trace_samples=4)
+    full = ntk_spectrum(model, x, 2, solver="lanczos", tol=0.0, max_matvecs=36, trace_samples=4)
     assert full.trace == pytest.approx(exact, rel=1e-10) and full.trace_stderr == 0.0
-    traced = ntk_spectrum(model, x, 2, trace_outputs=True, method="lanczos", tol=0.0, max_matvecs=12, trace_samples=2)
+    traced = ntk_spectrum(model, x, 2, trace_outputs=True, solver="lanczos", tol=0.0, max_matvecs=12, trace_samples=2)
     assert traced.trace == pytest.approx(exact, rel=1e-10)
 
 
@@ -370,13 +370,13 @@ def test_memory_guard_names_the_argument() -> None:
     assert lanczos_gb < exact_gb
     between = (exact_gb + lanczos_gb) / 2
     # auto: the exact path only when it fits, else matrix-free
-    assert ntk_spectrum(model, x, 2).method == "exact"
-    assert ntk_spectrum(model, x, 2, max_memory_gb=between, chunk_size=plan.n).method == "lanczos"
-    with pytest.raises(ValueError, match=r"exact kernel path needs about .* GiB .*above max_memory_gb=.*method='lanczos'"):
-        ntk_spectrum(model, x, 2, method="exact", max_memory_gb=between, chunk_size=plan.n)
+    assert ntk_spectrum(model, x, 2).solver == "exact"
+    assert ntk_spectrum(model, x, 2, max_memory_gb=between, chunk_size=plan.n).solver == "lanczos"
+    with pytest.raises(ValueError, match=r"exact kernel path needs about .* GiB .*above max_memory_gb=.*solver='lanczos'"):
+        ntk_spectrum(model, x, 2, solver="exact", max_memory_gb=between, chunk_size=plan.n)
     with pytest.raises(ValueError, match=r"matrix-free path needs about .* GiB .*above max_memory_gb=.*fewer samples"):
-        ntk_spectrum(model, x, 2, method="lanczos", max_memory_gb=lanczos_gb / 2)
-    assert ntk_spectrum(model, x, 2, method="exact", max_memory_gb=None).method == "exact"
+        ntk_spectrum(model, x, 2, solver="lanczos", max_memory_gb=lanczos_gb / 2)
+    assert ntk_spectrum(model, x, 2, solver="exact", max_memory_gb=None).solver == "exact"
 
 
 def test_exact_trace_chunks_by_memory() -> None:
@@ -431,7 +431,7 @@ def test_no_side_effects() -> None:
     x = torch.randn(6, 5)
     rng = torch.get_rng_state()
     empirical_ntk(net, x)
-    ntk_eigs(net, x, 2, method="lanczos")
+    ntk_eigs(net, x, 2, solver="lanczos")
     ntk_trace(net, x)
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, net.parameters()))
@@ -461,8 +461,8 @@ def test_clear_errors() -> None:
         empirical_ntk(net, (torch.randn(3, 5), torch.randn(2)))
     with pytest.raises(TypeError, match=r"returned tuple"):
         empirical_ntk(nn.LSTM(5, 2, batch_first=True), torch.randn(3, 1, 5))
-    with pytest.raises(ValueError, match=r"method must be"):
-        ntk_eigs(net, torch.randn(3, 5), 1, method="power")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"solver must be"):
+        ntk_eigs(net, torch.randn(3, 5), 1, solver="power")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", ["ViT", "ResNet", "GPT"])

@@ -72,10 +72,10 @@ def test_traced_kernel_values() -> None:
         assert metrics["ntk/alignment"] == pytest.approx(kernel_target_alignment(kernel, y), rel=1e-4)
 
 
-@pytest.mark.parametrize("method", ["exact", "lanczos"])
-def test_training_is_bit_identical(method: str) -> None:
+@pytest.mark.parametrize("solver", ["exact", "lanczos"])
+def test_training_is_bit_identical(solver: str) -> None:
     base = fit(max_steps=5)
-    with_cb = fit([NTKSpectrum(every_n_steps=2, k=3, probe_size=16, method=method)], max_steps=5)  # type: ignore[arg-type]
+    with_cb = fit([NTKSpectrum(every_n_steps=2, k=3, probe_size=16, solver=solver)], max_steps=5)  # type: ignore[arg-type]
     assert_same_training_state(base, with_cb)
 
 
@@ -115,8 +115,8 @@ def test_reference_kernel_survives_resume(tmp_path: Any) -> None:
     assert 0 < second.records[0][1]["ntk/distance_from_init"] < 1
 
 
-def test_params_subset_and_tensorboard(tmp_path: Any) -> None:
-    cb = Recording(every_n_steps=5, k=2, probe_size=6, params=[r"net\.7\..*"], figures=True)
+def test_weights_subset_and_tensorboard(tmp_path: Any) -> None:
+    cb = Recording(every_n_steps=5, k=2, probe_size=6, weights=[r"net\.7\..*"], figure_every=1)
     fit([cb], max_steps=1, logger=TensorBoardLogger(str(tmp_path)))
     assert any(p.name.startswith("events") for p in tmp_path.rglob("*"))
     # Readout-only NTK: (h_i·h_j + 1) δ_ab, so its top eigenvalue is the top one of the feature Gram + 1.
@@ -133,7 +133,7 @@ def test_clear_errors() -> None:
     with pytest.raises(ValueError, match="k must be a positive int"):
         NTKSpectrum(k=0)
     with pytest.raises(ValueError, match=r"'nope' matches no trainable parameter of TinyClassifier"):
-        fit([NTKSpectrum(params=["nope"])], max_steps=1)
+        fit([NTKSpectrum(weights=["nope"])], max_steps=1)
     untouched = TinyClassifier()
     before = copy.deepcopy(untouched.state_dict())
     with pytest.raises(ValueError, match=r"probe_size=4, k=13.*1 <= k <= 12"):
@@ -167,6 +167,6 @@ def test_configurable_from_yaml() -> None:
 
     parser = ArgumentParser()
     parser.add_class_arguments(NTKSpectrum, "ntk")
-    cfg = parser.parse_string("ntk: {every_n_steps: 50, k: 4, method: lanczos, params: ['readout[.].*'], trace_outputs: true}")
+    cfg = parser.parse_string("ntk: {every_n_steps: 50, k: 4, solver: lanczos, weights: ['readout[.].*'], trace_outputs: true}")
     cb = NTKSpectrum(**cfg.ntk)
-    assert (cb.every_n_steps, cb.k, cb.method, cb.params, cb.trace_outputs) == (50, 4, "lanczos", ["readout[.].*"], True)
+    assert (cb.every_n_steps, cb.k, cb.solver, cb.weights, cb.trace_outputs) == (50, 4, "lanczos", ["readout[.].*"], True)

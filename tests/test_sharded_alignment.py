@@ -42,11 +42,11 @@ LAYERS = [r"net\.0", r"net\.3", r"net\.5"]
 
 SUITES = {
     "none": lambda: [],
-    "align": lambda: [FeatureAlignment(every_n_steps=1, probe_size=32, modules=LAYERS)],
-    "adam_root": lambda: [FeatureAlignment(every_n_steps=1, probe_size=32, modules=LAYERS)],
+    "align": lambda: [FeatureAlignment(every_n_steps=1, probe_size=32, layers=LAYERS)],
+    "adam_root": lambda: [FeatureAlignment(every_n_steps=1, probe_size=32, layers=LAYERS)],
     "control": lambda: [
-        FeatureSpeedControl(target_speed=0.02, every_n_steps=1, probe_size=32, modules=LAYERS, smoothing=0.0),
-        FeatureAlignment(every_n_steps=2, probe_size=32, modules=LAYERS),
+        FeatureSpeedControl(target_speed=0.02, every_n_steps=1, probe_size=32, layers=LAYERS, smoothing=0.0),
+        FeatureAlignment(every_n_steps=2, probe_size=32, layers=LAYERS),
     ],
 }
 

@@ -99,24 +99,25 @@ class FeatureAlignment(MeasurementCallback):
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) keeps it
             under 1% of a long quickstart run (README, "Speed and overhead").
-        modules: layer names or regexes whose outputs are the features (default: every Linear/Conv/``Conv1D`` and
+        layers: module names or regexes whose outputs are the features (default: every Linear/Conv/``Conv1D`` and
             attention block: :data:`~lightning_align.measure.modules.LayerKind` ``"features"``).
         figure_every: draw the cos-vs-depth figure every this many measurements (0, the default: never).
-        schedule, probe_size, probe_seed, bn_mode: see :class:`MeasurementCallback`.
+        schedule, probe_size, probe_seed, bn_mode, name: shared by every callback; see "Arguments every callback
+            shares" in ``docs/callbacks.md``.
 
     Raises:
         ValueError: at fit start, for a module name or pattern that matches nothing (naming it).
 
     Example::
 
-        trainer = Trainer(callbacks=[FeatureAlignment(every_n_steps=50, modules=[r"layers\\.\\d+", "readout"])])
+        trainer = Trainer(callbacks=[FeatureAlignment(every_n_steps=50, layers=[r"layers\\.\\d+", "readout"])])
 
     YAML::
 
         trainer:
           callbacks:
             - class_path: lightning_align.FeatureAlignment
-              init_args: {every_n_steps: 50, modules: ["blocks\\\\.\\\\d+", readout]}
+              init_args: {every_n_steps: 50, layers: ["blocks\\\\.\\\\d+", readout]}
     """
 
     family = "align"
@@ -136,7 +137,8 @@ class FeatureAlignment(MeasurementCallback):
     def __init__(
         self,
         every_n_steps: int = 1000,
-        modules: list[str] | None = None,
+        layers: list[str] | None = None,
+        *,
         figure_every: int = 0,
         schedule: ScheduleName = "linear",
         probe_size: int = 256,
@@ -144,12 +146,14 @@ class FeatureAlignment(MeasurementCallback):
         bn_mode: BatchNormMode = "train",
         name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, name=name)
-        if isinstance(modules, str):
-            modules = [modules]
-        if not isinstance(figure_every, int) or figure_every < 0:
+        super().__init__(
+            every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
+        )
+        if isinstance(layers, str):
+            layers = [layers]
+        if not isinstance(figure_every, int) or isinstance(figure_every, bool) or figure_every < 0:
             raise ValueError(f"FeatureAlignment: figure_every must be an int >= 0, got {figure_every!r}")
-        self.modules = modules
+        self.layers = layers
         self.figure_every = figure_every
         self.num_measurements = 0
         self._layers: dict[str, nn.Module] = {}
@@ -157,7 +161,7 @@ class FeatureAlignment(MeasurementCallback):
         self._first_cos: dict[str, float] = {}
 
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._layers = select_modules(pl_module, self.modules, "features", owner="FeatureAlignment(modules=...)")
+        self._layers = select_modules(pl_module, self.layers, "features", owner="FeatureAlignment(layers=...)")
 
     def before_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._before = snapshot_trainable(pl_module)

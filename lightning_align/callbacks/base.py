@@ -78,6 +78,10 @@ class MeasurementCallback(Callback, abc.ABC):
     state: dropout off, BatchNorm in batch-statistics mode (``bn_mode="train"``) or running-statistics
     mode (``bn_mode="eval"``), autocast off, gradients enabled; everything is restored afterwards.
 
+    The arguments below keep their names and meanings in every subclass (all but ``every_n_steps`` keyword-only;
+    a subclass passes them on by keyword); ``docs/callbacks.md``, "Arguments every callback shares", lists them
+    with the names the subclasses share (``layers``, ``weights``, ``figure_every``).
+
     Args:
         every_n_steps: measure every this many optimizer steps, and once before training (step 0).
         schedule: ``"linear"`` (multiples of ``every_n_steps``) or ``"log"`` (also 1, 2, 4, ... below it).
@@ -129,12 +133,12 @@ class MeasurementCallback(Callback, abc.ABC):
     def __init__(
         self,
         every_n_steps: int = 100,
+        *,
         schedule: ScheduleName = "linear",
         probe_size: int = 256,
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "train",
         dropout: bool = False,
-        *,
         name: str | None = None,
     ) -> None:
         try:

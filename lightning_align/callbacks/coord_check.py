@@ -42,7 +42,8 @@ class CoordCheck(MeasurementCallback):
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (250) keeps it
             under 1% of a long quickstart run (README, "Speed and overhead").
         layers: module names or regexes whose outputs are recorded (default: every Linear/Conv/Embedding).
-        schedule, probe_size, probe_seed, bn_mode, dropout: see :class:`MeasurementCallback`.
+        schedule, probe_size, probe_seed, bn_mode, dropout, name: shared by every callback; see "Arguments every
+            callback shares" in ``docs/callbacks.md``.
 
     Example::
 
@@ -72,6 +73,7 @@ class CoordCheck(MeasurementCallback):
         self,
         every_n_steps: int = 250,
         layers: list[str] | None = None,
+        *,
         schedule: ScheduleName = "linear",
         probe_size: int = 256,
         probe_seed: int = 0,
@@ -79,7 +81,10 @@ class CoordCheck(MeasurementCallback):
         dropout: bool = False,
         name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, dropout, name=name)
+        super().__init__(
+            every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, dropout=dropout,
+            name=name,
+        )
         self.layers = layers
         self._modules: dict[str, torch.nn.Module] = {}
         self._h0: dict[str, torch.Tensor] = {}

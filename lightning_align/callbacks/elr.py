@@ -59,8 +59,8 @@ class EffectiveLR(MeasurementCallback):
     - ``elr/skipped_step``: 1 when no weight moved (e.g. an AMP step skipped on inf gradients; no ELRs
       are logged for it), else 0;
     - once, before training: ``elr/si/<layer>`` (1 scale-invariant, 0 not) and a TensorBoard text table;
-    - with ``figure_every_n_steps > 0``, at the first measured step and then every ``figure_every_n_steps``
-      or more: a TensorBoard figure of ELR vs layer index (``elr/profile``).
+    - with ``figure_every > 0``: a TensorBoard figure of ELR vs layer index (``elr/profile``) every
+      ``figure_every`` measurements (from the first that has ELRs: step 0 has none).
 
     The gradients are those the optimizer is about to use (AMP-unscaled, before clipping, accumulated).
     Cost: a copy of the tracked weights and a few norms per measured step; one or two probe forwards per
@@ -76,12 +76,11 @@ class EffectiveLR(MeasurementCallback):
             overhead"); use 1 to follow every step.
         weights: module names or regexes whose ``weight`` is tracked (default: every Linear/Conv/Embedding
             with a trainable weight).
-        figure_every_n_steps: how often to draw the ELR profile figure (0, the default: never; each figure
-            costs ~40 ms of matplotlib, as much as 20 steps of the quickstart).
+        figure_every: draw the ELR profile figure every this many measurements (0, the default: never).
         scale_factor: factor used by the scale-invariance test.
         invariance_rtol: largest relative output change that still counts as scale-invariant.
-        schedule, probe_size, probe_seed: see :class:`MeasurementCallback` (the probe batch is used only
-            by the scale-invariance test).
+        schedule, probe_size, probe_seed, name: shared by every callback; see "Arguments every callback shares" in
+            ``docs/callbacks.md`` (the probe batch is used only by the scale-invariance test).
 
     Example::
 
@@ -119,7 +118,8 @@ class EffectiveLR(MeasurementCallback):
         self,
         every_n_steps: int = 50,
         weights: list[str] | None = None,
-        figure_every_n_steps: int = 0,
+        *,
+        figure_every: int = 0,
         scale_factor: float = 2.0,
         invariance_rtol: float = 1e-3,
         schedule: ScheduleName = "linear",
@@ -128,12 +128,14 @@ class EffectiveLR(MeasurementCallback):
         name: str | None = None,
     ) -> None:
         # Batch statistics: scale invariance is a property of the train-mode function (see the test).
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode="train", name=name)
-        if not isinstance(figure_every_n_steps, int) or figure_every_n_steps < 0:
-            raise ValueError(f"EffectiveLR: figure_every_n_steps must be an int >= 0, got {figure_every_n_steps!r}")
+        super().__init__(
+            every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode="train", name=name
+        )
+        if not isinstance(figure_every, int) or isinstance(figure_every, bool) or figure_every < 0:
+            raise ValueError(f"EffectiveLR: figure_every must be an int >= 0, got {figure_every!r}")
         check_invariance_test_args("EffectiveLR", scale_factor, invariance_rtol)
         self.weights = weights
-        self.figure_every_n_steps = figure_every_n_steps
+        self.figure_every = figure_every
         self.scale_factor = scale_factor
         self.invariance_rtol = invariance_rtol
         self._modules: dict[str, nn.Module] = {}
@@ -142,7 +144,7 @@ class EffectiveLR(MeasurementCallback):
         self._before: dict[str, list[torch.Tensor]] | None = None
         self._ratios: dict[str, float] = {}
         self._lrs: dict[str, float] = {}
-        self._last_figure = -1
+        self.num_measurements = 0  # measurements that logged ELRs (they set the figure cadence)
 
     # ----------------------------------------------------------------------------------------------
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -185,11 +187,16 @@ class EffectiveLR(MeasurementCallback):
             metrics["elr/critical_lr"] = critical_lr(self._ratios)
             factor = critical_lr(self._ratios, self._lrs) if self._lrs.keys() >= self._ratios.keys() else math.nan
             metrics["elr/lr_over_critical"] = 1.0 / factor if factor > 0 else (math.inf if factor == 0 else math.nan)
-        step = trainer.global_step
-        if self.figure_every_n_steps and (self._last_figure < 0 or step - self._last_figure >= self.figure_every_n_steps):
+        if self.figure_every and self.num_measurements % self.figure_every == 0:
             self._figure(trainer, elrs)
-            self._last_figure = step
+        self.num_measurements += 1
         return metrics
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"num_measurements": self.num_measurements}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.num_measurements = int(state.get("num_measurements", 0))
 
     # ----------------------------------------------------------------------------------------------
     @property

@@ -37,7 +37,7 @@ class FeatureSpeedControl(MeasurementCallback):
     learning rates by hand: e.g. to keep every hidden layer moving at the same relative speed in a deep
     or wide network, to compare architectures at equal feature speed, or to probe what a parametrization
     (μP, depth-μP) would give. It needs layer outputs that are *cuts* of the network (sequential layers;
-    for ResNets the residual stream, e.g. ``modules=["embed", r"blocks\\.\\d+"]``, not branch outputs), and
+    for ResNets the residual stream, e.g. ``layers=["embed", r"blocks\\.\\d+"]``, not branch outputs), and
     a layer whose backward-feature angle ``cos θ`` collapses (deep ReLU MLPs at init) needs very large
     multipliers: ``max_multiplier`` caps them.
 
@@ -69,12 +69,14 @@ class FeatureSpeedControl(MeasurementCallback):
         target_speed: wanted ``‖δf‖_rms/‖f‖_rms`` per step: one value for every layer, or one per selected
             layer (in model order).
         every_n_steps: update the multipliers every this many optimizer steps.
-        modules: layer names or regexes (default: every Linear/Conv and attention block).
+        layers: module names or regexes whose outputs are the controlled features (default: every Linear/Conv and
+            attention block).
         min_multiplier, max_multiplier: clipping range of the multipliers (relative to the scheduled lr).
         smoothing: in ``[0, 1)``: weight of the old multiplier (geometric EMA). 0 applies the formula's value
             at once, which can oscillate in deep layers (their ``cos θ`` changes with the multipliers of the
             layers below); 0.5 reaches the targets within a few control steps on the example MLPs.
-        schedule, probe_size, probe_seed, bn_mode: see :class:`MeasurementCallback`.
+        schedule, probe_size, probe_seed, bn_mode, name: shared by every callback; see "Arguments every callback
+            shares" in ``docs/callbacks.md``.
 
     Example::
 
@@ -85,7 +87,7 @@ class FeatureSpeedControl(MeasurementCallback):
         trainer:
           callbacks:
             - class_path: lightning_align.FeatureSpeedControl
-              init_args: {target_speed: 0.05, every_n_steps: 10, modules: ["layers\\\\.\\\\d+", readout]}
+              init_args: {target_speed: 0.05, every_n_steps: 10, layers: ["layers\\\\.\\\\d+", readout]}
     """
 
     family = "align"
@@ -100,7 +102,8 @@ class FeatureSpeedControl(MeasurementCallback):
         self,
         target_speed: float | list[float],
         every_n_steps: int = 10,
-        modules: list[str] | None = None,
+        layers: list[str] | None = None,
+        *,
         min_multiplier: float = 0.01,
         max_multiplier: float = 100.0,
         smoothing: float = 0.5,
@@ -110,7 +113,9 @@ class FeatureSpeedControl(MeasurementCallback):
         bn_mode: BatchNormMode = "train",
         name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, name=name)
+        super().__init__(
+            every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
+        )
         targets = [target_speed] if isinstance(target_speed, (int, float)) else list(target_speed)
         if not targets or any(not isinstance(t, (int, float)) or not t > 0 or not math.isfinite(t) for t in targets):
             raise ValueError(f"FeatureSpeedControl: target_speed must be a positive float or a list of them, got {target_speed!r}")
@@ -121,7 +126,7 @@ class FeatureSpeedControl(MeasurementCallback):
         if not 0 <= smoothing < 1:
             raise ValueError(f"FeatureSpeedControl: smoothing must be in [0, 1), got {smoothing}")
         self.target_speed = target_speed
-        self.modules = [modules] if isinstance(modules, str) else modules
+        self.layers = [layers] if isinstance(layers, str) else layers
         self.min_multiplier = min_multiplier
         self.max_multiplier = max_multiplier
         self.smoothing = smoothing
@@ -139,7 +144,7 @@ class FeatureSpeedControl(MeasurementCallback):
     # Setup: layers, the per-layer plan, optimizer groups
     # ----------------------------------------------------------------------------------------------
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._layers = select_modules(pl_module, self.modules, "features", owner="FeatureSpeedControl(modules=...)")
+        self._layers = select_modules(pl_module, self.layers, "features", owner="FeatureSpeedControl(layers=...)")
         if len(self._targets) not in (1, len(self._layers)):
             raise ValueError(
                 f"FeatureSpeedControl(target_speed=...): {len(self._targets)} targets for {len(self._layers)} layers "
@@ -297,7 +302,7 @@ def _ownership(res: FeatureSpeedResults) -> list[list[str]]:
         if not mine:
             raise ValueError(
                 f"FeatureSpeedControl: layer {names[i]!r} has no parameters of its own (all its upstream parameters "
-                "belong to earlier layers), so its speed cannot be set; remove it from `modules`"
+                "belong to earlier layers), so its speed cannot be set; remove it from `layers`"
             )
         taken.update(mine)
         owned[i] = [p[len(PREFIX):] for p in mine]

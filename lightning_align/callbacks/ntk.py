@@ -31,7 +31,7 @@ from lightning_align.schedules import ScheduleName
 
 PREFIX = "model.module."  # parameter names of the differentiated model: SequenceReduced(ProbeOutputs(pl_module))
 
-NTKMethod = Literal["auto", "exact", "lanczos"]
+NTKSolver = Literal["auto", "exact", "lanczos"]
 SequenceOutput = Literal["mean", "last", "all"]
 
 
@@ -49,9 +49,9 @@ class NTKSpectrum(MeasurementCallback):
     probe size, ``c`` the outputs per sample; ``(n × n)`` with ``trace_outputs=True``):
 
     - ``ntk/max_eig``, ``ntk/trace``, and the top-``k`` spectrum as the TensorBoard histogram
-      ``ntk/eigenvalues`` (plus a figure ``ntk/spectrum`` with ``figures=True``);
+      ``ntk/eigenvalues`` (plus a figure ``ntk/spectrum`` every ``figure_every`` measurements);
     - exact path only (the kernel is built when its size is at most ``max_exact_size``, or with
-      ``method="exact"``): ``ntk/cond`` (``inf`` when numerically singular), ``ntk/effective_rank``,
+      ``solver="exact"``): ``ntk/cond`` (``inf`` when numerically singular), ``ntk/effective_rank``,
       ``ntk/alignment`` (``yᵀKy/(‖K‖_F‖y‖²)``, class labels one-hot; off with ``alignment=False``) and
       ``ntk/distance_from_init`` (``1 − <K₀,K>/(‖K₀‖‖K‖)``, ``K₀`` the kernel at the first measurement)
       and ``ntk/velocity`` (the same distance to the previous measurement's kernel; from the second
@@ -82,10 +82,12 @@ class NTKSpectrum(MeasurementCallback):
             small default probe keep it under 1% of a long quickstart run (README, "Speed and overhead").
         k: number of top eigenvalues to compute and log as a spectrum.
         trace_outputs: use the ``(n, n)`` kernel summed over outputs.
-        method: ``"auto"`` (exact up to ``max_exact_size``), ``"exact"`` or ``"lanczos"``.
+        solver: the eigensolver: ``"auto"`` (exact up to ``max_exact_size``), ``"exact"`` (build the kernel, ``eigh``)
+            or ``"lanczos"`` (matrix-free).
         max_exact_size: largest kernel size built by ``"auto"``.
-        params: names or regexes (full match) of the parameters of the LightningModule to differentiate;
-            default all trainable ones.
+        weights: the parameters the Jacobian is taken with respect to: *parameter* names or regexes (full match)
+            of the LightningModule, e.g. ``"readout.weight"`` or ``r"blocks\\.0\\..*"`` (a module's name alone
+            matches none of its parameters); default all trainable ones.
         alignment: log the kernel-target alignment: ``True`` requires targets matching the outputs (class
             labels, or real targets of the output's shape), ``None`` (the default) logs it when they match and
             says once when they do not (e.g. token targets of a language model), ``False`` never.
@@ -95,10 +97,12 @@ class NTKSpectrum(MeasurementCallback):
             check). ``"auto"`` builds the kernel only when that fits; a matrix-free measurement above it is refused.
         trace_samples: Hutchinson samples of the matrix-free path's trace estimate (one VJP each).
         histograms: log the spectrum as a TensorBoard histogram.
-        figures: log a log-scale plot of the top-``k`` spectrum to TensorBoard.
+        figure_every: log a log-scale plot of the top-``k`` spectrum to TensorBoard every this many measurements
+            (0, the default: never).
         tol, max_matvecs: Lanczos settings of the matrix-free path.
-        schedule, probe_size, probe_seed, bn_mode: see :class:`MeasurementCallback` (``probe_size``
-            defaults to 32 here: the kernel is ``(probe_size·c)²`` and its eigendecomposition cubic).
+        schedule, probe_size, probe_seed, bn_mode, name: shared by every callback; see "Arguments every callback
+            shares" in ``docs/callbacks.md`` (``probe_size`` defaults to 32 here: the kernel is ``(probe_size·c)²``
+            and its eigendecomposition cubic).
 
     Example::
 
@@ -140,17 +144,18 @@ class NTKSpectrum(MeasurementCallback):
         self,
         every_n_steps: int = 1000,
         k: int = 10,
+        *,
         trace_outputs: bool = False,
-        method: NTKMethod = "auto",
+        solver: NTKSolver = "auto",
         max_exact_size: int = 2048,
-        params: list[str] | None = None,
+        weights: list[str] | None = None,
         alignment: bool | None = None,
         sequence_output: SequenceOutput = "mean",
         max_rows: int = 65536,
         max_memory_gb: float | None = MAX_MEMORY_GB,
         trace_samples: int = 8,
         histograms: bool = True,
-        figures: bool = False,
+        figure_every: int = 0,
         tol: float = 1e-4,
         max_matvecs: int = 100,
         schedule: ScheduleName = "linear",
@@ -159,11 +164,15 @@ class NTKSpectrum(MeasurementCallback):
         bn_mode: BatchNormMode = "eval",
         name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, name=name)
+        super().__init__(
+            every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
+        )
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"NTKSpectrum: k must be a positive int, got {k!r}")
-        if method not in ("auto", "exact", "lanczos"):
-            raise ValueError(f"NTKSpectrum: method must be 'auto', 'exact' or 'lanczos', got {method!r}")
+        if solver not in ("auto", "exact", "lanczos"):
+            raise ValueError(f"NTKSpectrum: solver must be 'auto', 'exact' or 'lanczos', got {solver!r}")
+        if not isinstance(figure_every, int) or isinstance(figure_every, bool) or figure_every < 0:
+            raise ValueError(f"NTKSpectrum: figure_every must be an int >= 0, got {figure_every!r}")
         if max_exact_size < 1 or max_matvecs < 1 or not tol >= 0:
             raise ValueError("NTKSpectrum: max_exact_size and max_matvecs must be >= 1 and tol >= 0")
         if max_memory_gb is not None and not max_memory_gb > 0:
@@ -177,9 +186,9 @@ class NTKSpectrum(MeasurementCallback):
             )
         self.k = k
         self.trace_outputs = trace_outputs
-        self.method = method
+        self.solver = solver
         self.max_exact_size = max_exact_size
-        self.params = params
+        self.weights = weights
         if sequence_output not in ("mean", "last", "all"):
             raise ValueError(f"NTKSpectrum: sequence_output must be 'mean', 'last' or 'all', got {sequence_output!r}")
         self.alignment = alignment
@@ -189,7 +198,8 @@ class NTKSpectrum(MeasurementCallback):
         self.trace_samples = trace_samples
         self._alignment_skipped = False
         self.histograms = histograms
-        self.figures = figures
+        self.figure_every = figure_every
+        self.num_measurements = 0
         self.tol = tol
         self.max_matvecs = max_matvecs
         self._param_names: list[str] | None = None
@@ -203,19 +213,19 @@ class NTKSpectrum(MeasurementCallback):
         trainable = [n for n, p in pl_module.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError(f"NTKSpectrum: {type(pl_module).__name__} has no trainable parameter")
-        if self.params is None:
+        if self.weights is None:
             self._param_names = None
             return
         chosen: set[str] = set()
-        for pattern in self.params:
+        for pattern in self.weights:
             try:
                 regex = re.compile(pattern)
             except re.error as err:
-                raise ValueError(f"NTKSpectrum(params=...): {pattern!r} is not a valid regular expression: {err}") from err
+                raise ValueError(f"NTKSpectrum(weights=...): {pattern!r} is not a valid regular expression: {err}") from err
             hits = [n for n in trainable if n == pattern or regex.fullmatch(n)]
             if not hits:
                 raise ValueError(
-                    f"NTKSpectrum(params=...): {pattern!r} matches no trainable parameter of {type(pl_module).__name__}. "
+                    f"NTKSpectrum(weights=...): {pattern!r} matches no trainable parameter of {type(pl_module).__name__}. "
                     f"Trainable names include: {', '.join(trainable[:20])}{' ...' if len(trainable) > 20 else ''}"
                 )
             chosen.update(hits)
@@ -230,7 +240,7 @@ class NTKSpectrum(MeasurementCallback):
         params = None if self._param_names is None else [re.escape(PREFIX + n) for n in self._param_names]
         try:
             res = ntk_spectrum(
-                model, inputs, self.k, self.trace_outputs, method=self.method, max_exact_size=self.max_exact_size,
+                model, inputs, self.k, self.trace_outputs, solver=self.solver, max_exact_size=self.max_exact_size,
                 tol=self.tol, max_matvecs=self.max_matvecs, init=self._warm, params=params,
                 generator=torch.Generator().manual_seed(self.probe_seed), return_vectors=False,
                 trace_samples=self.trace_samples, max_memory_gb=self.max_memory_gb,
@@ -259,15 +269,16 @@ class NTKSpectrum(MeasurementCallback):
                 self._warned_matrix_free = True
                 rank_zero_warn(
                     f"NTKSpectrum: the kernel ({res.vectors.shape[0]} rows) is larger than max_exact_size="
-                    f"{self.max_exact_size} (or method='lanczos'), so only ntk/max_eig, ntk/trace and the top-{self.k} "
+                    f"{self.max_exact_size} (or solver='lanczos'), so only ntk/max_eig, ntk/trace and the top-{self.k} "
                     "spectrum are logged; ntk/cond, ntk/effective_rank, ntk/alignment and ntk/distance_from_init need "
                     "the whole kernel (raise max_exact_size or lower probe_size to get them)."
                 )
         if self.histograms:
             log_histogram(trainer, "ntk/eigenvalues", values)
-        if self.figures:
+        if self.figure_every and self.num_measurements % self.figure_every == 0:
             fig = spectrum(values.tolist(), ylabel="NTK eigenvalue", title=f"top-{len(values)} NTK eigenvalues, step {trainer.global_step}")
             log_figure(trainer, "ntk/spectrum", fig)
+        self.num_measurements += 1
         return metrics
 
     # ----------------------------------------------------------------------------------------------
@@ -341,10 +352,11 @@ class NTKSpectrum(MeasurementCallback):
         return out
 
     def extra_state(self) -> dict[str, Any]:
-        return {"k0": self._k0, "k_prev": self._k_prev}
+        return {"k0": self._k0, "k_prev": self._k_prev, "num_measurements": self.num_measurements}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._warm = None
+        self.num_measurements = int(state.get("num_measurements", 0))
         self._k0, self._k_prev = (
             t.detach().float().cpu() if isinstance(t, torch.Tensor) else None for t in (state.get("k0"), state.get("k_prev"))
         )

@@ -53,7 +53,8 @@ class RankMonitor(MeasurementCallback):
         jacobian_points: number of probe inputs for the input-output Jacobian rank (0 = off); computed
             with BatchNorm running statistics, since a per-sample Jacobian needs a sample-wise function.
         histograms: log singular-value histograms to TensorBoard.
-        schedule, probe_size, probe_seed, bn_mode: see :class:`MeasurementCallback`.
+        schedule, probe_size, probe_seed, bn_mode, name: shared by every callback; see "Arguments every callback
+            shares" in ``docs/callbacks.md``.
 
     Example::
 
@@ -85,6 +86,7 @@ class RankMonitor(MeasurementCallback):
         every_n_steps: int = 1000,
         weights: list[str] | None = None,
         layers: list[str] | None = None,
+        *,
         threshold: float = 0.5,
         near_one_tol: float = 0.25,
         repr_tol: float = 1e-3,
@@ -96,7 +98,9 @@ class RankMonitor(MeasurementCallback):
         bn_mode: BatchNormMode = "eval",
         name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, name=name)
+        super().__init__(
+            every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
+        )
         if threshold <= 0 or near_one_tol <= 0 or repr_tol <= 0:
             raise ValueError("RankMonitor: threshold, near_one_tol and repr_tol must be positive")
         if jacobian_points < 0:

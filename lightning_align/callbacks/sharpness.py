@@ -138,7 +138,8 @@ class Sharpness(MeasurementCallback):
             ``λ_max`` to ~1e-8 relative on float32 models, where float32 products stop at 1e-7-1e-6
             (``benchmarks/sharpness.py``). Under DDP, and for the preconditioned run, the last step is in float32.
         seed: seed of the random start vectors (the same on every rank).
-        schedule, probe_size, probe_seed, bn_mode, dropout: see :class:`MeasurementCallback`.
+        schedule, probe_size, probe_seed, bn_mode, dropout, name: shared by every callback; see "Arguments every
+            callback shares" in ``docs/callbacks.md``.
 
     Raises:
         ValueError: bad arguments; at fit start: a model without trainable parameters, more
@@ -180,6 +181,7 @@ class Sharpness(MeasurementCallback):
         self,
         every_n_steps: int = 1000,
         k: int = 1,
+        *,
         min_eig: bool = False,
         trace: bool = False,
         density: bool = False,
@@ -202,7 +204,10 @@ class Sharpness(MeasurementCallback):
         dropout: bool = False,
         name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, schedule, probe_size, probe_seed, bn_mode, dropout, name=name)
+        super().__init__(
+            every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, dropout=dropout,
+            name=name,
+        )
         for name, value, low in (
             ("k", k, 1),
             ("max_matvecs", max_matvecs, 1),

@@ -61,7 +61,8 @@ class ELRWarmup(MeasurementCallback):
         weights: module names or regexes among which scale-invariant weights are sought (default: every
             Linear/Conv/Embedding with a trainable weight).
         scale_factor, invariance_rtol: the scale-invariance test (see :class:`EffectiveLR`).
-        probe_size, probe_seed: the probe batch of the scale-invariance test.
+        probe_size, probe_seed, name: shared by every callback; see "Arguments every callback shares" in
+            ``docs/callbacks.md`` (the probe batch is used only by the scale-invariance test).
 
     Raises:
         ValueError: before the first optimizer step, if the model has no scale-invariant weight (the
@@ -88,13 +89,16 @@ class ELRWarmup(MeasurementCallback):
         self,
         every_n_steps: int = 1,
         weights: list[str] | None = None,
+        *,
         scale_factor: float = 2.0,
         invariance_rtol: float = 1e-3,
         probe_size: int = 256,
         probe_seed: int = 0,
         name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, "linear", probe_size, probe_seed, bn_mode="train", name=name)
+        super().__init__(
+            every_n_steps, schedule="linear", probe_size=probe_size, probe_seed=probe_seed, bn_mode="train", name=name
+        )
         check_invariance_test_args("ELRWarmup", scale_factor, invariance_rtol)
         self.weights = weights
         self.scale_factor = scale_factor

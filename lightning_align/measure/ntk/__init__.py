@@ -24,7 +24,7 @@ parameters and to zero "probes" added to each structured layer's output; no weig
 Assumption: no operation mixes samples (BatchNorm must use running statistics, i.e. ``eval()``), and the
 function is deterministic (no active dropout). Both are checked, with a clear error.
 
-Matrix-free eigenvalues (``method="lanczos"``) use ``K v = J (Jᵀ v)`` with the forward linearised once
+Matrix-free eigenvalues (``solver="lanczos"``) use ``K v = J (Jᵀ v)`` with the forward linearised once
 per measurement: the forward runs once with its graph kept, ``Jᵀc`` is a backward on it and ``J u`` a
 backward through the graph of a symbolic ``Jᵀc`` (built once, the "double-vjp" trick), so that a product
 costs two backward passes and never re-runs the forward (``torch.func.linearize`` gives the same
@@ -45,15 +45,15 @@ matrix-free operator and the Hutch++ trace).
 from lightning_align.measure.ntk.inspection import check_sample_independent
 from lightning_align.measure.ntk.kernel import empirical_ntk, flatten_kernel, ntk_matvec, ntk_trace
 from lightning_align.measure.ntk.plan import _Plan as _Plan  # benchmarks and tests build plans directly
-from lightning_align.measure.ntk.spectrum import MAX_EXACT_SIZE, MAX_MEMORY_GB, Method, NTKSpectrumResult, ntk_eigs, ntk_spectrum
+from lightning_align.measure.ntk.spectrum import MAX_EXACT_SIZE, MAX_MEMORY_GB, NTKSpectrumResult, Solver, ntk_eigs, ntk_spectrum
 from lightning_align.measure.ntk.summary import NTKSummary, kernel_distance, kernel_target_alignment, ntk_summary
 
 __all__ = [
     "MAX_EXACT_SIZE",
     "MAX_MEMORY_GB",
-    "Method",
     "NTKSpectrumResult",
     "NTKSummary",
+    "Solver",
     "check_sample_independent",
     "empirical_ntk",
     "flatten_kernel",

@@ -16,9 +16,9 @@ from lightning_align.measure.ntk.operator import _hutchpp
 from lightning_align.measure.ntk.plan import _Plan
 from lightning_align.measure.state import preserved_state
 
-Method = Literal["auto", "exact", "lanczos"]
+Solver = Literal["auto", "exact", "lanczos"]
 
-#: ``n·c`` up to which ``ntk_eigs(method="auto")`` builds the kernel and calls ``eigvalsh``.
+#: ``n·c`` up to which ``ntk_eigs(solver="auto")`` builds the kernel and calls ``eigvalsh``.
 MAX_EXACT_SIZE = 4096
 #: Default memory budget of one NTK measurement (GiB): the exact path is skipped (``"auto"``) or refused
 #: (``"exact"``), and the matrix-free path refused, when its estimate exceeds it.
@@ -29,7 +29,7 @@ def ntk_eigs(model: nn.Module, inputs: Any, k: int, trace_outputs: bool = False,
     """The ``k`` largest eigenvalues of the empirical NTK flattened to ``(n·c, n·c)`` (or ``(n, n)``).
 
     :func:`ntk_spectrum` with ``return_vectors=False``, its ``.values``; the keyword arguments are those of
-    :func:`ntk_spectrum` (``method``, ``max_exact_size``, ``tol``, ``max_matvecs``, ``init``, ``generator``,
+    :func:`ntk_spectrum` (``solver``, ``max_exact_size``, ``tol``, ``max_matvecs``, ``init``, ``generator``,
     ``params``, ``learning_rates``, ``chunk_size``, ``max_memory_gb``).
 
     Returns:
@@ -51,7 +51,7 @@ class NTKSpectrumResult:
         values: ``(k,)`` float64 eigenvalues, largest first.
         vectors: ``(N, k)`` eigenvectors (column ``i`` for ``values[i]``), ``N`` = kernel size
             (``(N, 0)`` when not asked for).
-        method: ``"exact"`` or ``"lanczos"``.
+        solver: the eigensolver used, ``"exact"`` or ``"lanczos"``.
         num_matvecs: kernel-vector products used (0 on the exact path).
         kernel: the flattened ``(N, N)`` kernel on the exact path, else ``None``.
         eigenvalues: all ``N`` eigenvalues (float64, largest first) on the exact path, else ``None``.
@@ -67,7 +67,7 @@ class NTKSpectrumResult:
 
     values: Tensor
     vectors: Tensor
-    method: str
+    solver: str
     num_matvecs: int
     kernel: Tensor | None
     eigenvalues: Tensor | None = None
@@ -81,7 +81,7 @@ def ntk_spectrum(
     k: int,
     trace_outputs: bool = False,
     *,
-    method: Method = "auto",
+    solver: Solver = "auto",
     max_exact_size: int = MAX_EXACT_SIZE,
     tol: float = 1e-4,
     max_matvecs: int = 100,
@@ -94,7 +94,7 @@ def ntk_spectrum(
     trace_samples: int = 0,
     max_memory_gb: float | None = MAX_MEMORY_GB,
 ) -> NTKSpectrumResult:
-    """Top ``k`` eigenpairs of the empirical NTK flattened to ``(n·c, n·c)`` (or ``(n, n)``), the method used,
+    """Top ``k`` eigenpairs of the empirical NTK flattened to ``(n·c, n·c)`` (or ``(n, n)``), the solver used,
     the trace and (exact path) the kernel.
 
     With ``return_vectors=False`` the exact path calls ``eigvalsh`` (faster than ``eigh``) and
@@ -111,7 +111,7 @@ def ntk_spectrum(
         model, inputs, trace_outputs, params, learning_rates, chunk_size: see
             :func:`~lightning_align.measure.ntk.empirical_ntk`.
         k: number of eigenpairs (``1 <= k <=`` kernel size).
-        method: ``"exact"`` builds the kernel and calls ``eigh``/``eigvalsh`` (in its dtype); ``"lanczos"`` is
+        solver: ``"exact"`` builds the kernel and calls ``eigh``/``eigvalsh`` (in its dtype); ``"lanczos"`` is
             matrix-free (``K v = J(Jᵀv)``, memory ``O(P + n·c·k)``); ``"auto"`` is exact when the kernel
             size is at most ``max_exact_size`` and its memory estimate within ``max_memory_gb``.
         tol, max_matvecs, init, generator: Lanczos settings (see
@@ -125,10 +125,10 @@ def ntk_spectrum(
     Example::
 
         res = ntk_spectrum(model.eval(), x, k=5)
-        res.values, res.method  # "exact" for small kernels, "lanczos" beyond max_exact_size
+        res.values, res.solver  # "exact" for small kernels, "lanczos" beyond max_exact_size
     """
-    if method not in ("auto", "exact", "lanczos"):
-        raise ValueError(f"ntk_eigs: method must be 'auto', 'exact' or 'lanczos', got {method!r}")
+    if solver not in ("auto", "exact", "lanczos"):
+        raise ValueError(f"ntk_eigs: solver must be 'auto', 'exact' or 'lanczos', got {solver!r}")
     if not isinstance(trace_samples, int) or trace_samples < 0:
         raise ValueError(f"ntk_spectrum: trace_samples must be an int >= 0, got {trace_samples!r}")
     plan = _Plan.build(model, inputs, params, learning_rates, True, owner="ntk_eigs")
@@ -140,12 +140,12 @@ def ntk_spectrum(
     if chunk_size is None:
         chunk_size = plan.auto_chunk(budget / 4)
     exact_bytes = plan.exact_bytes(chunk_size, size)
-    exact = method == "exact" or (method == "auto" and size <= max_exact_size and exact_bytes <= budget)
+    exact = solver == "exact" or (solver == "auto" and size <= max_exact_size and exact_bytes <= budget)
     if exact and exact_bytes > budget:
         raise ValueError(
             f"ntk_eigs: the exact kernel path needs about {exact_bytes / 2**30:.2f} GiB ({plan.n} samples x {plan.c} "
             f"outputs: per-sample Jacobian factors {plan.factor_bytes / 2**20:.1f} MiB each, kernel {size}x{size}), above "
-            f"max_memory_gb={max_memory_gb}; use method='lanczos' (matrix-free) or 'auto', fewer samples, or raise max_memory_gb"
+            f"max_memory_gb={max_memory_gb}; use solver='lanczos' (matrix-free) or 'auto', fewer samples, or raise max_memory_gb"
         )
     if not exact:
         lanczos_bytes = plan.lanczos_bytes(size, min(max_matvecs, size))
