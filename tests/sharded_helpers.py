@@ -20,7 +20,10 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-from torch.utils.data import TensorDataset
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_align.measure.sharded import is_sharded
 
 WORLD = 2
 
@@ -152,6 +155,53 @@ class SaveAt(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step == self.step:
             trainer.save_checkpoint(self.path)  # every rank: a collective under ModelParallelStrategy
+
+
+class StepMetrics(pl.Callback):
+    """Each rank's logged values after every optimizer step (and before the first), and the weights at the end.
+    Put it after the callbacks it records."""
+
+    def __init__(self, folder: str, prefixes: tuple[str, ...]) -> None:
+        self.folder, self.prefixes = folder, prefixes
+        self.steps: dict[str, dict[str, float]] = {}
+
+    def _record(self, trainer: pl.Trainer) -> None:
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefixes)}
+        if trainer.world_size > 1:  # parameters left gathered by a measurement (FSDP2: each should be its slice)
+            values["gathered"] = float(sum(not is_sharded(p) for p in trainer.lightning_module.parameters()))
+        self.steps[str(trainer.global_step)] = values
+        trainer.callback_metrics.clear()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._record(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        record = {"steps": self.steps, "weights": weights_digest(pl_module)}
+        Path(self.folder, f"rank{trainer.global_rank}_of{trainer.world_size}.json").write_text(json.dumps(record))
+
+
+def fit_same_data(make_module: Callable[[], pl.LightningModule], callbacks: list[pl.Callback], sharded: bool,
+                  max_steps: int, ckpt_path: str | None = None) -> None:
+    """Fit a module built after seeding on :func:`dataset`: sharded over 2 ranks (ModelParallelStrategy, batches of
+    16 per rank) or in one process on the same global batches (the DistributedSampler Lightning gives the sharded
+    run, with one replica and batches of 32)."""
+    pl.seed_everything(0, verbose=False)
+    torch.set_num_threads(1)
+    common: dict[str, Any] = dict(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
+    )
+    data = dataset()
+    if sharded:
+        trainer = pl.Trainer(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2, **common)
+        loader = DataLoader(data, batch_size=16)
+    else:
+        trainer = pl.Trainer(devices=1, **common)
+        loader = DataLoader(data, batch_size=32, sampler=DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0))
+    trainer.fit(make_module(), loader, ckpt_path=ckpt_path)
 
 
 def read(folder: Path, rank: int, world: int) -> dict[str, Any]:

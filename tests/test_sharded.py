@@ -13,13 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
-import torch
-from helpers import ddp_order_loader
-from lightning.pytorch.strategies import ModelParallelStrategy
-from sharded_helpers import DumpMetrics, SaveAt, ShardedNet, dataset, read, run_sharded
-from torch.utils.data import DataLoader
+from sharded_helpers import DumpMetrics, SaveAt, ShardedNet, fit_same_data, read, run_sharded
 
 from lightning_align import NTKSpectrum, Parametrization, Sharpness
 
@@ -42,22 +37,9 @@ def fit(
     ckpt_path: str | None = None, save: str | None = None, relu: bool = False,
 ) -> None:
     """One fit; ``save``: a checkpoint after step 2 (from inside the run: see ``SaveAt``)."""
-    pl.seed_everything(0, verbose=False)
-    torch.set_num_threads(1)
     callbacks = [*SUITES[suite](), DumpMetrics(folder, ("sharpness/", "elr/", "rank/", "coord/", "align/", "ntk/"))]
     callbacks += [SaveAt(save, 2)] if save else []
-    common: dict[str, Any] = dict(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
-    )
-    data = dataset()
-    if sharded:
-        trainer = pl.Trainer(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2, **common)
-        loader = DataLoader(data, batch_size=16)
-    else:
-        trainer = pl.Trainer(devices=1, **common)
-        loader = ddp_order_loader(data, batch_size=32)
-    trainer.fit(ShardedNet(optimizer=optimizer, lazy=lazy, relu=relu), loader, ckpt_path=ckpt_path)
+    fit_same_data(lambda: ShardedNet(optimizer=optimizer, lazy=lazy, relu=relu), callbacks, sharded, max_steps, ckpt_path)
 
 
 def _both(tmp_path: Path, suite: str, *args: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

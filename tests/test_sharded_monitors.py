@@ -19,17 +19,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import ddp_order_loader
-from lightning.pytorch.strategies import ModelParallelStrategy
-from sharded_helpers import SaveAt, ShardedNet, dataset, run_sharded, weights_digest
+from sharded_helpers import SaveAt, ShardedNet, StepMetrics, fit_same_data, run_sharded
 from torch.distributed.fsdp import fully_shard
-from torch.utils.data import DataLoader
 
 from lightning_align import CoordCheck, EffectiveLR, ELRWarmup, RankMonitor
-from lightning_align.measure.sharded import is_sharded
 
 pytestmark = pytest.mark.distributed
 
@@ -71,48 +66,10 @@ SUITES = {
 MODELS = {"none": ShardedNet, "monitors": ShardedNet, "warmup": SmallInitNet, "jacobian": ShardedNet}
 
 
-class StepMetrics(pl.Callback):
-    """Each rank's logged values after every optimizer step (and before the first), and the weights at the end.
-    Put it after the callbacks it records."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-        self.steps: dict[str, dict[str, float]] = {}
-
-    def _record(self, trainer: pl.Trainer) -> None:
-        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(PREFIXES)}
-        if trainer.world_size > 1:  # parameters left gathered by a measurement (FSDP2: each should be its slice)
-            values["gathered"] = float(sum(not is_sharded(p) for p in trainer.lightning_module.parameters()))
-        self.steps[str(trainer.global_step)] = values
-        trainer.callback_metrics.clear()
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._record(trainer)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._record(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        record = {"steps": self.steps, "weights": weights_digest(pl_module)}
-        Path(self.folder, f"rank{trainer.global_rank}_of{trainer.world_size}.json").write_text(json.dumps(record))
-
-
 def fit(folder: str, suite: str, sharded: bool, save: str = "", resume: str = "") -> None:
     Path(folder).mkdir(parents=True, exist_ok=True)
-    pl.seed_everything(0, verbose=False)
-    torch.set_num_threads(1)
-    common: dict[str, Any] = dict(
-        accelerator="cpu", max_steps=MAX_STEPS, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[*SUITES[suite](), StepMetrics(folder), *([SaveAt(save, 2)] if save else [])],
-    )
-    data = dataset()
-    if sharded:
-        trainer = pl.Trainer(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2, **common)
-        loader = DataLoader(data, batch_size=16)
-    else:
-        trainer = pl.Trainer(devices=1, **common)
-        loader = ddp_order_loader(data, batch_size=32)
-    trainer.fit(MODELS[suite](), loader, ckpt_path=resume or None)
+    callbacks = [*SUITES[suite](), StepMetrics(folder, PREFIXES), *([SaveAt(save, 2)] if save else [])]
+    fit_same_data(MODELS[suite], callbacks, sharded, MAX_STEPS, resume or None)
 
 
 def sharded_fits(folder: str) -> None:
