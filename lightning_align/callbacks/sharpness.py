@@ -14,16 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import log_figure, new_figure, tag, tensorboard_writers
-from lightning_align.measure.hessian import (
-    ADAM_LIKE,
-    SpectralDensity,
-    adam_preconditioner,
-    float64_rayleigh_ritz,
-    lr_preconditioner,
-    spectral_density,
-    stability_threshold,
-    trace_estimate,
-)
+from lightning_align.measure.hessian import SpectralDensity, float64_rayleigh_ritz, spectral_density, trace_estimate
+from lightning_align.measure.optim import ADAM_LIKE, adam_preconditioner, lr_preconditioner, stability_threshold
 from lightning_align.measure.operators import FlatOperator, Method, hessian_operator
 from lightning_align.measure.sharded import finite_difference_hessian
 from lightning_align.measure.lanczos import WARM_START_NOISE, LanczosResult, _refined, lanczos_eigs, lanczos_extremes
