@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sharded_helpers import DumpMetrics, SaveAt, ShardedNet, fit_same_data, read, run_sharded
 
-from lightning_align import NTKSpectrum, Parametrization, Sharpness
+from lightning_align import FeatureSpeedControl, NTKSpectrum, Parametrization, Sharpness
 
 pytestmark = pytest.mark.distributed
 
@@ -28,6 +28,7 @@ SUITES = {
     "mup_only": lambda: [Parametrization("mup", base_width=8, verbose=False)],
     "mup_orthogonal": lambda: [Parametrization("mup", base_width=8, init="orthogonal", verbose=False)],
     "ntk": lambda: [NTKSpectrum(every_n_steps=2, probe_size=8, k=2)],
+    "control": lambda: [FeatureSpeedControl(target_speed=0.05, every_n_steps=1, probe_size=16)],
     "sharpness_trace": lambda: [Sharpness(trace=True)],
 }
 
@@ -133,3 +134,16 @@ def test_a_relu_network_gets_nan_and_a_warning_not_a_biased_value(tmp_path: Path
     end = read(tmp_path, 0, 2)["end"]
     assert end["sharpness/fd_consistency"] > 1e-3
     assert all(end[k] != end[k] for k in ("sharpness/max_eig", "sharpness/eig_2", "sharpness/min_eig"))  # NaN
+
+
+def test_feature_speed_control_resumes_its_plan_and_multipliers_under_fsdp2(tmp_path: Path) -> None:
+    """ModelParallelStrategy restores the checkpoint after on_fit_start (one process restores before): the control
+    must split its groups from the restored plan and keep the restored multipliers, not plan afresh."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole.mkdir(), resumed.mkdir()
+    run_sharded(fit, str(whole), "control", True, 4, "sgd", False, None, str(tmp_path / "ckpt"))
+    run_sharded(fit, str(resumed), "control", True, 4, "sgd", False, str(tmp_path / "ckpt"))
+    end, again = read(whole, 0, 2), read(resumed, 0, 2)
+    assert any(k.startswith("align/control_multiplier/") for k in end["end"])
+    assert again["weights"] == end["weights"]
+    assert again["end"] == end["end"]

@@ -162,6 +162,11 @@ class FeatureSpeedControl(MeasurementCallback):
             self._split_groups(trainer, pl_module)
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        if not self._group_layer and self.plan is not None:
+            # resumed under a strategy that restores the checkpoint after on_fit_start (ModelParallelStrategy):
+            # the optimizer state is in already (per parameter, so it survives the split); keep the multipliers
+            self._check_plan(pl_module)
+            self._split_groups(trainer, pl_module)
         if not self._group_layer:  # a fresh fit: which parameters move which layer, then one group per layer
             res = measure_speeds(self.probe_loss_model(pl_module), batch, self._layers, self.shard_layout, lr=0.0)
             self.plan = _ownership(res)
