@@ -76,7 +76,7 @@ class FeatureAlignment(MeasurementCallback):
       outputs such as ``blocks.i``; not for the output of a residual *branch*);
     - ``align/loss_decrease``: the first-order loss decrease of the step on the probe;
     - with ``figure_every > 0``: a TensorBoard figure ``align/cos_vs_depth`` every ``figure_every`` measurements
-      (from the first; each costs ~40 ms of matplotlib, so figures are off by default).
+      (from the first; a matplotlib figure costs more than the measurement, so figures are off by default).
 
     At step 0 (before training) there is no update yet: the step measured is the gradient step
     ``Δθ = −lr·∇L`` with each parameter's optimizer-group learning rate (for Adam this is not the first
@@ -97,8 +97,8 @@ class FeatureAlignment(MeasurementCallback):
     See :func:`~lightning_align.measure.alignment.finite_difference_feature_speed`.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) keeps it
-            under 1% of a long quickstart run (README, "Speed and overhead").
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) is sparse
+            enough to leave on (measured shares: README, "Speed and overhead").
         layers: module names or regexes whose outputs are the features (default: every Linear/Conv/``Conv1D`` and
             attention block: :data:`~lightning_align.measure.modules.LayerKind` ``"features"``).
         figure_every: draw the cos-vs-depth figure every this many measurements (0, the default: never).

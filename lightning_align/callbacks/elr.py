@@ -72,7 +72,7 @@ class EffectiveLR(MeasurementCallback):
 
     Args:
         every_n_steps: measure every this many optimizer steps (each measurement covers the one step
-            before it). The default (50) keeps it under 1% of a long quickstart run (README, "Speed and
+            before it). The default (50) is sparse enough to leave on (measured shares: README, "Speed and
             overhead"); use 1 to follow every step.
         weights: module names or regexes whose ``weight`` is tracked (default: every Linear/Conv/Embedding
             with a trainable weight).

@@ -79,7 +79,7 @@ class NTKSpectrum(MeasurementCallback):
 
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) and the
-            small default probe keep it under 1% of a long quickstart run (README, "Speed and overhead").
+            small default probe make it cheap enough to leave on (measured shares: README, "Speed and overhead").
         k: number of top eigenvalues to compute and log as a spectrum.
         trace_outputs: use the ``(n, n)`` kernel summed over outputs.
         solver: the eigensolver: ``"auto"`` (exact up to ``max_exact_size``), ``"exact"`` (build the kernel, ``eigh``)

@@ -43,8 +43,8 @@ class RankMonitor(MeasurementCallback):
     parameters).
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) keeps it
-            under 1% of a long quickstart run (README, "Speed and overhead").
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) is sparse
+            enough to leave on (measured shares: README, "Speed and overhead").
         weights: module names or regexes whose ``weight`` is analysed (default: every Linear/Conv/Embedding).
         layers: module names or regexes whose outputs are the representations (default: same as weights).
         threshold: singular values above it count in ``weight_above``.

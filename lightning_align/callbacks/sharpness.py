@@ -84,18 +84,14 @@ class Sharpness(MeasurementCallback):
     eigenvalue either way; see ``gradient_check`` for the case where that eigenvalue is no longer the top.
 
     Cost per measurement: one forward and one ``create_graph`` backward, then one backward per product;
-    a warm start needs one product in a smooth run, more as the top eigenvector moves (``max_matvecs`` caps it;
-    on the examples at their learning rates it moves by 4-100% between measurements, even one step apart, so
-    2-9 products: ``docs/speed.md``); twice that for Adam; plus ``trace_basis + trace_samples`` for the trace and
-    ``density_steps · density_vectors`` for the density.
-    On the quickstart (MLP 128x3 on digits, batch 64, one CPU thread; ``benchmarks/sharpness_overhead.py``)
-    a warm measurement costs about 3 training steps with ``probe_size=16``, 5 with ``probe_size=64`` and
-    8 with the default probe of 256 (twice that with ``min_eig=True``: the bottom of the spectrum converges
-    slowest); the first, cold measurement 2-4x that. At the default ``every_n_steps=1000`` that is 1-2 %.
+    a warm start needs one product in a smooth run, more as the top eigenvector moves (``max_matvecs`` caps it);
+    twice that for Adam; plus ``trace_basis + trace_samples`` for the trace and ``density_steps · density_vectors``
+    for the density; ``min_eig=True`` about doubles it (the bottom of the spectrum converges slowest). Measured
+    products per estimate and shares of training time: ``docs/speed.md``.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) keeps it to
-            1-2% of a long quickstart run (README, "Speed and overhead").
+        every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) is sparse
+            enough to leave on (measured shares: README, "Speed and overhead").
         k: number of top eigenvalues.
         min_eig: also the smallest eigenvalue (from the same Lanczos run; off by default: a warm-started
             measurement then needs about twice the Hessian-vector products).
