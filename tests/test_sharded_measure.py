@@ -139,3 +139,61 @@ def test_feature_speeds_whose_difference_quotient_has_not_converged_are_nan_with
     with pytest.warns(UserWarning, match=r"changes by more than 0\.01 relative .* at net\.0"):
         rough = finite_difference_feature_speed(model, (x, y), ["net.0", "net.2"], None, lr=0.1, step=1e-8)
     assert rough["net.0"].speed != rough["net.0"].speed  # NaN
+
+
+class _LMLoss(nn.Module):
+    """``batch -> loss`` of a causal LM on its own tokens."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=batch, labels=batch).loss
+
+
+def _tiny_gpt2() -> tuple[nn.Module, torch.Tensor]:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.config._attn_implementation = "eager"
+    return model, torch.randint(0, 40, (4, 12))
+
+
+def test_finite_difference_products_on_a_tiny_hf_gpt2_match_double_backward() -> None:
+    """A Hugging Face model (tied readout, GELU, attention): the sharded route's products against the exact
+    double-backward products, and its consistency check passes there."""
+    from lightning_align.measure.operators import hessian_operator, hvp
+
+    model, ids = _tiny_gpt2()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_of() -> torch.Tensor:
+        return model(input_ids=ids, labels=ids).loss
+
+    with finite_difference_hessian(loss_of, params, None) as op:
+        for seed in range(2):
+            v = torch.randn(op.dim, generator=torch.Generator().manual_seed(seed))
+            exact = hvp(_LMLoss(model), lambda loss, _: loss, (ids, None), v, method="double_backward")
+            assert float((op(v) - exact).norm() / exact.norm()) < 2e-3
+        top = lanczos_eigs(op, op.dim, tol=1e-6, max_matvecs=120, init=op.gradient, generator=torch.Generator().manual_seed(0))
+        assert op.consistency(top.vectors[:, 0]) < 1e-3
+    with hessian_operator(_LMLoss(model), lambda loss, _: loss, (ids, None), method="double_backward") as exact_op:
+        exact_top = lanczos_eigs(exact_op, exact_op.dim, tol=1e-6, max_matvecs=120, generator=torch.Generator().manual_seed(0))
+    assert float(top.values[0]) == pytest.approx(float(exact_top.values[0]), rel=2e-3)
+
+
+def test_finite_difference_feature_speed_on_a_tiny_hf_gpt2_matches_the_exact_one() -> None:
+    from lightning_align.measure.alignment import feature_speed
+
+    model, ids = _tiny_gpt2()
+
+    layers = ["model.transformer.h.0", "model.transformer.h.1"]
+    exact = feature_speed(_LMLoss(model), None, ids, layers, lr=0.1)
+    approx = finite_difference_feature_speed(_LMLoss(model), ids, layers, None, lr=0.1)
+    for name in layers:
+        assert approx[name].speed == pytest.approx(exact[name].speed, rel=1e-3)
+        assert approx[name].cos_angle == pytest.approx(exact[name].cos_angle, abs=1e-3)
