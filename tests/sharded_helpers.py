@@ -40,6 +40,15 @@ def _entry(rank: int, fn: Callable[..., None], port: int, args: tuple[Any, ...])
     )
     torch.set_num_threads(1)
     fn(*args)
+    _leave_together()
+
+
+def _leave_together() -> None:
+    """Wait for every rank, then close the process group: without it the rank hosting the store (rank 0) could exit
+    while another rank's gloo threads still reach it, and that process aborts (a rare SIGABRT seen in CI)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def run_sharded(fn: Callable[..., None], *args: Any, timeout: int = 240) -> None:
