@@ -36,6 +36,13 @@ NTK's matrix-free path this is optimistic; ``benchmarks/sharpness_warm.py`` meas
     OMP_NUM_THREADS=1 python benchmarks/overhead.py --implied --model gpt [--steps 40] [--every 10] [--repeats 2]
         [--lengths 10000 100000]
 
+The second table applies ``max_overhead="auto"`` (the default: 0.3% per callback left at its default schedule)
+to the same measured costs: the whole suite is stepped through a run of ``L`` steps in training-step units,
+each due measurement runs only when the callback's rule allows it (spent + last cost <= 0.3% of the time spent
+on everything else; the step-0 measurement is left out of the account and out of these shares: it is the cold
+one above, whatever the budget), and its shares are printed; "long run" is ``L`` = 10,000,000. The rule is deterministic given
+the costs, so this is what the budget does with them (a real run's costs vary by a few percent).
+
 ``--device cuda`` trains on the GPU (``accelerator="gpu"``) in either mode; then the step clock and the timing
 wrappers call ``torch.cuda.synchronize()`` before reading the clock, so that queued device work is counted
 where it was launched (this adds one sync per training step, to plain and suite fits alike).
@@ -45,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -61,6 +69,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 import lightning_align
 from example_modules import GPT, MLP, CharTextDataModule, DigitsDataModule, ResNet
 from lightning_align import AlignSummary, MeasurementCallback
+from lightning_align import schedules
+from lightning_align.schedules import DEFAULT_MAX_OVERHEAD, OverheadBudget
 
 NAMES = ("FeatureAlignment", "Sharpness", "NTKSpectrum", "EffectiveLR", "RankMonitor", "CoordCheck")
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -206,15 +216,61 @@ def implied(model: str, steps: int, every: int, repeats: int, lengths: list[int]
     header += "".join(f"{f'{n:,} steps':>14}" for n in lengths) + f"{'long run':>10}"
     print(header)
     totals = [0.0] * (len(lengths) + 1)
+    measured: dict[str, tuple[float, float]] = {}
     for name in NAMES:
         runs = per[name]
         costs = [min(run[i] for run in runs) for i in range(min(len(run) for run in runs))]
         cold, warm = costs[0] / step, (statistics.median(costs[1:]) if len(costs) > 1 else costs[0]) / step
+        measured[name] = (cold, warm)
         e = default_every(name)
         shares = [(cold + warm * (n // e)) / n for n in lengths] + [warm / e]
         totals = [t + x for t, x in zip(totals, shares)]
         print(f"{name:<18}{e:>14}{cold:>13.1f}{warm:>13.1f}" + "".join(f"{100 * x:>13.2f}%" for x in shares))
     print(f"{'whole suite':<18}{'':>14}{'':>13}{'':>13}" + "".join(f"{100 * x:>13.2f}%" for x in totals))
+    print(f"\nwith max_overhead='auto' ({DEFAULT_MAX_OVERHEAD:.1%} per callback at its default schedule): shares and "
+          "measurements made")
+    print(f"{'callback':<18}" + "".join(f"{f'{n:,} steps':>22}" for n in [*lengths, LONG_RUN]))
+    runs = {n: budgeted(measured, n) for n in [*lengths, LONG_RUN]}
+    for name in [*NAMES, "whole suite"]:
+        cells = [f"{100 * runs[n][name][0]:.2f}% ({runs[n][name][1]:,})" for n in runs]
+        print(f"{name:<18}" + "".join(f"{c:>22}" for c in cells))
+    cold = sum(c for c, _ in measured.values())
+    print(f"{'+ step 0 (cold)':<18}" + "".join(f"{f'{100 * cold / n:.2f}%':>22}" for n in runs))
+    in_all = [100 * (runs[n]["whole suite"][0] + cold / n) for n in runs]
+    print(f"{'= in all':<18}" + "".join(f"{f'{x:.2f}%':>22}" for x in in_all))
+
+
+LONG_RUN = 10_000_000
+
+
+def budgeted(costs: dict[str, tuple[float, float]], length: int) -> dict[str, tuple[float, int]]:
+    """Each callback's share of a ``length``-step run and its number of measurements under
+    :class:`lightning_align.schedules.OverheadBudget` (the class itself, on a simulated clock), given
+    ``{name: (cold, warm)}`` in training steps; the clock advances by one per step and by each measurement made,
+    so each callback's "everything else" includes the others' measurements, as in a real run."""
+    now = [0.0]
+    real_clock, schedules.clock = schedules.clock, lambda: now[0]
+    try:
+        every = {name: default_every(name) for name in costs}
+        budgets = {name: OverheadBudget(DEFAULT_MAX_OVERHEAD) for name in costs}
+        counts = dict.fromkeys(costs, 1)
+        for name, (cold, _) in costs.items():  # step 0: every callback measures cold, outside the account
+            budgets[name].start()
+            budgets[name].exclude(cold)
+            now[0] += cold
+        period = math.gcd(*every.values())
+        for step in range(period, length + 1, period):
+            now[0] += period
+            for name, (_, warm) in costs.items():
+                if step % every[name] == 0 and budgets[name].allows_next():
+                    budgets[name].charge(warm)
+                    now[0] += warm
+                    counts[name] += 1
+    finally:
+        schedules.clock = real_clock
+    shares = {name: (budgets[name].spent / length, counts[name]) for name in costs}
+    shares["whole suite"] = (sum(s for s, _ in shares.values()), sum(c for _, c in shares.values()))
+    return shares
 
 
 def per_measurement(callback: MeasurementCallback, record: dict[int, float]) -> MeasurementCallback:

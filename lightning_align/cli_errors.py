@@ -70,9 +70,30 @@ def nested_key_error(message: str) -> str | None:
         found = re.fullmatch(r'Parser key "([^"]+)":', line)
         if found and i + 1 < len(lines) and not lines[i + 1].startswith("Does not validate"):
             key, detail = found.group(1), lines[i + 1]
+        elif found and owner is not None and i + 1 < len(lines):  # an init argument of a Union type
+            key, detail = found.group(1), _union_detail(lines[i + 1 :])
     if key is None:
         return None
     return f"{owner}({key}): {detail}" if owner else f"{key}: {detail}"
+
+
+def _union_detail(lines: list[str]) -> str:
+    """"expected float, 'auto' or None; got 'fast'" from jsonargparse's report on a Union-typed value."""
+    subtypes = next((line[len("Subtypes: [") : -1] for line in lines if line.startswith("Subtypes: [")), "")
+    kinds, depth, part = [], 0, ""
+    for ch in subtypes + ",":  # split at the commas outside brackets
+        depth += ch in "[(" and 1 or 0
+        depth -= ch in "])" and 1 or 0
+        if ch == "," and depth == 0:
+            kinds.append(part.strip())
+            part = ""
+        else:
+            part += ch
+    pretty = [re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", k).replace("NoneType", "None") for k in kinds if k]
+    pretty = [re.sub(r"^typing\.Literal\[(.*)\]$", r"\1", k) for k in pretty]
+    given = next((line.split(": ", 1)[1] for line in lines if line.startswith("Given value: ")), "?")
+    expected = ", ".join(pretty[:-1]) + f" or {pretty[-1]}" if len(pretty) > 1 else "".join(pretty) or "another type"
+    return f"expected {expected}; got {given!r}"
 
 
 def init_arguments(class_path: str) -> list[str]:

@@ -39,6 +39,19 @@ def test_a_callback_argument_error_is_one_line_naming_the_callback(capsys: pytes
     assert err.count("every_n_steps must be") == 1
 
 
+@pytest.mark.parametrize(
+    "callback, argument, message",
+    [("Sharpness", "max_overhead: fast", "Sharpness(max_overhead): expected float, 'auto' or None; got 'fast'"),
+     ("RankMonitor", "layers: 5", "RankMonitor(layers): expected list[str] or None; got '5'")],
+)
+def test_a_value_of_none_of_an_arguments_types_names_them(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, callback: str, argument: str, message: str
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"trainer:\n  callbacks:\n    - class_path: lightning_align.{callback}\n      init_args: {{{argument}}}\n")
+    assert message in _error(capsys, ["fit", "--config", QUICKSTART, "--config", str(bad)])
+
+
 def test_a_renamed_callback_argument_names_the_new_one(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     old = tmp_path / "old.yaml"
     old.write_text(

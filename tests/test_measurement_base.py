@@ -213,7 +213,7 @@ def test_every_callback_shares_argument_names_and_keeps_its_tail_keyword_only() 
     from lightning_align.cli_errors import RENAMED_ARGUMENTS
 
     leading = {"every_n_steps", "target_speed", "k", "layers", "weights"}
-    shared = {"schedule", "probe_size", "probe_seed", "bn_mode", "dropout", "name"}
+    shared = {"schedule", "max_overhead", "probe_size", "probe_seed", "bn_mode", "dropout", "name"}
     renamed = {old for _, old in RENAMED_ARGUMENTS} - {"method"}
     classes = [getattr(lightning_align, n) for n in lightning_align.__all__ if n[0].isupper()]
     measuring = [c for c in classes if isinstance(c, type) and issubclass(c, MeasurementCallback)]

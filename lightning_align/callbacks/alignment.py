@@ -25,7 +25,7 @@ from lightning_align.measure.alignment import FeatureSpeedResults, feature_speed
 from lightning_align.measure.modules import select_modules
 from lightning_align.measure.optim import learning_rates_by_parameter
 from lightning_align.measure.sharded import ShardLayout, local
-from lightning_align.schedules import ScheduleName
+from lightning_align.schedules import MaxOverhead, ScheduleName
 
 PREFIX = "module."  # parameter names of ProbeLoss / ProbeOutputs carry it
 
@@ -141,13 +141,15 @@ class FeatureAlignment(MeasurementCallback):
         *,
         figure_every: int = 0,
         schedule: ScheduleName = "linear",
+        max_overhead: MaxOverhead = "auto",
         probe_size: int = 256,
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "train",
         name: str | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
+            every_n_steps, schedule=schedule, max_overhead=max_overhead,
+            probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
         )
         if isinstance(layers, str):
             layers = [layers]

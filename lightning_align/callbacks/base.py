@@ -28,6 +28,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
+import inspect
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Literal
@@ -37,7 +38,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import IterableDataset
 
 from typing_extensions import override
@@ -65,7 +66,8 @@ from lightning_align.measure.state import (
     probe_dtype,
     upcast_floating,
 )
-from lightning_align.schedules import ScheduleName, StepSchedule
+from lightning_align import schedules
+from lightning_align.schedules import DEFAULT_MAX_OVERHEAD, MaxOverhead, OverheadBudget, ScheduleName, StepSchedule
 
 BatchNormMode = Literal["train", "eval"]
 
@@ -85,6 +87,11 @@ class MeasurementCallback(Callback, abc.ABC):
     Args:
         every_n_steps: measure every this many optimizer steps, and once before training (step 0).
         schedule: ``"linear"`` (multiples of ``every_n_steps``) or ``"log"`` (also 1, 2, 4, ... below it).
+        max_overhead: the largest share of the fit's wall time this callback's measurements may take: a scheduled
+            measurement that would exceed it is postponed to a later scheduled step (step 0 always runs).
+            ``"auto"``: 0.3% when ``every_n_steps`` is left at the callback's default, no limit when it is set
+            (the steps asked for are measured); ``None``: no limit. Callbacks that act on training (controls)
+            take no limit: their decisions must not depend on the machine's speed.
         probe_size: number of training samples in the fixed probe batch (split over ranks under DDP).
         probe_seed: seed that picks the probe samples.
         bn_mode: BatchNorm during probes: ``"train"`` uses batch statistics (the objective being
@@ -129,12 +136,15 @@ class MeasurementCallback(Callback, abc.ABC):
     #: Per-layer tags drawn as one layer × step heatmap each at the end of fit (a TensorBoard image under
     #: ``<family>/heatmap_<what>``): ``{tag prefix: colour-bar label}``.
     heatmaps: ClassVar[dict[str, str]] = {}
+    #: The measurements drive training (a control): never postponed by ``max_overhead``.
+    acts_on_training: ClassVar[bool] = False
 
     def __init__(
         self,
         every_n_steps: int = 100,
         *,
         schedule: ScheduleName = "linear",
+        max_overhead: MaxOverhead = "auto",
         probe_size: int = 256,
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "train",
@@ -150,6 +160,10 @@ class MeasurementCallback(Callback, abc.ABC):
         if bn_mode not in ("train", "eval"):
             raise ValueError(f"{type(self).__name__}: bn_mode must be 'train' or 'eval', got {bn_mode!r}")
         self.every_n_steps = every_n_steps
+        self.max_overhead = max_overhead
+        self.overhead_share = self._overhead_share(every_n_steps, max_overhead)
+        self.budget: OverheadBudget | None = None
+        self._budget_decision: tuple[int, bool] = (-1, True)
         self.probe_size = probe_size
         self.probe_seed = probe_seed
         self.bn_mode = bn_mode
@@ -163,6 +177,27 @@ class MeasurementCallback(Callback, abc.ABC):
         self._layer_values: dict[str, dict[str, dict[int, float]]] = {}  # heatmap prefix -> layer -> step -> value
         #: First and last headline values of this fit (read by the end-of-fit summary).
         self.headline_history = HeadlineHistory()
+
+    def _overhead_share(self, every_n_steps: int, max_overhead: MaxOverhead) -> float | None:
+        """The budget's share of fit time (``None``: a fixed schedule); see ``max_overhead``."""
+        owner = type(self).__name__
+        if max_overhead == "auto":
+            declared = inspect.signature(type(self).__init__).parameters.get("every_n_steps")
+            at_default = declared is not None and declared.default == every_n_steps
+            return DEFAULT_MAX_OVERHEAD if at_default and not self.acts_on_training else None
+        if max_overhead is None:
+            return None
+        if isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not 0 < max_overhead <= 1:
+            raise ValueError(
+                f"{owner}: max_overhead must be a share of training time in (0, 1] (0.01 = 1%), 'auto' or None, "
+                f"got {max_overhead!r}"
+            )
+        if self.acts_on_training:
+            raise ValueError(
+                f"{owner}: max_overhead={max_overhead!r} would make its control decisions depend on the machine's "
+                "speed; a control runs on its schedule. Remove max_overhead, or set every_n_steps."
+            )
+        return float(max_overhead)
 
     # ----------------------------------------------------------------------------------------------
     # What subclasses implement
@@ -287,6 +322,8 @@ class MeasurementCallback(Callback, abc.ABC):
                 "`probe_loss(self, batch)` returning the scalar training loss (no backward, no optimizer step)."
             )
         self.validate(trainer, pl_module)
+        if self.budget is not None:
+            self.budget.start()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -313,17 +350,21 @@ class MeasurementCallback(Callback, abc.ABC):
         """Probe batch, :meth:`prepare` and the first measurement, before the first optimizer step."""
         self.ensure_probe_batch(trainer, pl_module)
         if type(self).prepare is not MeasurementCallback.prepare:
+            started = schedules.clock()
             with self.probe_context(pl_module):
                 self.prepare(trainer, pl_module, self.probe_batch)
-        step = trainer.global_step
-        if step > self.last_step and self.schedule.is_due(step):
+            if self.budget is not None:
+                self.budget.exclude(schedules.clock() - started)
+        step = trainer.global_step  # 0, or the step a checkpoint resumes from
+        if step > self.last_step and self.schedule.is_due(step) and (step == 0 or self._within_budget(trainer, step)):
             self._run(trainer, pl_module)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.schedule.is_due(trainer.global_step + 1):
+        step = trainer.global_step + 1
+        if self.schedule.is_due(step) and self._within_budget(trainer, step):
             self.before_step(trainer, pl_module)
 
     @override
@@ -331,8 +372,29 @@ class MeasurementCallback(Callback, abc.ABC):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step > self.last_step and self.schedule.is_due(step):
+        if step > self.last_step and self.schedule.is_due(step) and self._within_budget(trainer, step):
             self._run(trainer, pl_module)
+
+    def _within_budget(self, trainer: pl.Trainer, step: int) -> bool:
+        """Whether the measurement scheduled at ``step`` fits ``max_overhead`` (decided once per step, by rank 0
+        under DDP so that every rank measures at the same steps)."""
+        if self.budget is None:
+            return True
+        if self._budget_decision[0] == step:
+            return self._budget_decision[1]
+        allowed = self.budget.allows_next()
+        if trainer.world_size > 1:
+            allowed = bool(trainer.strategy.broadcast(allowed, src=0))
+        if not allowed:
+            if self.budget.postponed == 0:
+                rank_zero_info(
+                    f"{type(self).__name__}: postponing its measurement at step {step} to keep its measurements under "
+                    f"{self.budget.share:.1%} of training time (max_overhead; the last took {self.budget.last_cost:.2f} s)."
+                    " Set every_n_steps, or max_overhead=None, to measure at every scheduled step."
+                )
+            self.budget.postponed += 1
+        self._budget_decision = (step, allowed)
+        return allowed
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -373,13 +435,21 @@ class MeasurementCallback(Callback, abc.ABC):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step, **self.extra_state()}
+        budget = {"overhead_budget": self.budget.state_dict()} if self.budget is not None else {}
+        return {"last_step": self.last_step, **budget, **self.extra_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         self._state_loaded = bool(state)
         self.last_step = int(state.pop("last_step", -1))
+        saved, running = state.pop("overhead_budget", None), self.budget
+        self.budget = OverheadBudget(self.overhead_share) if self.overhead_share is not None else None
+        self._budget_decision = (-1, True)
+        if self.budget is not None and saved is not None:
+            self.budget.load_state_dict(saved)
+        if self.budget is not None and running is not None:  # restored after on_fit_start (ModelParallelStrategy)
+            self.budget.started = running.started
         self.load_extra_state(state)
 
     @override
@@ -437,6 +507,7 @@ class MeasurementCallback(Callback, abc.ABC):
             self.ensure_probe_batch(trainer, pl_module)
         # Lightning hands callbacks the LightningModule itself, never the DDP/FSDP wrapper.
         context = self.probe_context(pl_module) if self.measure_in_probe_context else contextlib.nullcontext()
+        started = schedules.clock()
         with context:
             metrics = self.measure(trainer, pl_module, self.probe_batch)
         if metrics:
@@ -444,6 +515,12 @@ class MeasurementCallback(Callback, abc.ABC):
             self.headline_history.add(trainer.global_step, values, self.headlines or None)
             self._record_layers(trainer, values)
             self._show_in_progress_bar(trainer, values)
+        if self.budget is not None:  # after the values were read back (on a GPU: the measurement has finished)
+            seconds = schedules.clock() - started
+            if trainer.global_step == 0:
+                self.budget.exclude(seconds)
+            else:
+                self.budget.charge(seconds)
         self.last_step = trainer.global_step
 
     def _show_in_progress_bar(self, trainer: pl.Trainer, values: Mapping[str, float]) -> None:

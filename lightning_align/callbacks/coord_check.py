@@ -12,7 +12,7 @@ from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import tag
 from lightning_align.measure.modules import captured_outputs, select_modules
-from lightning_align.schedules import ScheduleName
+from lightning_align.schedules import MaxOverhead, ScheduleName
 
 
 class CoordCheck(MeasurementCallback):
@@ -75,6 +75,7 @@ class CoordCheck(MeasurementCallback):
         layers: list[str] | None = None,
         *,
         schedule: ScheduleName = "linear",
+        max_overhead: MaxOverhead = "auto",
         probe_size: int = 256,
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "train",
@@ -82,7 +83,8 @@ class CoordCheck(MeasurementCallback):
         name: str | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, dropout=dropout,
+            every_n_steps, schedule=schedule, max_overhead=max_overhead,
+            probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, dropout=dropout,
             name=name,
         )
         self.layers = layers

@@ -30,7 +30,7 @@ from lightning_align.measure.modules import select_modules
 from lightning_align.measure.optim import learning_rates_by_parameter
 from lightning_align.measure.sharded import local, reshard
 from lightning_align.measure.state import map_tensors
-from lightning_align.schedules import ScheduleName
+from lightning_align.schedules import MaxOverhead, ScheduleName
 
 
 #: Per-layer ELR tags are ``elr/<layer>``; these names under ``elr/`` are not layers.
@@ -123,13 +123,15 @@ class EffectiveLR(MeasurementCallback):
         scale_factor: float = 2.0,
         invariance_rtol: float = 1e-3,
         schedule: ScheduleName = "linear",
+        max_overhead: MaxOverhead = "auto",
         probe_size: int = 256,
         probe_seed: int = 0,
         name: str | None = None,
     ) -> None:
         # Batch statistics: scale invariance is a property of the train-mode function (see the test).
         super().__init__(
-            every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode="train", name=name
+            every_n_steps, schedule=schedule, max_overhead=max_overhead,
+            probe_size=probe_size, probe_seed=probe_seed, bn_mode="train", name=name
         )
         if not isinstance(figure_every, int) or isinstance(figure_every, bool) or figure_every < 0:
             raise ValueError(f"EffectiveLR: figure_every must be an int >= 0, got {figure_every!r}")

@@ -91,6 +91,7 @@ class FeatureSpeedControl(MeasurementCallback):
     """
 
     family = "align"
+    acts_on_training = True
     sharded_refusal = None
     needs_loss = True
     charts = {

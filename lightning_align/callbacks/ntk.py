@@ -27,7 +27,7 @@ from lightning_align.measure.ntk import (
     ntk_spectrum,
     ntk_summary,
 )
-from lightning_align.schedules import ScheduleName
+from lightning_align.schedules import MaxOverhead, ScheduleName
 
 PREFIX = "model.module."  # parameter names of the differentiated model: SequenceReduced(ProbeOutputs(pl_module))
 
@@ -159,13 +159,15 @@ class NTKSpectrum(MeasurementCallback):
         tol: float = 1e-4,
         max_matvecs: int = 100,
         schedule: ScheduleName = "linear",
+        max_overhead: MaxOverhead = "auto",
         probe_size: int = 32,
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "eval",
         name: str | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
+            every_n_steps, schedule=schedule, max_overhead=max_overhead,
+            probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
         )
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"NTKSpectrum: k must be a positive int, got {k!r}")

@@ -16,7 +16,7 @@ from lightning_align.logging import log_histogram, tag
 from lightning_align.measure.modules import captured_outputs, running_statistics, select_modules
 from lightning_align.measure.rank import jacobian_rank, representation_ranks, weight_spectrum
 from lightning_align.measure.sharded import full
-from lightning_align.schedules import ScheduleName
+from lightning_align.schedules import MaxOverhead, ScheduleName
 from lightning_align.measure.batch import batch_inputs, batch_size_of
 
 
@@ -93,13 +93,15 @@ class RankMonitor(MeasurementCallback):
         jacobian_points: int = 0,
         histograms: bool = True,
         schedule: ScheduleName = "linear",
+        max_overhead: MaxOverhead = "auto",
         probe_size: int = 256,
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "eval",
         name: str | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
+            every_n_steps, schedule=schedule, max_overhead=max_overhead,
+            probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
         )
         if threshold <= 0 or near_one_tol <= 0 or repr_tol <= 0:
             raise ValueError("RankMonitor: threshold, near_one_tol and repr_tol must be positive")

@@ -19,7 +19,7 @@ from lightning_align.measure.optim import ADAM_LIKE, adam_preconditioner, lr_pre
 from lightning_align.measure.operators import FlatOperator, Method, hessian_operator
 from lightning_align.measure.sharded import finite_difference_hessian
 from lightning_align.measure.lanczos import WARM_START_NOISE, LanczosResult, _refined, lanczos_eigs, lanczos_extremes
-from lightning_align.schedules import ScheduleName
+from lightning_align.schedules import MaxOverhead, ScheduleName
 
 
 #: Largest relative change of the top Rayleigh quotient when the finite-difference step is halved (FSDP2) for
@@ -186,6 +186,7 @@ class Sharpness(MeasurementCallback):
         high_precision: bool = False,
         seed: int = 0,
         schedule: ScheduleName = "linear",
+        max_overhead: MaxOverhead = "auto",
         probe_size: int = 256,
         probe_seed: int = 0,
         bn_mode: BatchNormMode = "train",
@@ -193,7 +194,8 @@ class Sharpness(MeasurementCallback):
         name: str | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, dropout=dropout,
+            every_n_steps, schedule=schedule, max_overhead=max_overhead,
+            probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, dropout=dropout,
             name=name,
         )
         for name, value, low in (

@@ -80,6 +80,7 @@ class ELRWarmup(MeasurementCallback):
     """
 
     family = "elr"
+    acts_on_training = True
     headlines = (Headline("elr", "warm-up factor", r"elr/warmup_factor"),)
     charts = {"ELR warm-up factor": ["Multiline", [r"^elr/warmup_factor$"]]}
     measure_in_probe_context = False  # logging the factor needs no probe; the probe is used once, in prepare()
