@@ -65,8 +65,9 @@ class OverheadBudget:
     A scheduled measurement runs only if the seconds spent measuring so far plus the last measurement's cost stay
     within ``share`` of the seconds spent on everything else (training, data, other callbacks); otherwise it is
     postponed to the next scheduled step. The measurement before training (step 0: cold, with the callback's
-    one-off preparation) always runs and is left out of the account (:meth:`exclude`), so the first scheduled
-    measurement after it runs too and the recurring cost stays within ``share``. Seconds carry over a resume.
+    one-off preparation) and a ``log`` schedule's early steps always run and are left out of the account
+    (:meth:`exclude`), so the first scheduled measurement after them runs too and the recurring cost stays within
+    ``share``. Seconds carry over a resume.
     """
 
     share: float

@@ -73,6 +73,15 @@ def test_measurements_are_postponed_until_training_has_paid_for_them(clock: Fake
     assert costly.budget.spent <= 0.5 * (clock.now - costly.budget.excluded - costly.budget.spent)
 
 
+def test_the_early_steps_of_a_log_schedule_are_always_measured(clock: FakeClock) -> None:
+    """``schedule="log"`` asks for steps 1, 2, 4 below ``every_n_steps=8``: one-off, like step 0, so they run and
+    stay out of the account; the first multiple (8) runs as the first measurement after them, later ones wait."""
+    costly = Costly(clock, every_n_steps=8, schedule="log", max_overhead=0.01)
+    fit([Ticks(clock), costly], max_steps=40)
+    assert costly.steps == [0, 1, 2, 4, 8]
+    assert costly.budget.excluded == 40 and costly.budget.spent == 10
+
+
 def test_without_a_budget_every_scheduled_step_is_measured(clock: FakeClock) -> None:
     costly = Costly(clock, every_n_steps=10, max_overhead=None)
     fit([Ticks(clock), costly], max_steps=40)

@@ -88,7 +88,8 @@ class MeasurementCallback(Callback, abc.ABC):
         every_n_steps: measure every this many optimizer steps, and once before training (step 0).
         schedule: ``"linear"`` (multiples of ``every_n_steps``) or ``"log"`` (also 1, 2, 4, ... below it).
         max_overhead: the largest share of the fit's wall time this callback's measurements may take: a scheduled
-            measurement that would exceed it is postponed to a later scheduled step (step 0 always runs).
+            measurement that would exceed it is postponed to a later scheduled step (step 0, ``log``'s early steps
+            and the first scheduled measurement after them always run).
             ``"auto"``: 0.3% when ``every_n_steps`` is left at the callback's default, no limit when it is set
             (the steps asked for are measured); ``None``: no limit. Callbacks that act on training (controls)
             take no limit: their decisions must not depend on the machine's speed.
@@ -356,7 +357,7 @@ class MeasurementCallback(Callback, abc.ABC):
             if self.budget is not None:
                 self.budget.exclude(schedules.clock() - started)
         step = trainer.global_step  # 0, or the step a checkpoint resumes from
-        if step > self.last_step and self.schedule.is_due(step) and (step == 0 or self._within_budget(trainer, step)):
+        if step > self.last_step and self.schedule.is_due(step) and self._within_budget(trainer, step):
             self._run(trainer, pl_module)
 
     @override
@@ -378,7 +379,7 @@ class MeasurementCallback(Callback, abc.ABC):
     def _within_budget(self, trainer: pl.Trainer, step: int) -> bool:
         """Whether the measurement scheduled at ``step`` fits ``max_overhead`` (decided once per step, by rank 0
         under DDP so that every rank measures at the same steps)."""
-        if self.budget is None:
+        if self.budget is None or step < self.schedule.every_n_steps:  # step 0 and `log`'s early steps: always
             return True
         if self._budget_decision[0] == step:
             return self._budget_decision[1]
@@ -517,7 +518,7 @@ class MeasurementCallback(Callback, abc.ABC):
             self._show_in_progress_bar(trainer, values)
         if self.budget is not None:  # after the values were read back (on a GPU: the measurement has finished)
             seconds = schedules.clock() - started
-            if trainer.global_step == 0:
+            if trainer.global_step < self.schedule.every_n_steps:  # step 0, `log`'s early steps: one-off
                 self.budget.exclude(seconds)
             else:
                 self.budget.charge(seconds)
