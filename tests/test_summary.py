@@ -107,6 +107,20 @@ def test_rank_zero_only(capsys: pytest.CaptureFixture[str]) -> None:
     assert print_fit_summary(SimpleNamespace(callbacks=[cb], is_global_zero=True), style="plain").startswith(TITLE)
 
 
+def test_the_table_says_which_callbacks_postponed_measurements(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_align.schedules import OverheadBudget
+
+    quiet, busy = RankMonitor(), RankMonitor(name="busy")
+    quiet.budget, busy.budget = OverheadBudget(0.003), OverheadBudget(0.003, postponed=7)
+    busy.headline_history.add(0, {"rank/weight_stable/fc": 3.0})
+    text = print_fit_summary(SimpleNamespace(callbacks=[quiet, busy], is_global_zero=True), style="plain")
+    assert text.splitlines()[-1] == (
+        "RankMonitor: 7 scheduled measurement(s) postponed to keep its measurements under 0.3% of training time "
+        "(max_overhead; set every_n_steps to measure them all)"
+    )
+    assert text.count("postponed") == 1 and text.splitlines()[-1] in capsys.readouterr().out
+
+
 def test_history_first_and_last_reductions() -> None:
     hist = HeadlineHistory()
     hist.add(0, {"align/cos/a": 0.9, "align/cos/b": 0.4, "coord/rms/a": 1.0, "coord/rms/b": float("nan")})

@@ -76,4 +76,22 @@ def print_fit_summary(trainer: pl.Trainer, style: SummaryStyle = "auto") -> str 
                 merged.records.setdefault(key, record)
     if not trainer.is_global_zero:
         return None
-    return print_summary(merged.records, style)
+    text = print_summary(merged.records, style)
+    notes = postponement_notes(trainer.callbacks)
+    if text is not None and notes:
+        print(notes)
+        text += "\n" + notes
+    return text
+
+
+def postponement_notes(callbacks: list[Any]) -> str:
+    """One line per callback whose overhead budget postponed measurements in this run (``max_overhead``)."""
+    lines = []
+    for cb in callbacks:
+        budget = getattr(cb, "budget", None)
+        if budget is not None and budget.postponed:
+            lines.append(
+                f"{type(cb).__name__}: {budget.postponed} scheduled measurement(s) postponed to keep its measurements "
+                f"under {budget.share:.1%} of training time (max_overhead; set every_n_steps to measure them all)"
+            )
+    return "\n".join(lines)
