@@ -102,7 +102,7 @@ class FeatureAlignment(MeasurementCallback):
         layers: module names or regexes whose outputs are the features (default: every Linear/Conv/``Conv1D`` and
             attention block: :data:`~lightning_align.measure.modules.LayerKind` ``"features"``).
         figure_every: draw the cos-vs-depth figure every this many measurements (0, the default: never).
-        schedule, probe_size, probe_seed, bn_mode, name: shared by every callback; see "Arguments every callback
+        schedule, max_overhead, probe_size, probe_seed, bn_mode, name: shared by every callback; see "Arguments every callback
             shares" in ``docs/callbacks.md``.
 
     Raises:

@@ -42,7 +42,7 @@ class CoordCheck(MeasurementCallback):
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (250) is sparse
             enough to leave on (measured shares: README, "Speed and overhead").
         layers: module names or regexes whose outputs are recorded (default: every Linear/Conv/Embedding).
-        schedule, probe_size, probe_seed, bn_mode, dropout, name: shared by every callback; see "Arguments every
+        schedule, max_overhead, probe_size, probe_seed, bn_mode, dropout, name: shared by every callback; see "Arguments every
             callback shares" in ``docs/callbacks.md``.
 
     Example::

@@ -79,7 +79,7 @@ class EffectiveLR(MeasurementCallback):
         figure_every: draw the ELR profile figure every this many measurements (0, the default: never).
         scale_factor: factor used by the scale-invariance test.
         invariance_rtol: largest relative output change that still counts as scale-invariant.
-        schedule, probe_size, probe_seed, name: shared by every callback; see "Arguments every callback shares" in
+        schedule, max_overhead, probe_size, probe_seed, name: shared by every callback; see "Arguments every callback shares" in
             ``docs/callbacks.md`` (the probe batch is used only by the scale-invariance test).
 
     Example::

@@ -100,7 +100,7 @@ class NTKSpectrum(MeasurementCallback):
         figure_every: log a log-scale plot of the top-``k`` spectrum to TensorBoard every this many measurements
             (0, the default: never).
         tol, max_matvecs: Lanczos settings of the matrix-free path.
-        schedule, probe_size, probe_seed, bn_mode, name: shared by every callback; see "Arguments every callback
+        schedule, max_overhead, probe_size, probe_seed, bn_mode, name: shared by every callback; see "Arguments every callback
             shares" in ``docs/callbacks.md`` (``probe_size`` defaults to 32 here: the kernel is ``(probe_size·c)²``
             and its eigendecomposition cubic).
 

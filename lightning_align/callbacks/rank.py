@@ -53,7 +53,7 @@ class RankMonitor(MeasurementCallback):
         jacobian_points: number of probe inputs for the input-output Jacobian rank (0 = off); computed
             with BatchNorm running statistics, since a per-sample Jacobian needs a sample-wise function.
         histograms: log singular-value histograms to TensorBoard.
-        schedule, probe_size, probe_seed, bn_mode, name: shared by every callback; see "Arguments every callback
+        schedule, max_overhead, probe_size, probe_seed, bn_mode, name: shared by every callback; see "Arguments every callback
             shares" in ``docs/callbacks.md``.
 
     Example::

@@ -126,7 +126,7 @@ class Sharpness(MeasurementCallback):
             ``λ_max`` to ~1e-8 relative on float32 models, where float32 products stop at 1e-7-1e-6
             (``benchmarks/sharpness.py``). Under DDP, and for the preconditioned run, the last step is in float32.
         seed: seed of the random start vectors (the same on every rank).
-        schedule, probe_size, probe_seed, bn_mode, dropout, name: shared by every callback; see "Arguments every
+        schedule, max_overhead, probe_size, probe_seed, bn_mode, dropout, name: shared by every callback; see "Arguments every
             callback shares" in ``docs/callbacks.md``.
 
     Raises:
