@@ -87,6 +87,7 @@ class OverheadBudget:
         return self.elapsed_before + (clock() - self.started if self.started is not None else 0.0)
 
     def allows_next(self) -> bool:
+        """Whether one more measurement as dear as the last keeps the measuring time within ``share`` of the rest."""
         return self.spent + self.last_cost <= self.share * (self.elapsed() - self.excluded - self.spent)
 
     def charge(self, seconds: float) -> None:
