@@ -78,6 +78,11 @@ class OverheadBudget:
     postponed: int = 0
     started: float | None = field(default=None, repr=False)
 
+    @property
+    def share_text(self) -> str:
+        """The share as a percentage for messages ("0.3%")."""
+        return f"{100 * self.share:.3g}%"
+
     def start(self) -> None:
         """The fit's clock starts (``on_fit_start``)."""
         self.started = clock()

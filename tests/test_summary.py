@@ -116,7 +116,7 @@ def test_the_table_says_which_callbacks_postponed_measurements(capsys: pytest.Ca
     text = print_fit_summary(SimpleNamespace(callbacks=[quiet, busy], is_global_zero=True), style="plain")
     assert text.splitlines()[-1] == (
         "RankMonitor: 7 scheduled measurement(s) postponed to keep its measurements under 0.3% of training time "
-        "(max_overhead; set every_n_steps to measure them all)"
+        "(max_overhead; set every_n_steps (or max_overhead=None) to measure at every scheduled step)"
     )
     assert text.count("postponed") == 1 and text.splitlines()[-1] in capsys.readouterr().out
 

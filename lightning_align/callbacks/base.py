@@ -376,6 +376,12 @@ class MeasurementCallback(Callback, abc.ABC):
         if step > self.last_step and self.schedule.is_due(step) and self._within_budget(trainer, step):
             self._run(trainer, pl_module)
 
+    def budget_remedy(self) -> str:
+        """How to measure at every scheduled step instead (for messages about postponed measurements)."""
+        if self.max_overhead == "auto":
+            return "set every_n_steps (or max_overhead=None) to measure at every scheduled step"
+        return "max_overhead=None measures at every scheduled step"
+
     def _within_budget(self, trainer: pl.Trainer, step: int) -> bool:
         """Whether the measurement scheduled at ``step`` fits ``max_overhead`` (decided once per step, by rank 0
         under DDP so that every rank measures at the same steps)."""
@@ -390,8 +396,8 @@ class MeasurementCallback(Callback, abc.ABC):
             if self.budget.postponed == 0:
                 rank_zero_info(
                     f"{type(self).__name__}: postponing its measurement at step {step} to keep its measurements under "
-                    f"{self.budget.share:.1%} of training time (max_overhead; the last took {self.budget.last_cost:.2f} s)."
-                    " Set every_n_steps, or max_overhead=None, to measure at every scheduled step."
+                    f"{self.budget.share_text} of training time (max_overhead; the last took {self.budget.last_cost:.3g} s)"
+                    f"; {self.budget_remedy()}."
                 )
             self.budget.postponed += 1
         self._budget_decision = (step, allowed)

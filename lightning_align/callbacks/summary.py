@@ -92,6 +92,6 @@ def postponement_notes(callbacks: list[Any]) -> str:
         if budget is not None and budget.postponed:
             lines.append(
                 f"{type(cb).__name__}: {budget.postponed} scheduled measurement(s) postponed to keep its measurements "
-                f"under {budget.share:.1%} of training time (max_overhead; set every_n_steps to measure them all)"
+                f"under {budget.share_text} of training time (max_overhead; {cb.budget_remedy()})"
             )
     return "\n".join(lines)
