@@ -19,6 +19,18 @@ from lightning_align import CoordCheck, EffectiveLR, FeatureAlignment, NTKSpectr
 from lightning_align.logging import MemoryLogger  # noqa: F401  (re-exported for the tests)
 
 
+class NetClassifier(pl.LightningModule):
+    """A classifier around ``self.net`` (built by the subclass): forward through it, cross-entropy training loss.
+    Subclasses add ``configure_optimizers``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
 class TinyClassifier(pl.LightningModule):
     """Linear-BatchNorm-ReLU-Dropout-Linear classifier; logs its loss like a real module."""
 

@@ -22,6 +22,8 @@ from torch.distributed.fsdp import fully_shard
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from helpers import NetClassifier
+
 from lightning_align.measure.sharded import is_sharded
 
 WORLD = 2
@@ -66,7 +68,7 @@ def run_sharded(fn: Callable[..., None], *args: Any, timeout: int = 240) -> None
                 p.kill()
 
 
-class ShardedNet(pl.LightningModule):
+class ShardedNet(NetClassifier):
     """A LayerNorm MLP that ``fully_shard``s each Linear and itself under ModelParallelStrategy (and is a plain
     module in one process). Odd widths make the ranks' slices uneven."""
 
@@ -91,13 +93,6 @@ class ShardedNet(pl.LightningModule):
             if isinstance(m, nn.Linear):
                 fully_shard(m, mesh=mesh)
         fully_shard(self, mesh=mesh)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer == "adam":

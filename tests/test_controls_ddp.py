@@ -23,7 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import ddp_order_loader
+from helpers import NetClassifier, ddp_order_loader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,7 +36,7 @@ from lightning_align.logging import MemoryLogger
 CONTROL_TAGS = ("align/control", "elr/warmup_factor")
 
 
-class NormalizedMLP(pl.LightningModule):
+class NormalizedMLP(NetClassifier):
     """``in -> [Linear -> LayerNorm -> ReLU] x 2 -> Linear``; tiny hidden init and a large LR (so ELRWarmup
     warms up for a couple of steps), SGD with momentum and a per-step LR schedule."""
 
@@ -51,13 +51,6 @@ class NormalizedMLP(pl.LightningModule):
         with torch.no_grad():
             for i in (0, 3):
                 self.net[i].weight.mul_(init_scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)

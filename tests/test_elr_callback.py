@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyClassifier, assert_same_training_state, fit
+from helpers import NetClassifier, TinyClassifier, assert_same_training_state, fit
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
@@ -22,7 +22,7 @@ from lightning_align.measure.elr import critical_lr
 # --------------------------------------------------------------------------------------------------
 # A deep BatchNorm-ReLU net without skips (shared with test_warmup.py)
 # --------------------------------------------------------------------------------------------------
-class DeepBN(pl.LightningModule):
+class DeepBN(NetClassifier):
     """``depth`` x (Linear -> BatchNorm -> ReLU) -> Linear, small init (so ``η*`` at init is small), plain SGD."""
 
     def __init__(self, depth: int = 20, width: int = 32, in_features: int = 16, num_classes: int = 4, lr: float = 0.1,
@@ -42,13 +42,6 @@ class DeepBN(pl.LightningModule):
             for m in self.net[:-1]:
                 if isinstance(m, nn.Linear):
                     m.weight.mul_(init_scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)

@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import tiny_loader
+from helpers import NetClassifier, tiny_loader
 from torch import nn
 
 from lightning_align.callbacks.sharpness import Sharpness
 from lightning_align.measure.hessian import hessian_extremes
 
 
-class NoNorm(pl.LightningModule):
+class NoNorm(NetClassifier):
     """No BatchNorm: the sharded probe's mean HVP equals the full probe's HVP exactly."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)

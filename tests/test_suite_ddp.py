@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import ddp_order_loader, measurement_suite, tiny_loader
+from helpers import NetClassifier, ddp_order_loader, measurement_suite, tiny_loader
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -26,19 +25,12 @@ from lightning_align import AlignSummary
 FAMILIES = ("align/", "sharpness/", "ntk/", "elr/", "rank/", "coord/")
 
 
-class LayerNormNet(pl.LightningModule):
+class LayerNormNet(NetClassifier):
     """No BatchNorm (batch statistics would differ between a rank's shard and the whole batch)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
