@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-from helpers import fit
+from helpers import assert_same_training_state, fit
 
 from lightning_align import (
     CoordCheck, EffectiveLR, ELRWarmup, FeatureAlignment, FeatureSpeedControl, NTKSpectrum, RankMonitor, Sharpness,
@@ -98,6 +98,48 @@ def test_the_budget_survives_a_resume(clock: FakeClock, tmp_path: Path) -> None:
     resumed = Costly(clock, every_n_steps=1, max_overhead=0.5)
     fit([Ticks(clock), resumed], max_steps=80, ckpt_path=str(tmp_path / "at50.ckpt"))
     assert first.steps == [0, 1, 40] and resumed.steps == [60, 80]
+
+
+class AlignValues(pl.Callback):
+    """FeatureAlignment's logged values at each step it measured (put after it)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("align/")}
+        if values:
+            self.steps[trainer.global_step] = values
+        trainer.callback_metrics.clear()
+
+
+def test_a_postponed_schedule_measures_what_the_full_schedule_measures_and_leaves_training_alone(clock: FakeClock) -> None:
+    """FeatureAlignment copies the weights just before a due step (``before_step``) and measures after it: after
+    postponements its values at the steps it does measure equal those of a run measuring every step (the copy
+    belongs to the step measured), and training (dropout, BatchNorm) is bit-identical with, without and under a
+    budget."""
+
+    def costly_alignment(**kwargs: Any) -> FeatureAlignment:
+        cb = FeatureAlignment(every_n_steps=1, probe_size=32, **kwargs)
+        measure = cb.measure
+
+        def measure_for_10_units(*args: Any) -> Any:
+            clock.now += 10.0
+            return measure(*args)
+
+        cb.measure = measure_for_10_units
+        return cb
+
+    budgeted, every = AlignValues(), AlignValues()
+    run_budgeted = fit([Ticks(clock), costly_alignment(max_overhead=0.5), budgeted], max_steps=60)
+    run_every = fit([Ticks(clock), costly_alignment(max_overhead=None), every], max_steps=60)
+    plain = fit([], max_steps=60)
+    assert sorted(budgeted.steps) == [1, 40, 60]  # (step 0's values are logged before training: not seen here)
+    assert len(every.steps) == 60
+    for step, values in budgeted.steps.items():
+        assert values == every.steps[step], step
+    assert_same_training_state(run_budgeted, plain)
+    assert_same_training_state(run_every, plain)
 
 
 def test_auto_limits_the_default_schedules_only() -> None:
