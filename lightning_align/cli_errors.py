@@ -80,15 +80,8 @@ def nested_key_error(message: str) -> str | None:
 def _union_detail(lines: list[str]) -> str:
     """"expected float, 'auto' or None; got 'fast'" from jsonargparse's report on a Union-typed value."""
     subtypes = next((line[len("Subtypes: [") : -1] for line in lines if line.startswith("Subtypes: [")), "")
-    kinds, depth, part = [], 0, ""
-    for ch in subtypes + ",":  # split at the commas outside brackets
-        depth += ch in "[(" and 1 or 0
-        depth -= ch in "])" and 1 or 0
-        if ch == "," and depth == 0:
-            kinds.append(part.strip())
-            part = ""
-        else:
-            part += ch
+    kinds = re.findall(r"(?:[^,\[]|\[[^\]]*\])+", subtypes)  # the items, commas inside brackets kept
+    kinds = [k.strip() for k in kinds]
     pretty = [re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", k).replace("NoneType", "None") for k in kinds if k]
     pretty = [re.sub(r"^typing\.Literal\[(.*)\]$", r"\1", k) for k in pretty]
     given = next((line.split(": ", 1)[1] for line in lines if line.startswith("Given value: ")), "?")
