@@ -38,3 +38,18 @@ def test_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path: Path) -> Non
         for tag, value in expected.items():
             assert got[tag] == pytest.approx(value, rel=1e-4, abs=1e-7), f"step {step}: {tag}"
     assert [s for s, _ in resumed.series("sharpness/max_eig")] == [6, 8], "no measurement is repeated after a resume"
+
+
+def test_feature_alignment_resumed_without_its_state_measures_nothing_at_the_resume_step(tmp_path: Path) -> None:
+    """Its weight copy from before the resume step is lost with the state: it says so and logs nothing there
+    (not a gradient-step prediction under the same tags), then measures the next scheduled step as usual."""
+    from lightning_align import FeatureAlignment
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    fit([checkpoint], module=model, loader=loader(), max_steps=4, enable_checkpointing=True)
+    (path,) = tmp_path.glob("*.ckpt")
+    resumed = MemoryLogger()
+    with pytest.warns(UserWarning, match=r"FeatureAlignment: no copy of the weights from just before step 4"):
+        fit([FeatureAlignment(every_n_steps=2, probe_size=32)], module=model, loader=loader(), max_steps=6, logger=resumed,
+            ckpt_path=str(path))
+    assert [s for s, _ in resumed.series("align/loss_decrease")] == [6]

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import nn
 
@@ -171,6 +172,12 @@ class FeatureAlignment(MeasurementCallback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
         if not self._layers:
             self.validate(trainer, pl_module)
+        if trainer.global_step > 0 and self._before is None:
+            rank_zero_warn(
+                f"FeatureAlignment: no copy of the weights from just before step {trainer.global_step} (the run resumed "
+                "at this step without this callback's state), so the update is unknown: nothing measured at this step."
+            )
+            return {}
         results = self.speeds(trainer, pl_module, batch)
         metrics: dict[str, float] = {"align/loss_decrease": results.loss_decrease}
         for name, r in results.items():
