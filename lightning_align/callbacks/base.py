@@ -29,7 +29,6 @@ import abc
 import contextlib
 import functools
 import inspect
-import math
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Literal
 
@@ -57,8 +56,8 @@ from lightning_align.measure.sharded import ShardLayout, has_sharded_parameters,
 from lightning_align.dashboard import write_dashboard
 from lightning_align.headlines import Headline, HeadlineHistory, progress_bar_values
 from lightning_align.callbacks.strategy import check_strategy
-from lightning_align.figures import layer_heatmap
-from lightning_align.logging import log_figure, log_scalars, tensorboard_writers
+from lightning_align.callbacks.heatmaps import log_heatmaps, record_layers
+from lightning_align.logging import callback_name, log_scalars, writing_as
 from lightning_align.measure.state import (
     default_dtype_at_least_fp32,
     map_tensors,
@@ -328,7 +327,7 @@ class MeasurementCallback(Callback, abc.ABC):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        write_dashboard(trainer, [cb for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)])
+        write_dashboard(trainer, [cb for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)], callback_name(self))
         if trainer.ckpt_path and not self._state_loaded:
             rank_zero_warn(
                 f"{type(self).__name__}{'(name=%r)' % self.name if self.name else ''}: the checkpoint {trainer.ckpt_path} "
@@ -352,7 +351,7 @@ class MeasurementCallback(Callback, abc.ABC):
         self.ensure_probe_batch(trainer, pl_module)
         if type(self).prepare is not MeasurementCallback.prepare:
             started = schedules.clock()
-            with self.probe_context(pl_module):
+            with self.probe_context(pl_module), writing_as(callback_name(self)):
                 self.prepare(trainer, pl_module, self.probe_batch)
             if self.budget is not None:
                 self.budget.exclude(schedules.clock() - started)
@@ -405,26 +404,7 @@ class MeasurementCallback(Callback, abc.ABC):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for prefix, per_layer in self._layer_values.items():
-            steps = sorted({s for values in per_layer.values() for s in values})
-            if len(steps) < 2:
-                continue
-            names = list(per_layer)
-            matrix = [[per_layer[n].get(s, math.nan) for s in steps] for n in names]
-            label = self.heatmaps[prefix]
-            fig = layer_heatmap(names, steps, matrix, label=label, title=f"{label}, per layer and step")
-            what = prefix.rstrip("/").split("/")[-1]
-            log_figure(trainer, f"{self.family}/heatmap" + ("" if what == self.family else f"_{what}"), fig)
-
-    def _record_layers(self, trainer: pl.Trainer, values: Mapping[str, float]) -> None:
-        """Keep the per-layer values of :attr:`heatmaps` for the end-of-fit heatmaps (TensorBoard only)."""
-        if not self.heatmaps or not tensorboard_writers(trainer):
-            return
-        for prefix in self.heatmaps:
-            for name, value in values.items():
-                layer = self.heatmap_layer(name, prefix)
-                if layer is not None:
-                    self._layer_values.setdefault(prefix, {}).setdefault(layer, {})[trainer.global_step] = value
+        log_heatmaps(self, trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -438,7 +418,7 @@ class MeasurementCallback(Callback, abc.ABC):
         # The leader: the first measurement callback (subclasses overriding teardown call super()).
         leaders = [c for c in trainer.callbacks if isinstance(c, MeasurementCallback)]
         if leaders and leaders[0] is self:
-            print_fit_summary(trainer)
+            print_fit_summary(trainer, owner=callback_name(self))
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -515,12 +495,12 @@ class MeasurementCallback(Callback, abc.ABC):
         # Lightning hands callbacks the LightningModule itself, never the DDP/FSDP wrapper.
         context = self.probe_context(pl_module) if self.measure_in_probe_context else contextlib.nullcontext()
         started = schedules.clock()
-        with context:
+        with context, writing_as(callback_name(self)):
             metrics = self.measure(trainer, pl_module, self.probe_batch)
         if metrics:
-            values = log_scalars(trainer, metrics)
+            values = log_scalars(trainer, metrics, owner=callback_name(self))
             self.headline_history.add(trainer.global_step, values, self.headlines or None)
-            self._record_layers(trainer, values)
+            record_layers(self, trainer, values)
             self._show_in_progress_bar(trainer, values)
         if self.budget is not None:  # after the values were read back (on a GPU: the measurement has finished)
             seconds = schedules.clock() - started
