@@ -119,7 +119,9 @@ def log_scalars(
     bad = [name for name, v in values.items() if not math.isfinite(v)]
     if bad:
         shown = ", ".join(f"{n}={values[n]}" for n in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-        rank_zero_warn(f"lightning_align: non-finite values at step {step} ({shown}); logged as they are, training goes on.")
+        source = owner or _owner.get()
+        by = "" if source == SUITE else f" from {source}"
+        rank_zero_warn(f"lightning_align: non-finite values at step {step} ({shown}){by}; logged as they are, training goes on.")
     for logger in trainer.loggers:
         with guarded_write(trainer, owner, "scalar", next(iter(values), ""), type(logger).__name__):
             logger.log_metrics(values, step=step)
