@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_align.logging import guarded_write
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -56,11 +57,12 @@ def hparams_metric_tags(callbacks: Iterable[Any]) -> list[str]:
     return list(dict.fromkeys(h.pattern for cb in callbacks for h in cb.headlines if h.reduce == "value"))
 
 
-def write_dashboard(trainer: pl.Trainer, callbacks: Iterable[Any]) -> int:
+def write_dashboard(trainer: pl.Trainer, callbacks: Iterable[Any], owner: str | None = None) -> int:
     """Write the layout (and, if Lightning did not, the HParams summary) once to each TensorBoard writer.
 
     Safe to call from every callback: a marker on the writer makes later calls no-ops; only rank zero
-    writes. Returns the number of writers written to now.
+    writes. A write that fails warns once (naming ``owner``, the callback writing) and is not tried again.
+    Returns the number of writers written to now.
 
     Example::
 
@@ -73,15 +75,19 @@ def write_dashboard(trainer: pl.Trainer, callbacks: Iterable[Any]) -> int:
     for logger in trainer.loggers:
         if not isinstance(logger, TensorBoardLogger):
             continue
-        writer = logger.experiment
-        if getattr(writer, _MARKER, False):
+        writer = None
+        with guarded_write(trainer, owner, "dashboard", "custom scalars layout", "TensorBoardLogger"):
+            writer = logger.experiment
+        if writer is None or getattr(writer, _MARKER, False):
             continue
-        layout = custom_scalars_layout(callbacks)
-        if layout:
-            writer.add_custom_scalars(layout)
-        if not getattr(logger, "_default_hp_metric", True) and logger.hparams:
-            _write_hparams(writer, logger.hparams, hparams_metric_tags(callbacks))
         setattr(writer, _MARKER, True)
+        with guarded_write(trainer, owner, "dashboard", "custom scalars layout"):
+            layout = custom_scalars_layout(callbacks)
+            if layout:
+                writer.add_custom_scalars(layout)
+        if not getattr(logger, "_default_hp_metric", True) and logger.hparams:
+            with guarded_write(trainer, owner, "dashboard", "HParams summary"):
+                _write_hparams(writer, logger.hparams, hparams_metric_tags(callbacks))
         written += 1
     return written
 

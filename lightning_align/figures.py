@@ -1,7 +1,8 @@
 """The suite's figures, drawn one way everywhere: per-layer profiles, layer × step heatmaps and spectra.
 
 Every figure has a descriptive title, labelled axes with units, layer names on layer axes (never fractional
-ticks) and a constrained layout, so nothing is clipped at TensorBoard's image size. Headless (Agg canvas).
+ticks) and a constrained layout, so nothing is clipped at TensorBoard's image size. Headless (Agg canvas). Any
+values can be drawn (:func:`plottable`): non-finite ones are left out, huge ones clipped to float32's range.
 """
 
 from __future__ import annotations
@@ -12,7 +13,17 @@ from collections.abc import Mapping, Sequence
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from lightning_align.logging import new_figure
+from lightning_align.logging import FLOAT32_MAX, new_figure
+
+
+def plottable(values: Sequence[float]) -> list[float]:
+    """Values matplotlib can draw: non-finite ones NaN (left out), finite ones clipped to float32's range.
+
+    Example:
+        >>> plottable([1e300, float("inf"), -2.0])
+        [3.4028234663852886e+38, nan, -2.0]
+    """
+    return [min(max(float(v), -FLOAT32_MAX), FLOAT32_MAX) if math.isfinite(v) else math.nan for v in values]
 
 
 def _layer_axis(ax: object, names: Sequence[str], axis: str = "x") -> None:
@@ -48,8 +59,9 @@ def layer_profile(names: Sequence[str], curves: Mapping[str, Sequence[float]], *
         ['fc1', 'fc2']
     """
     fig, ax = new_figure(max(5.0, 0.3 * len(names) + 2.0), 3.6)
+    curves = {label: plottable(values) for label, values in curves.items()}
     for label, values in curves.items():
-        ax.plot(range(len(names)), list(values), marker="o", label=label)
+        ax.plot(range(len(names)), values, marker="o", label=label)
     if spans_decades([v for vs in curves.values() for v in vs], 1.5):
         ax.set_yscale("log")
     if ax.get_yscale() == "linear":
@@ -72,6 +84,10 @@ def layer_heatmap(names: Sequence[str], steps: Sequence[int], values: Sequence[S
         'layer'
     """
     fig, ax = new_figure(min(9.0, max(5.0, 0.2 * len(steps) + 3.0)), min(9.0, max(3.0, 0.22 * len(names) + 1.6)))
+    values = [plottable(row) for row in values]
+    if not names or not steps:  # nothing measured: an empty frame that says so
+        values = [[math.nan]]
+        ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
     flat = [v for row in values for v in row]
     norm = LogNorm() if spans_decades(flat, 1.5) else None
     image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
@@ -94,7 +110,7 @@ def spectrum(values: Sequence[float], *, ylabel: str, title: str) -> Figure:
         'log'
     """
     fig, ax = new_figure(5.0, 3.6)
-    ax.semilogy(range(1, len(values) + 1), [max(v, 1e-30) for v in values], marker="o")
+    ax.semilogy(range(1, len(values) + 1), [v if math.isnan(v) else max(v, 1e-30) for v in plottable(values)], marker="o")
     ax.set_xticks(range(1, len(values) + 1))
     ax.set_xlabel("index (largest first)")
     ax.set_ylabel(ylabel)

@@ -15,8 +15,9 @@ as numbers or powers ``2^-10``), e.g. ``model.init_args.lr=logspace(2^-12,2^-4,9
 
 Every point and value is checked against the config's schema before anything runs; a key not in it
 fails naming the nearest valid keys. A point is finished when its directory holds the marker
-``sweep_done`` (written after the fit exits successfully) or, lacking it, when its event files reach
-``trainer.max_steps``; a rerun of the same command runs only the other points (an unfinished point's
+``sweep_done`` (written after the fit exits successfully, or after it diverged: a loss logged non-finite,
+whether or not the fit then failed; the report counts its losses as infinite) or, lacking it, when its event
+files reach ``trainer.max_steps``; a rerun of the same command runs only the other points (an unfinished point's
 directory is cleared first). ``--print-commands`` prints one shell line per unfinished point instead
 (for a SLURM array or any launcher; each line writes the marker when its fit succeeds).
 
@@ -336,9 +337,19 @@ def check_same_args(point: Point) -> None:
         )
 
 
-def write_marker(point: Point, seconds: float) -> None:
-    """Mark a point finished, with the arguments it ran with."""
-    (point.directory / MARKER).write_text(json.dumps({"fit_args": point.fit_args, "seconds": round(seconds, 2)}) + "\n")
+def write_marker(point: Point, seconds: float, diverged_at: int | None = None) -> None:
+    """Mark a point finished, with the arguments it ran with (and the step its loss diverged at, if it did)."""
+    diverged = {} if diverged_at is None else {"diverged_at": diverged_at}
+    (point.directory / MARKER).write_text(json.dumps({"fit_args": point.fit_args, "seconds": round(seconds, 2), **diverged}) + "\n")
+
+
+def diverged_at(directory: Path) -> int | None:
+    """The first step at which the point's event files hold a non-finite loss (``None``: never, or no event file)."""
+    if not any(directory.glob("events.out.tfevents.*")):
+        return None
+    from lightning_align.report.events import load_run
+
+    return load_run(directory).diverged_at()
 
 
 # ---------------------------------------------------------------- running
@@ -475,8 +486,12 @@ def run_points(points: Sequence[Point], jobs: int = 1, reuse_processes: bool = F
                 bar.write(f"sweep: a worker process failed: {result!r}")
             else:
                 point, rc, seconds = result
-                if rc == 0:
-                    write_marker(point, seconds)
+                diverged = diverged_at(point.directory)
+                if diverged is not None:  # an outcome, not a failure: the report counts its losses as infinite
+                    bar.write(f"sweep: {point.name} diverged (a non-finite loss at step {diverged}"
+                              f"{'' if rc == 0 else f', then the fit failed with exit {rc}'}); recorded as diverged")
+                if rc == 0 or diverged is not None:
+                    write_marker(point, seconds, diverged)
                 else:
                     failed += 1
                     bar.write(f"sweep: {point.name} failed (exit {rc}); log: {point.directory / LOG_NAME}")

@@ -96,7 +96,7 @@ def test_state_dict_round_trip_prevents_duplicate_measurement() -> None:
     rec = Recorder(every_n_steps=2)
     fit([rec], max_steps=2)
     state = rec.state_dict()
-    assert state == {"last_step": 2}
+    assert state == {"last_step": 2, "settings": {"probe_size": 256, "probe_seed": 0, "bn_mode": "train", "dropout": False}}
     other = Recorder(every_n_steps=2)
     other.load_state_dict(state)
     assert other.last_step == 2

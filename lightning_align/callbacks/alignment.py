@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
+from lightning_align.callbacks.checkpoint_state import read_int
 from lightning_align.figures import layer_profile
 from lightning_align.logging import log_figure, tag, tensorboard_writers
 from lightning_align.measure.alignment import FeatureSpeedResults, feature_speed, finite_difference_feature_speed
@@ -205,7 +206,7 @@ class FeatureAlignment(MeasurementCallback):
         return {"num_measurements": self.num_measurements}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.num_measurements = int(state.get("num_measurements", 0))
+        self.num_measurements = read_int(self, state, "num_measurements", 0)
 
     def _figure(self, trainer: pl.Trainer, results: FeatureSpeedResults) -> None:
         if not tensorboard_writers(trainer):
@@ -214,5 +215,5 @@ class FeatureAlignment(MeasurementCallback):
         curves = {f"step {trainer.global_step}": [results[n].cos_angle for n in names]}
         if self._first_cos and list(self._first_cos) == names and trainer.global_step > 0:
             curves = {"step 0": list(self._first_cos.values()), **curves}
-        fig = layer_profile(names, curves, ylabel="cos θ (1: features move down the loss)", title="backward-feature alignment per layer")
-        log_figure(trainer, "align/cos_vs_depth", fig)
+        ylabel, title = "cos θ (1: features move down the loss)", "backward-feature alignment per layer"
+        log_figure(trainer, "align/cos_vs_depth", lambda: layer_profile(names, curves, ylabel=ylabel, title=title))

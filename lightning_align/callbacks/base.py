@@ -29,7 +29,6 @@ import abc
 import contextlib
 import functools
 import inspect
-import math
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Literal
 
@@ -57,8 +56,10 @@ from lightning_align.measure.sharded import ShardLayout, has_sharded_parameters,
 from lightning_align.dashboard import write_dashboard
 from lightning_align.headlines import Headline, HeadlineHistory, progress_bar_values
 from lightning_align.callbacks.strategy import check_strategy
-from lightning_align.figures import layer_heatmap
-from lightning_align.logging import log_figure, log_scalars, tensorboard_writers
+from lightning_align.callbacks import checkpoint_state
+from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS
+from lightning_align.callbacks.heatmaps import log_heatmaps, record_layers
+from lightning_align.logging import callback_name, log_scalars, writing_as
 from lightning_align.measure.state import (
     default_dtype_at_least_fp32,
     map_tensors,
@@ -139,6 +140,11 @@ class MeasurementCallback(Callback, abc.ABC):
     heatmaps: ClassVar[dict[str, str]] = {}
     #: The measurements drive training (a control): never postponed by ``max_overhead``.
     acts_on_training: ClassVar[bool] = False
+    #: Settings the saved state depends on: saved with it; on resume those changed (``changed_settings``,
+    #: ``{name: (saved, now)}``) go to :meth:`rereference` (see :mod:`~lightning_align.callbacks.checkpoint_state`).
+    state_settings: ClassVar[tuple[str, ...]] = PROBE_SETTINGS
+    changed_settings: dict[str, tuple[Any, Any]] = {}
+    _reference_due = False
 
     def __init__(
         self,
@@ -230,7 +236,12 @@ class MeasurementCallback(Callback, abc.ABC):
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state` returned."""
+        """Restore what :meth:`extra_state` returned (refusing values it cannot have returned: ``checkpoint_state``)."""
+
+    def rereference(self, changed: Mapping[str, tuple[Any, Any]]) -> str | None:
+        """Drop the saved references measured under the settings in ``changed``; return what is then measured from
+        the resume point (``None``: nothing depended on them), or raise when they cannot be re-taken."""
+        return None
 
     # ----------------------------------------------------------------------------------------------
     # Probe protocol
@@ -328,13 +339,8 @@ class MeasurementCallback(Callback, abc.ABC):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        write_dashboard(trainer, [cb for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)])
-        if trainer.ckpt_path and not self._state_loaded:
-            rank_zero_warn(
-                f"{type(self).__name__}{'(name=%r)' % self.name if self.name else ''}: the checkpoint {trainer.ckpt_path} "
-                "has no saved state for this callback (saved without it, or under another `name`): it starts afresh, "
-                "so distance-from-init quantities are measured from the resume point."
-            )
+        write_dashboard(trainer, [cb for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)], callback_name(self))
+        checkpoint_state.check_at_train_start(self, trainer)
         if self._explicit_probe is None and _is_stream(trainer):
             self._awaiting_stream = True  # the probe is the first training batch (on_train_batch_start)
             return
@@ -352,12 +358,13 @@ class MeasurementCallback(Callback, abc.ABC):
         self.ensure_probe_batch(trainer, pl_module)
         if type(self).prepare is not MeasurementCallback.prepare:
             started = schedules.clock()
-            with self.probe_context(pl_module):
+            with self.probe_context(pl_module), writing_as(callback_name(self)):
                 self.prepare(trainer, pl_module, self.probe_batch)
             if self.budget is not None:
                 self.budget.exclude(schedules.clock() - started)
         step = trainer.global_step  # 0, or the step a checkpoint resumes from
-        if step > self.last_step and self.schedule.is_due(step) and self._within_budget(trainer, step):
+        if (step > self.last_step and self.schedule.is_due(step) and self._within_budget(trainer, step)) or self._reference_due:
+            self._reference_due = False  # settings changed since the checkpoint: new references at the resume step
             self._run(trainer, pl_module)
 
     @override
@@ -405,26 +412,7 @@ class MeasurementCallback(Callback, abc.ABC):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for prefix, per_layer in self._layer_values.items():
-            steps = sorted({s for values in per_layer.values() for s in values})
-            if len(steps) < 2:
-                continue
-            names = list(per_layer)
-            matrix = [[per_layer[n].get(s, math.nan) for s in steps] for n in names]
-            label = self.heatmaps[prefix]
-            fig = layer_heatmap(names, steps, matrix, label=label, title=f"{label}, per layer and step")
-            what = prefix.rstrip("/").split("/")[-1]
-            log_figure(trainer, f"{self.family}/heatmap" + ("" if what == self.family else f"_{what}"), fig)
-
-    def _record_layers(self, trainer: pl.Trainer, values: Mapping[str, float]) -> None:
-        """Keep the per-layer values of :attr:`heatmaps` for the end-of-fit heatmaps (TensorBoard only)."""
-        if not self.heatmaps or not tensorboard_writers(trainer):
-            return
-        for prefix in self.heatmaps:
-            for name, value in values.items():
-                layer = self.heatmap_layer(name, prefix)
-                if layer is not None:
-                    self._layer_values.setdefault(prefix, {}).setdefault(layer, {})[trainer.global_step] = value
+        log_heatmaps(self, trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -438,26 +426,16 @@ class MeasurementCallback(Callback, abc.ABC):
         # The leader: the first measurement callback (subclasses overriding teardown call super()).
         leaders = [c for c in trainer.callbacks if isinstance(c, MeasurementCallback)]
         if leaders and leaders[0] is self:
-            print_fit_summary(trainer)
+            print_fit_summary(trainer, owner=callback_name(self))
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        budget = {"overhead_budget": self.budget.state_dict()} if self.budget is not None else {}
-        return {"last_step": self.last_step, **budget, **self.extra_state()}
+        return checkpoint_state.dump(self)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = dict(state_dict)
-        self._state_loaded = bool(state)
-        self.last_step = int(state.pop("last_step", -1))
-        saved, running = state.pop("overhead_budget", None), self.budget
-        self.budget = OverheadBudget(self.overhead_share) if self.overhead_share is not None else None
-        self._budget_decision = (-1, True)
-        if self.budget is not None and saved is not None:
-            self.budget.load_state_dict(saved)
-        if self.budget is not None and running is not None:  # restored after on_fit_start (ModelParallelStrategy)
-            self.budget.started = running.started
-        self.load_extra_state(state)
+        self._state_loaded = bool(state_dict)
+        self._reference_due = checkpoint_state.load(self, dict(state_dict))
 
     @override
     @functools.cached_property
@@ -515,12 +493,12 @@ class MeasurementCallback(Callback, abc.ABC):
         # Lightning hands callbacks the LightningModule itself, never the DDP/FSDP wrapper.
         context = self.probe_context(pl_module) if self.measure_in_probe_context else contextlib.nullcontext()
         started = schedules.clock()
-        with context:
+        with context, writing_as(callback_name(self)):
             metrics = self.measure(trainer, pl_module, self.probe_batch)
         if metrics:
-            values = log_scalars(trainer, metrics)
+            values = log_scalars(trainer, metrics, owner=callback_name(self))
             self.headline_history.add(trainer.global_step, values, self.headlines or None)
-            self._record_layers(trainer, values)
+            record_layers(self, trainer, values)
             self._show_in_progress_bar(trainer, values)
         if self.budget is not None:  # after the values were read back (on a GPU: the measurement has finished)
             seconds = schedules.clock() - started

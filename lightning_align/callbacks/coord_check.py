@@ -7,9 +7,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
+from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS, read_tensor, refusal
 from lightning_align.logging import tag
 from lightning_align.measure.modules import captured_outputs, select_modules
 from lightning_align.schedules import MaxOverhead, ScheduleName
@@ -68,6 +70,7 @@ class CoordCheck(MeasurementCallback):
     }
     heatmaps = {"coord/delta/": "relative change from init ‖h−h₀‖/‖h₀‖"}
     sharded_refusal = None  # activations only: the model's own forward, under FSDP2 too
+    state_settings = (*PROBE_SETTINGS, "layers")  # h_0's
 
     def __init__(
         self,
@@ -104,13 +107,15 @@ class CoordCheck(MeasurementCallback):
                 raise RuntimeError(f"CoordCheck: layer {name!r} did not run in the forward pass on the probe batch")
             h = features[name].detach().float()
             h0 = self._h0.get(name)
+            if h0 is not None and h0.shape != h.shape:  # e.g. a checkpoint saved without its settings
+                rank_zero_warn(
+                    f"CoordCheck: the output of {name!r} has shape {tuple(h.shape)}, but h_0 (first measurement or "
+                    f"checkpoint) has {tuple(h0.shape)}: the probe or the layer changed, so its coord/delta is measured "
+                    f"from step {trainer.global_step}."
+                )
+                h0 = None
             if h0 is None:
                 h0 = self._h0[name] = h.clone()
-            elif h0.shape != h.shape:
-                raise ValueError(
-                    f"CoordCheck: the output of {name!r} has shape {tuple(h.shape)}, but h_0 (first measurement or "
-                    f"checkpoint) has {tuple(h0.shape)}; keep probe_size and the layer unchanged across a resume."
-                )
             h0 = h0.to(h.device)
             stats = torch.stack([h.pow(2).mean(), h.abs().mean(), (h - h0).pow(2).sum(), h0.pow(2).sum()])
             stats = self.all_reduce_mean(trainer, stats)
@@ -123,4 +128,11 @@ class CoordCheck(MeasurementCallback):
         return {"h0": {k: v.detach().cpu() for k, v in self._h0.items()}}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._h0 = dict(state.get("h0", {}))
+        h0 = state.get("h0", {})
+        if not isinstance(h0, Mapping) or not all(isinstance(k, str) for k in h0):
+            raise refusal(self, "h0", h0, "a dict of layer name -> output tensor")
+        self._h0 = {k: read_tensor(self, v, f"h0[{k!r}]") for k, v in h0.items()}
+
+    def rereference(self, changed: Mapping[str, tuple[Any, Any]]) -> str | None:
+        self._h0 = {}
+        return "coord/delta is measured from the resume point"

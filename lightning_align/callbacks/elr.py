@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import MeasurementCallback
+from lightning_align.callbacks.checkpoint_state import read_int
 from lightning_align.figures import layer_profile
 from lightning_align.logging import log_figure, log_scalars, log_text, markdown_table, tag, tensorboard_writers
 from lightning_align.measure.elr import (
@@ -198,7 +199,7 @@ class EffectiveLR(MeasurementCallback):
         return {"num_measurements": self.num_measurements}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.num_measurements = int(state.get("num_measurements", 0))
+        self.num_measurements = read_int(self, state, "num_measurements", 0)
 
     # ----------------------------------------------------------------------------------------------
     @property

@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
@@ -24,6 +24,7 @@ from typing_extensions import override
 from lightning_align.callbacks.alignment import PREFIX, measure_speeds, real_update, snapshot_trainable
 from lightning_align.measure.modules import select_modules
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
+from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS, describe, refusal
 from lightning_align.logging import tag
 from lightning_align.measure.alignment import FeatureSpeedResults
 from lightning_align.measure.optim import follow_split, split_param_groups
@@ -98,6 +99,7 @@ class FeatureSpeedControl(MeasurementCallback):
         "controlled LR per layer": ["Multiline", [r"^align/control_lr/"]],
         "controlled feature speed per layer": ["Multiline", [r"^align/control_speed/"]],
     }
+    state_settings = (*PROBE_SETTINGS, "layers", "min_multiplier", "max_multiplier")  # the plan's and multipliers'
 
     def __init__(
         self,
@@ -293,8 +295,32 @@ class FeatureSpeedControl(MeasurementCallback):
         return {"plan": self.plan, "multipliers": list(self.multipliers)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.plan = state.get("plan")
-        self.multipliers = [float(m) for m in state.get("multipliers", [])]
+        plan, multipliers = state.get("plan"), state.get("multipliers", [])
+        if plan is not None and not (isinstance(plan, list) and all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in plan)):
+            raise refusal(self, "plan", plan, "a list of parameter-name lists, one per layer")
+        if not isinstance(multipliers, list) or len(multipliers) != len(plan or multipliers):
+            raise refusal(self, "multipliers", multipliers, f"a list of {len(plan or [])} numbers, one per layer of the plan")
+        low, high = self.min_multiplier, self.max_multiplier
+        rescaled = {"min_multiplier", "max_multiplier"} & set(self.changed_settings)
+        for i, m in enumerate(multipliers):
+            ok = isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0 and math.isfinite(m)
+            if not ok or (not rescaled and not low * (1 - 1e-9) <= m <= high * (1 + 1e-9)):
+                raise refusal(self, f"multipliers[{i}]", m, f"a multiplier in [min_multiplier, max_multiplier] = [{low:g}, {high:g}]")
+        self.plan = plan
+        self.multipliers = [min(max(float(m), low), high) for m in multipliers]
+        if rescaled and self.multipliers != [float(m) for m in multipliers]:
+            changed = {k: v for k, v in self.changed_settings.items() if k in rescaled}
+            rank_zero_info(f"FeatureSpeedControl: {describe(changed)}: the saved multipliers are clipped to [{low:g}, {high:g}].")
+
+    def rereference(self, changed: Mapping[str, tuple[Any, Any]]) -> str | None:
+        if "layers" in changed and self.plan is not None:
+            old, new = changed["layers"]
+            raise ValueError(
+                f"FeatureSpeedControl: layers changed since the checkpoint ({old!r} -> {new!r}); the checkpoint's optimizer "
+                "holds one parameter group per controlled layer, so the control cannot move to other layers on a resume. "
+                f"Resume with layers={old!r}, or start a new fit to control other layers."
+            )
+        return None
 
 
 def _ownership(res: FeatureSpeedResults) -> list[list[str]]:

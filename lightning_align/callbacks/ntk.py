@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
+from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS, read_int, read_tensor, refusal
 from lightning_align.callbacks.probe import slice_batch
 from lightning_align.measure.probe import SequenceReduced
 from lightning_align.measure.batch import batch_size_of, batch_targets, prediction
@@ -136,6 +137,8 @@ class NTKSpectrum(MeasurementCallback):
         "NTK effective rank": ["Multiline", [r"^ntk/effective_rank$"]],
         "kernel-target alignment": ["Multiline", [r"^ntk/alignment$"]],
     }
+
+    state_settings = (*PROBE_SETTINGS, "weights", "trace_outputs", "sequence_output")  # the reference kernels'
 
     def dashboard_charts(self) -> dict[str, list[Any]]:
         return {t: c for t, c in self.charts.items() if self.alignment is not False or t != "kernel-target alignment"}
@@ -278,8 +281,8 @@ class NTKSpectrum(MeasurementCallback):
         if self.histograms:
             log_histogram(trainer, "ntk/eigenvalues", values)
         if self.figure_every and self.num_measurements % self.figure_every == 0:
-            fig = spectrum(values.tolist(), ylabel="NTK eigenvalue", title=f"top-{len(values)} NTK eigenvalues, step {trainer.global_step}")
-            log_figure(trainer, "ntk/spectrum", fig)
+            title = f"top-{len(values)} NTK eigenvalues, step {trainer.global_step}"
+            log_figure(trainer, "ntk/spectrum", lambda: spectrum(values.tolist(), ylabel="NTK eigenvalue", title=title))
         self.num_measurements += 1
         return metrics
 
@@ -340,13 +343,15 @@ class NTKSpectrum(MeasurementCallback):
 
     def _distances(self, kernel: torch.Tensor) -> dict[str, float]:
         current = kernel.detach().float().cpu()
+        if self._k0 is not None and self._k0.shape != current.shape:  # e.g. a checkpoint saved without its settings
+            rank_zero_warn(
+                f"NTKSpectrum: the reference kernel (first measurement or checkpoint) has shape {tuple(self._k0.shape)}, "
+                f"the kernel now {tuple(current.shape)}: the probe or the model's outputs changed, so distance_from_init "
+                "is measured from here."
+            )
+            self._k0 = self._k_prev = None
         if self._k0 is None:
             self._k0 = current
-        if self._k0.shape != current.shape:
-            raise ValueError(
-                f"NTKSpectrum: the kernel at the first measurement had shape {tuple(self._k0.shape)}, now "
-                f"{tuple(current.shape)}: the probe batch or the outputs changed (e.g. probe_size changed before a resume)"
-            )
         out = {"ntk/distance_from_init": kernel_distance(self._k0, current)}
         if self._k_prev is not None:
             out["ntk/velocity"] = kernel_distance(self._k_prev, current)
@@ -358,7 +363,12 @@ class NTKSpectrum(MeasurementCallback):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._warm = None
-        self.num_measurements = int(state.get("num_measurements", 0))
-        self._k0, self._k_prev = (
-            t.detach().float().cpu() if isinstance(t, torch.Tensor) else None for t in (state.get("k0"), state.get("k_prev"))
-        )
+        self.num_measurements = read_int(self, state, "num_measurements", 0)
+        k0, k_prev = (read_tensor(self, state.get(key), key, ndim=2, square=True) for key in ("k0", "k_prev"))
+        if k0 is not None and k_prev is not None and k0.shape != k_prev.shape:
+            raise refusal(self, "k_prev", k_prev, f"a kernel of the shape of k0, {tuple(k0.shape)}")
+        self._k0, self._k_prev = (None if t is None else t.float().cpu() for t in (k0, k_prev))
+
+    def rereference(self, changed: Mapping[str, tuple[Any, Any]]) -> str | None:
+        self._k0 = self._k_prev = None
+        return "distance_from_init and velocity are measured from the resume point"

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_align.callbacks.strategy import check_strategy
-from lightning_align.logging import log_text, markdown_table
+from lightning_align.logging import log_text, markdown_table, writing_as
 from lightning_align.measure.sharded import has_sharded_parameters, user_class_name
 from lightning_align.parametrize.apply import INITS, UNSCALABLE_ATTENTION, Parametrized, retarget_scheduler
 from lightning_align.parametrize.auto import auto_parametrize
@@ -247,7 +247,8 @@ class Parametrization(Callback):
         )
         if self.verbose:
             rank_zero_info(f"Parametrization: {header}\n{table}")
-        log_text(trainer, "param/roles", f"{header}\n\n{table}")
+        with writing_as("Parametrization"):  # a failed write warns naming it
+            log_text(trainer, "param/roles", f"{header}\n\n{table}")
 
     def _wrap_configure_optimizers(self, pl_module: pl.LightningModule) -> None:
         if self._original_configure is not None:
@@ -295,7 +296,8 @@ class Parametrization(Callback):
         if self.verbose and not self._lr_logged:
             rank_zero_info(f"Parametrization: final per-parameter settings\n{table}")
         self._lr_logged = True
-        log_text(trainer, "param/lr_table", table)
+        with writing_as("Parametrization"):
+            log_text(trainer, "param/lr_table", table)
 
 
     def _check_against_checkpoint(self) -> None:

@@ -13,7 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
-from lightning_align.logging import log_figure, new_figure, tag, tensorboard_writers
+from lightning_align.callbacks.checkpoint_state import read_tensor
+from lightning_align.figures import plottable
+from lightning_align.logging import log_figure, new_figure, tag
 from lightning_align.measure.hessian import SpectralDensity, float64_rayleigh_ritz, spectral_density, trace_estimate
 from lightning_align.measure.optim import ADAM_LIKE, adam_preconditioner, lr_preconditioner, stability_threshold
 from lightning_align.measure.operators import FlatOperator, Method, hessian_operator
@@ -370,8 +372,8 @@ class Sharpness(MeasurementCallback):
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._vectors = state.get("vectors")
-        self._pre_vectors = state.get("preconditioned_vectors")
+        self._vectors = read_tensor(self, state.get("vectors"), "vectors", ndim=2)
+        self._pre_vectors = read_tensor(self, state.get("preconditioned_vectors"), "preconditioned_vectors", ndim=2)
 
     # ----------------------------------------------------------------------------------------------
     def _init(self, saved: torch.Tensor | None, op: FlatOperator) -> torch.Tensor | None:
@@ -504,15 +506,20 @@ class Sharpness(MeasurementCallback):
             op, op.dim, self.density_steps, self.density_vectors, generator=generator, dtype=op.dtype, device=op.device
         )
         self.last_density = dens
-        if not tensorboard_writers(trainer) or not bool(torch.isfinite(dens.density).all()):
+        if not bool(torch.isfinite(dens.density).all()):
             return
-        fig, ax = new_figure()
-        ax.plot(dens.grid.numpy(), dens.density.clamp_min(1e-12).numpy())
-        ax.set_yscale("log")
-        ax.set_xlabel("Hessian eigenvalue")
-        ax.set_ylabel("density (SLQ)")
-        ax.set_title(f"step {trainer.global_step}")
-        log_figure(trainer, tag("sharpness", "density"), fig)
+        step = trainer.global_step
+
+        def draw() -> Any:
+            fig, ax = new_figure()
+            ax.plot(plottable(dens.grid.tolist()), dens.density.clamp_min(1e-12).numpy())
+            ax.set_yscale("log")
+            ax.set_xlabel("Hessian eigenvalue")
+            ax.set_ylabel("density (SLQ)")
+            ax.set_title(f"step {step}")
+            return fig
+
+        log_figure(trainer, tag("sharpness", "density"), draw)
 
     def _nan_metrics(self, trainer: pl.Trainer, loss: float) -> dict[str, Any]:
         """Every tag as NaN (same keys on every rank); the warm start is kept for later steps."""

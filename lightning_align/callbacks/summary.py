@@ -10,7 +10,8 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_align.headlines import HeadlineHistory
-from lightning_align.summary import SummaryStyle, print_summary
+from lightning_align.logging import guarded_write
+from lightning_align.summary import TITLE, SummaryStyle, print_summary
 
 
 class AlignSummary(Callback):
@@ -55,7 +56,7 @@ class AlignSummary(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # teardown, not on_fit_end: after the TQDM bar has closed, and also after an interrupted fit.
         if stage == "fit" and self.table:
-            self.text = print_fit_summary(trainer, self.style)
+            self.text = print_fit_summary(trainer, self.style, owner="AlignSummary")
 
 
 def find_summary(trainer: pl.Trainer) -> AlignSummary | None:
@@ -66,8 +67,9 @@ def find_summary(trainer: pl.Trainer) -> AlignSummary | None:
     return None
 
 
-def print_fit_summary(trainer: pl.Trainer, style: SummaryStyle = "auto") -> str | None:
-    """Merge the headline histories of every attached measurement callback and print them (rank zero)."""
+def print_fit_summary(trainer: pl.Trainer, style: SummaryStyle = "auto", owner: str | None = None) -> str | None:
+    """Merge the headline histories of every attached measurement callback and print them (rank zero); printing
+    that fails (a closed terminal, ...) warns once naming ``owner`` and the fit ends as it would without it."""
     merged = HeadlineHistory()
     for cb in trainer.callbacks:
         history: Any = getattr(cb, "headline_history", None)
@@ -76,11 +78,13 @@ def print_fit_summary(trainer: pl.Trainer, style: SummaryStyle = "auto") -> str 
                 merged.records.setdefault(key, record)
     if not trainer.is_global_zero:
         return None
-    text = print_summary(merged.records, style)
-    notes = postponement_notes(trainer.callbacks)
-    if text is not None and notes:
-        print(notes)
-        text += "\n" + notes
+    text = None
+    with guarded_write(trainer, owner, "summary table", TITLE, "the terminal"):
+        text = print_summary(merged.records, style)
+        notes = postponement_notes(trainer.callbacks)
+        if text is not None and notes:
+            print(notes)
+            text += "\n" + notes
     return text
 
 

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import MeasurementCallback
+from lightning_align.callbacks.checkpoint_state import read_bool, read_float
 from lightning_align.callbacks.elr import (
     check_invariance_test_args,
     grad_scale,
@@ -201,9 +202,9 @@ class ELRWarmup(MeasurementCallback):
         return {"done": self.done, "factor": self.factor, "final_logged": self._final_logged}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.done = bool(state.get("done", False))
-        self.factor = float(state.get("factor", math.nan))
-        self._final_logged = bool(state.get("final_logged", False))
+        self.done = read_bool(self, state, "done", False)
+        self.factor = read_float(self, state, "factor", math.nan, high=1.0, nan=True)
+        self._final_logged = read_bool(self, state, "final_logged", False)
 
     # ----------------------------------------------------------------------------------------------
     def _detect(self, pl_module: pl.LightningModule, batch: Any) -> None:

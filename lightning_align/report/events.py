@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 EVENTS_GLOB = "events.out.tfevents.*"
+#: Losses whose non-finite value means the run diverged.
+LOSS_TAGS = ("train/loss", "val/loss", "sharpness/probe_loss")
 
 #: One histogram: ``(left edge, right edge, count)`` per non-empty bucket.
 Buckets = list[tuple[float, float, float]]
@@ -58,6 +60,15 @@ class Run:
     def last_step(self) -> int:
         """The largest step of any scalar (``-1`` with none)."""
         return max((s[-1][0] for s in self.scalars.values() if s), default=-1)
+
+    def diverged_at(self) -> int | None:
+        """The first step at which a loss (:data:`LOSS_TAGS`) was logged non-finite (``None``: never).
+
+        Example:
+            >>> Run(Path("."), "r", scalars={"train/loss": [(0, 2.3), (5, float("nan"))]}).diverged_at()
+            5
+        """
+        return min((s for t in LOSS_TAGS for s, v in self.scalars.get(t, []) if not math.isfinite(v)), default=None)
 
     def metrics_by_step(self, tags: Iterable[str] | None = None) -> dict[int, dict[str, float]]:
         """``{step: {tag: value}}`` over ``tags`` (all scalars when ``None``), steps ascending.
