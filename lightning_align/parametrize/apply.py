@@ -52,15 +52,17 @@ import torch
 from torch import nn
 
 from lightning_align.measure.modules import is_hf_conv1d
-from lightning_align.measure.optim import follow_split, split_param_groups, update_family
+from lightning_align.measure.optim import split_param_groups
 from lightning_align.parametrize.attention import plan_attention, unscalable_message
+from lightning_align.parametrize.groups import as_float, fmt_eps, optimizer_family, scale_group
+from lightning_align.parametrize.groups import retarget_scheduler as retarget_scheduler  # re-exported
+from lightning_align.parametrize.hooks import INPUT_LAYERS, ScaleOutput, ScaleReadoutInput, require_layer
 from lightning_align.parametrize.moe import find_moe
 from lightning_align.parametrize.roles import ParamInfo, adapter_readouts, branch_parameters, infer_roles, tied_readouts
 from lightning_align.parametrize.rules import (
     MUP_FAMILY,
     SCHEMES,
     ParamRule,
-    Scale,
     branch_multiplier,
     optimizer_rule,
     readout_multiplier_divisor,
@@ -68,63 +70,6 @@ from lightning_align.parametrize.rules import (
 
 INITS: tuple[str, ...] = ("default", "normal", "orthogonal")
 UNSCALABLE_ATTENTION: tuple[str, ...] = ("error", "warn")
-_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
-
-
-class ScaleOutput:
-    """Forward hook: multiply a module's output (or the first tensor of a tuple output) by a constant."""
-
-    def __init__(self, multiplier: float) -> None:
-        self.multiplier = float(multiplier)
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if isinstance(output, torch.Tensor):
-            return output * self.multiplier
-        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            return (output[0] * self.multiplier, *output[1:])
-        raise TypeError(f"cannot scale the output of {type(module).__name__}: not a tensor")
-
-
-class ScaleReadoutInput:
-    """Forward pre-hook: ``x -> output_mult * x / width_mult`` on the first input (``MuReadout.forward``)."""
-
-    def __init__(self, output_mult: float, width_mult: float) -> None:
-        self.output_mult = output_mult
-        self.width_mult = width_mult
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        if not args:
-            raise TypeError(
-                f"Parametrization: the readout multiplier scales the first positional input of {type(module).__name__}, "
-                "which was called with keyword arguments only; call it with its input as the first positional argument."
-            )
-        return (self.output_mult * args[0] / self.width_mult, *args[1:])
-
-
-def optimizer_family(optimizer: torch.optim.Optimizer, override: str = "auto") -> str:
-    """``"adam"`` or ``"sgd"`` for an optimizer (its class, or ``override``), else a clear error.
-
-    Adam-like: Adam, AdamW, Adamax, NAdam, RAdam, Adagrad, RMSprop and any class whose name contains
-    "adam". SGD-like: SGD, ASGD (:func:`~lightning_align.measure.optim.update_family`).
-
-    Example:
-        >>> p = [torch.nn.Parameter(torch.zeros(1))]
-        >>> optimizer_family(torch.optim.AdamW(p)), optimizer_family(torch.optim.SGD(p, lr=0.1))
-        ('adam', 'sgd')
-    """
-    if override in ("adam", "sgd"):
-        return override
-    if override != "auto":
-        raise ValueError(f"optimizer_family must be 'auto', 'adam' or 'sgd', got {override!r}")
-    family = update_family(optimizer)
-    if family is not None:
-        return family
-    raise ValueError(
-        f"Parametrization: optimizer {type(optimizer).__name__} is not supported: μP learning-rate rules are "
-        "defined for Adam-like (entry-wise normalised) and SGD-like optimizers. Use one of Adam, AdamW, Adamax, "
-        "NAdam, RAdam, Adagrad, RMSprop, SGD, ASGD, or set `optimizer_family='adam'` / `'sgd'` if yours "
-        "behaves like one of them."
-    )
 
 
 @dataclass
@@ -271,11 +216,11 @@ class Parametrized:
             div = readout_multiplier_divisor(self.scheme, info)
             if self.output_mult != 1 or div != 1:
                 if not is_hf_conv1d(modules[name]) and name not in self.gates:  # a gate's forward is F.linear(x, weight)
-                    _require_layer(modules[name], info.name, "readout multiplier", (nn.Linear, nn.modules.conv._ConvNd))
+                    require_layer(modules[name], info.name, "readout multiplier", (nn.Linear, nn.modules.conv._ConvNd))
                 plan.append((modules[name], ScaleReadoutInput(self.output_mult, div), True))
         if self.input_mult != 1:
             for name in self.input_modules:
-                _require_layer(modules[name], name, "input_mult", _INPUT_LAYERS)
+                require_layer(modules[name], name, "input_mult", INPUT_LAYERS)
                 plan.append((modules[name], ScaleOutput(self.input_mult), False))
         mult = branch_multiplier(self.scheme, self.depth_mult)
         if mult != 1:
@@ -321,7 +266,7 @@ class Parametrized:
 
         mapping = [(gi, rule or ParamRule()) for gi, rule in split_param_groups(optimizer, rule_of)]
         for group, (_, rule) in zip(optimizer.param_groups, mapping):
-            _scale_group(group, rule)
+            scale_group(group, rule)
         self._rewritten.add(optimizer)
         return mapping
 
@@ -334,73 +279,13 @@ class Parametrized:
                 for p in g["params"]:
                     n = names.get(id(p), "?")
                     role = self.infos[n].role if n in self.infos else "?"
-                    rows.append([n, role, f"{_as_float(g.get('lr', float('nan'))):.6g}",
-                                 f"{_as_float(g.get('weight_decay', 0.0)):.6g}", _fmt_eps(g.get("eps"))])  # fmt: skip
+                    rows.append([n, role, f"{as_float(g.get('lr', float('nan'))):.6g}",
+                                 f"{as_float(g.get('weight_decay', 0.0)):.6g}", fmt_eps(g.get("eps"))])  # fmt: skip
         return rows
-
-
-_INPUT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 
 
 def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
-
-
-def _require_layer(module: nn.Module, name: str, what: str, kinds: tuple[type[nn.Module], ...]) -> None:
-    """A forward multiplier needs a layer of its own; a raw parameter inside a larger module has none."""
-    if not isinstance(module, kinds):
-        raise ValueError(
-            f"Parametrization: cannot apply the {what} to {name!r}: it belongs to a {type(module).__name__}, "
-            f"not a {'/'.join(k.__name__ for k in kinds)} layer whose output can be scaled. Keep the multiplier at "
-            "1, or give the parameter another role with `role_overrides`."
-        )
-
-
-def _as_float(x: Any) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
-
-
-def _fmt_eps(eps: Any) -> str:
-    if eps is None:
-        return ""
-    if isinstance(eps, (tuple, list)):
-        return ", ".join(f"{_as_float(e):.3g}" for e in eps)
-    return f"{_as_float(eps):.3g}"
-
-
-def _scale_value(value: Any, scale: Scale) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value * scale.mul / scale.div
-    return scale.apply(value)
-
-
-def _scale_group(group: dict[str, Any], rule: ParamRule) -> None:
-    if not rule.lr.is_one:
-        for k in _LR_KEYS:
-            if k in group and group[k] is not None:
-                group[k] = _scale_value(group[k], rule.lr)
-    if not rule.weight_decay.is_one and "weight_decay" in group:
-        group["weight_decay"] = _scale_value(group["weight_decay"], rule.weight_decay)
-    if not rule.eps.is_one and isinstance(group.get("eps"), (float, int, torch.Tensor)):
-        group["eps"] = _scale_value(group["eps"], rule.eps)
-
-
-def retarget_scheduler(scheduler: Any, mapping: Sequence[tuple[int, ParamRule]]) -> None:
-    """Make a scheduler built before :meth:`Parametrized.rewrite_optimizer` follow the new groups.
-
-    Per-group lists (``base_lrs``, ``_last_lr``, ``min_lrs``, ``max_lrs``, ``lr_lambdas``) are expanded to
-    the new groups, LR-valued ones scaled by each group's LR factor (:func:`~lightning_align.measure.optim.follow_split`,
-    which raises when a list does not hold one entry per old group). Chained/sequential schedulers are
-    handled through their children. ``last_epoch`` and everything else are kept, so schedules stay
-    relative (mup's "schedulers must scale group LRs relatively").
-
-    Example::
-
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
-        mapping = p.rewrite_optimizer_with_mapping(optimizer)  # new param groups
-        retarget_scheduler(scheduler, mapping)
-    """
-    follow_split(scheduler, [gi for gi, _ in mapping], lambda i, lr: _scale_value(lr, mapping[i][1].lr))
 
 
 def parametrize(
