@@ -351,15 +351,16 @@ def test_head_dimension_read_from_common_names_modules_and_configs():
     bert = BUILDERS["bert"](WIDTH).bert.encoder.layer[0].attention.self
     assert (head_dim(t5), head_dim(bert), head_dim(nn.MultiheadAttention(WIDTH, 4))) == (8, 32, 16)
 
-    class ConfigOnly(nn.Module):  # reads its config at forward time, as many HF attentions do
+    class ConfigOnlyAttention(nn.Module):  # reads its config at forward time
         def __init__(self, **config) -> None:
             super().__init__()
             self.config = SimpleNamespace(**config)
 
-    assert head_dim(ConfigOnly(d_kv=12, d_model=64, num_heads=2)) == 12
-    assert head_dim(ConfigOnly(kv_channels=24, hidden_size=64, num_attention_heads=2)) == 24
-    assert head_dim(ConfigOnly(hidden_size=64, num_attention_heads=4, head_dim=None)) == 16
-    assert head_dim(ConfigOnly(vocab_size=10)) is None
+    assert head_dim(ConfigOnlyAttention(d_kv=12, d_model=64, num_heads=2)) == 12
+    assert head_dim(ConfigOnlyAttention(kv_channels=24, hidden_size=64, num_attention_heads=2)) == 24
+    assert head_dim(ConfigOnlyAttention(hidden_size=64, num_attention_heads=4, head_dim=None)) == 16
+    assert head_dim(ConfigOnlyAttention(vocab_size=10)) is None
+    assert head_dim(BUILDERS["bert"](WIDTH)) is None  # a whole model holding the config is not an attention
 
 
 def test_depthwise_convolutions_are_vector_like():

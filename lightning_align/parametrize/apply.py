@@ -288,6 +288,19 @@ def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
+def _warn_unexpected_readouts(p: Parametrized, warn: Callable[[str], Any]) -> None:
+    """Several readouts besides MoE gates and adapters' down-projections usually mean a missing width key."""
+    expected = set(p.gates) | adapter_readouts(p.model, p.infos)  # readouts by design
+    readouts = [r for r in [*p.readout_modules, *p.tied] if r not in expected]
+    if len(readouts) > 1:
+        warn(
+            f"Parametrization: {len(readouts)} layers are treated as readouts (fan-in scales with width, fan-out "
+            f"does not): {readouts}. If some are not output layers, a size that must scale with the width is "
+            "missing from `width_keys` (e.g. the MLP size, the number of heads or the head size with the hidden "
+            "size), or give them a role with `role_overrides`."
+        )
+
+
 def parametrize(
     model: nn.Module,
     base: nn.Module,
@@ -361,15 +374,8 @@ def parametrize(
     p.tied = tied_readouts(model, infos)
     p.branch_members = members
     p.gates = sorted(find_moe(model, {n: i.infinite for n, i in infos.items()}).gates)
-    expected = set(p.gates) | adapter_readouts(model, infos)  # readouts by design
-    readouts = [r for r in [*p.readout_modules, *p.tied] if r not in expected]
-    if scheme != "sp" and len(readouts) > 1:
-        (warn or _warn)(
-            f"Parametrization: {len(readouts)} layers are treated as readouts (fan-in scales with width, fan-out "
-            f"does not): {readouts}. If some are not output layers, a size that must scale with the width is "
-            "missing from `width_keys` (e.g. the MLP or head size with the hidden size), or give them a role "
-            "with `role_overrides`."
-        )
+    if scheme != "sp":
+        _warn_unexpected_readouts(p, warn or _warn)
     p.apply_attention(base, unscalable_attention, warn)  # before any weight changes: it may refuse the model
     p.register_hooks()  # likewise
     if rescale_init:

@@ -116,7 +116,8 @@ def head_dim(module: nn.Module | None) -> int | None:
     """The per-head dimension an attention module's scale refers to, or ``None`` when it cannot be told.
 
     The module's own attributes first (:data:`HEAD_DIM_NAMES`, then :data:`HEAD_DIM_RATIOS`, then timm's fused
-    ``qkv``), then the same names on its ``config`` (Hugging Face attention modules keep theirs).
+    ``qkv``), then, for a class named ``...Attention...``, the same names on its ``config`` (Hugging Face
+    attention modules keep theirs; a whole model holding the same config is not an attention).
 
     Example:
         >>> class T5Like(nn.Module):
@@ -133,7 +134,9 @@ def head_dim(module: nn.Module | None) -> int | None:
     if isinstance(qkv, nn.Linear) and heads is not None and qkv.out_features % (3 * heads) == 0:
         return qkv.out_features // 3 // heads
     config = getattr(module, "config", None)
-    return _read_head_dim(config) if config is not None and not isinstance(config, nn.Module) else None
+    if config is None or isinstance(config, nn.Module) or "attention" not in type(module).__name__.lower():
+        return None
+    return _read_head_dim(config)
 
 
 def attention_scale_attr(module: nn.Module) -> str | None:
