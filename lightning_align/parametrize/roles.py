@@ -253,8 +253,8 @@ def _auto_role(
         )
     if stacked:
         raise ValueError(
-            f"{owner}: expert tensor {name!r} ({infinite}: which dimensions scale with width) holds matrices of which "
-            "only one side scales, so each expert is readout- or input-like: the expert size is probably missing "
+            f"{owner}: expert tensor {name!r} holds matrices of which only one side scales with width (dimensions "
+            f"scaling: {infinite}), so each expert is readout- or input-like: the expert size is probably missing "
             "from `width_keys` (e.g. 'config.moe_intermediate_size' next to 'config.hidden_size'). Else give it a "
             f"role with `role_overrides`, e.g. {{{override_pattern(name)!r}: 'hidden'}}."
         )
@@ -320,9 +320,9 @@ def adapter_readouts(model: nn.Module, infos: Mapping[str, ParamInfo]) -> set[st
     """Readout-role layers inside an adapter: a module (or its parent) of a tuner layer that holds a ``base_layer``.
 
     PEFT's LoRA-style layers add ``lora_B(lora_A(x))`` to ``base_layer(x)``; ``lora_A`` (``r × n``, ``r`` fixed)
-    reads the hidden state out into ``r`` numbers, a readout in μP (mup's ``MuReadout``), which gives
-    ``lora_B`` (an input-like ``n × r``) an Adam learning rate ``m`` times ``lora_A``'s, as LoRA+ derives.
-    These readouts are by design, unlike a readout that a missing width key creates.
+    reads the hidden state out into ``r`` numbers, a readout in μP (mup's ``MuReadout``: ``1/m`` on its
+    input), so its effective Adam learning rate is ``η/m`` while ``lora_B`` (an input-like ``n × r``) keeps
+    ``η``: the ratio ``m`` that LoRA+ derives. These readouts are by design, unlike one a missing width key makes.
     """
     modules = dict(model.named_modules())
     out: set[str] = set()
