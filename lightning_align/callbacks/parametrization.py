@@ -50,9 +50,14 @@ class Parametrization(Callback):
 
     Hugging Face and timm models need no code change: save their config as a hyper-parameter and name
     widths and depth by path (``width_keys=["config.n_embd"]``, ``depth_keys=["config.n_layer"]``); a
-    readout tied to the embedding (GPT-2, Llama with ``tie_word_embeddings``) is handled as mup's
-    ``MuSharedReadout``; the residual branches of their standard blocks are found without
-    ``branch_pattern``.
+    readout tied to the embedding (GPT-2, Llama with ``tie_word_embeddings``, BERT's masked-LM decoder, T5) is
+    handled as mup's ``MuSharedReadout``; the residual branches of their standard blocks are found without
+    ``branch_pattern``. The head dimension is read from the attention module or its config under the common
+    names (``head_dim``, ``attention_head_size``, T5's ``key_value_proj_dim``/``d_kv``, ``kv_channels``,
+    ``hidden_size // num_attention_heads``, ...); a head dimension fixed across widths (the number of heads
+    scales) needs no attention change. MoE experts stacked in 3-D parameters are hidden matrices per expert,
+    their routers readouts (:mod:`lightning_align.parametrize.moe`). ``role_overrides`` are applied before the
+    automatic roles, so an override resolves any refusal about a parameter's role.
 
     Args:
         scheme: ``sp | ntk | mup | depth_mup | completep``.
@@ -244,6 +249,7 @@ class Parametrization(Callback):
             f"scheme={self.scheme}, widths={p.widths} (base {p.base_widths}), depth mult={p.depth_mult:g}, "
             f"branches={len(p.branches)}, attention rescaled={list(p.attention)}"
             + (f", tied readouts={p.tied}" if p.tied else "")
+            + (f", MoE gates (readouts)={p.gates}" if p.gates else "")
         )
         if self.verbose:
             rank_zero_info(f"Parametrization: {header}\n{table}")

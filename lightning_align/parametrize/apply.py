@@ -16,11 +16,11 @@ call it directly.
   mup's ``MuSharedReadout``: the shared weight keeps the embedding's init and LR rules, the readout's input
   gets the ``output_mult / m`` multiplier. Unlike ``set_base_shapes`` with ``MuSharedReadout``, the shared
   weight is not rescaled by ``√m`` (it is the embedding's, whose μP init is width-constant).
-- **Attention** gets ``1/d`` logits (``× √(d0/d)``, equal to SP at the base) through the attribute its
-  forward reads: ``attn_scale`` (ours), ``scaling`` (Hugging Face), ``scale`` (timm, whose fused path
-  ignores it, so ``fused_attn`` is turned off on that module). An attention-like module whose scale
-  cannot be set (``nn.MultiheadAttention``, an unknown ``...Attention`` class) is an error, or a warning
-  with ``unscalable_attention="warn"``, when its head dimension changes with width.
+- **Attention** gets ``1/d`` logits (the base module's scale ``× d0/d``, equal to SP at the base) through
+  the attribute its forward reads (:mod:`~lightning_align.parametrize.attention`). An attention whose
+  head dimension changes with width and whose scale cannot be set (``nn.MultiheadAttention``, an unknown
+  ``...Attention`` class) is an error, or a warning with ``unscalable_attention="warn"``; a fixed head
+  dimension (heads scale) needs no change.
 - **Optimizer**: an optimizer's param groups are split by per-parameter factor in place (lr,
   ``initial_lr``, ``max_lr``, ``min_lr``, weight decay, ``eps``), and LR schedulers built on it follow
   (:func:`retarget_scheduler`); the splitting and the following are
@@ -42,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -53,14 +52,17 @@ import torch
 from torch import nn
 
 from lightning_align.measure.modules import is_hf_conv1d
-from lightning_align.measure.optim import follow_split, split_param_groups, update_family
-from lightning_align.parametrize.ecosystem import attention_scale_attr, head_dim, looks_like_attention
-from lightning_align.parametrize.roles import ParamInfo, branch_parameters, infer_roles, tied_readouts
+from lightning_align.measure.optim import split_param_groups
+from lightning_align.parametrize.attention import plan_attention, unscalable_message
+from lightning_align.parametrize.groups import as_float, fmt_eps, optimizer_family, scale_group
+from lightning_align.parametrize.groups import retarget_scheduler as retarget_scheduler  # re-exported
+from lightning_align.parametrize.hooks import INPUT_LAYERS, ScaleOutput, ScaleReadoutInput, require_layer
+from lightning_align.parametrize.moe import find_moe
+from lightning_align.parametrize.roles import ParamInfo, adapter_readouts, branch_parameters, infer_roles, tied_readouts
 from lightning_align.parametrize.rules import (
     MUP_FAMILY,
     SCHEMES,
     ParamRule,
-    Scale,
     branch_multiplier,
     optimizer_rule,
     readout_multiplier_divisor,
@@ -68,58 +70,6 @@ from lightning_align.parametrize.rules import (
 
 INITS: tuple[str, ...] = ("default", "normal", "orthogonal")
 UNSCALABLE_ATTENTION: tuple[str, ...] = ("error", "warn")
-_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
-
-
-class ScaleOutput:
-    """Forward hook: multiply a module's output (or the first tensor of a tuple output) by a constant."""
-
-    def __init__(self, multiplier: float) -> None:
-        self.multiplier = float(multiplier)
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if isinstance(output, torch.Tensor):
-            return output * self.multiplier
-        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            return (output[0] * self.multiplier, *output[1:])
-        raise TypeError(f"cannot scale the output of {type(module).__name__}: not a tensor")
-
-
-class ScaleReadoutInput:
-    """Forward pre-hook: ``x -> output_mult * x / width_mult`` on the first input (``MuReadout.forward``)."""
-
-    def __init__(self, output_mult: float, width_mult: float) -> None:
-        self.output_mult = output_mult
-        self.width_mult = width_mult
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (self.output_mult * args[0] / self.width_mult, *args[1:])
-
-
-def optimizer_family(optimizer: torch.optim.Optimizer, override: str = "auto") -> str:
-    """``"adam"`` or ``"sgd"`` for an optimizer (its class, or ``override``), else a clear error.
-
-    Adam-like: Adam, AdamW, Adamax, NAdam, RAdam, Adagrad, RMSprop and any class whose name contains
-    "adam". SGD-like: SGD, ASGD (:func:`~lightning_align.measure.optim.update_family`).
-
-    Example:
-        >>> p = [torch.nn.Parameter(torch.zeros(1))]
-        >>> optimizer_family(torch.optim.AdamW(p)), optimizer_family(torch.optim.SGD(p, lr=0.1))
-        ('adam', 'sgd')
-    """
-    if override in ("adam", "sgd"):
-        return override
-    if override != "auto":
-        raise ValueError(f"optimizer_family must be 'auto', 'adam' or 'sgd', got {override!r}")
-    family = update_family(optimizer)
-    if family is not None:
-        return family
-    raise ValueError(
-        f"Parametrization: optimizer {type(optimizer).__name__} is not supported: μP learning-rate rules are "
-        "defined for Adam-like (entry-wise normalised) and SGD-like optimizers. Use one of Adam, AdamW, Adamax, "
-        "NAdam, RAdam, Adagrad, RMSprop, SGD, ASGD, or set `optimizer_family='adam'` / `'sgd'` if yours "
-        "behaves like one of them."
-    )
 
 
 @dataclass
@@ -136,6 +86,7 @@ class Parametrized:
         widths / base_widths: width hyper-parameters (filled by ``auto_parametrize``).
         tied: ``{readout module: shared embedding parameter}`` (``MuSharedReadout``-style readouts).
         branch_members: ``{branch: other modules whose parameters are in it}``.
+        gates: MoE gates (routers), readouts of the hidden state (:mod:`~lightning_align.parametrize.moe`).
 
     Example::
 
@@ -157,6 +108,7 @@ class Parametrized:
     base_widths: dict[str, int] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)
     branch_members: dict[str, list[str]] = field(default_factory=dict)
+    gates: list[str] = field(default_factory=list)
     _rewritten: Any = field(default_factory=weakref.WeakSet)
 
     # -- rules ------------------------------------------------------------------------------------
@@ -212,8 +164,9 @@ class Parametrized:
                     continue
                 if init == "normal":
                     p.normal_(0.0, rms)
-                else:
-                    nn.init.orthogonal_(p)
+                else:  # stacked matrices (MoE experts): each expert its own orthogonal matrix
+                    for matrix in p.flatten(0, info.fan_out_dim - 1) if info.fan_out_dim > 0 and p.ndim > 2 else [p]:
+                        nn.init.orthogonal_(matrix)
                     p.mul_(rms / p.float().pow(2).mean().sqrt().item())
         if readout_zero_init:
             for name in readouts:
@@ -227,70 +180,54 @@ class Parametrized:
     def apply_attention(
         self, base: nn.Module, unscalable: str = "error", warn: Callable[[str], Any] | None = None
     ) -> None:
-        """``1/d`` attention logits (μP family): the module's scale attribute ``× √(d0/d)``.
+        """``1/d`` attention logits (μP family) through the scale attribute the forward reads.
 
-        The attribute is the one its forward reads (:func:`~lightning_align.parametrize.ecosystem.attention_scale_attr`):
+        The scale becomes the base module's scale times ``d0/d`` (:mod:`~lightning_align.parametrize.attention`):
         ``attn_scale`` (ours), ``scaling`` (Hugging Face), ``scale`` (timm, with ``fused_attn = False``
-        since timm's fused path ignores ``scale``). An attention-like module without such an attribute whose
-        head dimension changes with width raises (``unscalable="error"``) or warns (``"warn"``).
+        since timm's fused path ignores ``scale``). An attention whose head dimension changes with width (or
+        cannot be read while its shapes change) and whose scale cannot be set raises (``unscalable="error"``,
+        before any module is changed) or warns (``"warn"``) that it keeps its own scale.
         """
         if unscalable not in UNSCALABLE_ATTENTION:
             raise ValueError(f"Parametrization: unscalable_attention must be one of {list(UNSCALABLE_ATTENTION)}, got {unscalable!r}")
         if self.scheme not in MUP_FAMILY:
             return
-        base_modules = dict(base.named_modules())
-        seen: list[str] = []
-        unset: list[str] = []
-        plan: list[tuple[str, nn.Module, str, float]] = []
-        for name, module in self.model.named_modules():
-            if any(name.startswith(s + ".") for s in seen):
-                continue
-            attr, base_module = attention_scale_attr(module), base_modules.get(name)
-            if attr is not None:
-                seen.append(name)
-                d = int(head_dim(module) or 0)
-                d0 = head_dim(base_module) or d
-                if d != d0:
-                    plan.append((name, module, attr, math.sqrt(d0 / d)))
-            elif looks_like_attention(module) and not any(attention_scale_attr(m) for m in module.modules() if m is not module):
-                seen.append(name)
-                if _width_changes(module, base_module):
-                    unset.append(f"{name!r} ({type(module).__name__})")
-        if unset:
-            msg = (
-                f"Parametrization(scheme={self.scheme!r}): cannot set the attention scale of {', '.join(unset)}: "
-                "its head dimension changes with width, so μP needs 1/head_dim attention logits, but the module "
-                "has no scale attribute its forward reads (`scaling` as in Hugging Face, `scale` with `fused_attn` "
-                "as in timm, or `attn_scale` with `head_dim`). Keep head_dim fixed across widths (scale the number "
-                "of heads with `width_keys`), or compute attention with an explicit scale read from `attn_scale` "
-                "and expose `head_dim`; pass `unscalable_attention='warn'` to train with 1/sqrt(head_dim) logits."
-            )
+        changes, problems = plan_attention(self.model, base)
+        if problems:
+            msg = unscalable_message(self.scheme, problems, refuse=unscalable == "error")
             if unscalable == "error":
                 raise ValueError(msg)  # before any module is changed
             (warn or _warn)(msg)
-        for name, module, attr, factor in plan:
-            setattr(module, attr, float(getattr(module, attr)) * factor)
-            if attr == "scale":  # timm: F.scaled_dot_product_attention is called without scale=
-                module.fused_attn = False
-            self.attention[name] = factor
+        for change in changes:
+            old = float(getattr(change.module, change.attr))
+            setattr(change.module, change.attr, change.value)
+            if change.attr == "scale":  # timm: F.scaled_dot_product_attention is called without scale=
+                change.module.fused_attn = False
+            self.attention[change.name] = change.value / old if old else change.value
 
     def register_hooks(self) -> None:
-        """Register the forward multipliers (readout, input, branches); multipliers equal to 1 are skipped."""
+        """Register the forward multipliers (readout, input, branches); multipliers equal to 1 are skipped.
+
+        Every layer is checked before the first hook is registered, so a refusal leaves the model as it was.
+        """
         modules = dict(self.model.named_modules())
+        plan: list[tuple[nn.Module, Any, bool]] = []  # (module, hook, is a pre-hook)
         for name, info in {**self.readout_modules, **self.tied_readout_modules}.items():
             div = readout_multiplier_divisor(self.scheme, info)
             if self.output_mult != 1 or div != 1:
-                if not is_hf_conv1d(modules[name]):
-                    _require_layer(modules[name], info.name, "readout multiplier", (nn.Linear, nn.modules.conv._ConvNd))
-                self.handles.append(modules[name].register_forward_pre_hook(ScaleReadoutInput(self.output_mult, div)))
+                if not is_hf_conv1d(modules[name]) and name not in self.gates:  # a gate's forward is F.linear(x, weight)
+                    require_layer(modules[name], info.name, "readout multiplier", (nn.Linear, nn.modules.conv._ConvNd))
+                plan.append((modules[name], ScaleReadoutInput(self.output_mult, div), True))
         if self.input_mult != 1:
             for name in self.input_modules:
-                _require_layer(modules[name], name, "input_mult", _INPUT_LAYERS)
-                self.handles.append(modules[name].register_forward_hook(ScaleOutput(self.input_mult)))
+                require_layer(modules[name], name, "input_mult", INPUT_LAYERS)
+                plan.append((modules[name], ScaleOutput(self.input_mult), False))
         mult = branch_multiplier(self.scheme, self.depth_mult)
         if mult != 1:
-            for name in self.branches:
-                self.handles.append(modules[name].register_forward_hook(ScaleOutput(mult)))
+            plan.extend((modules[name], ScaleOutput(mult), False) for name in self.branches)
+        for module, hook, pre in plan:
+            register = module.register_forward_pre_hook if pre else module.register_forward_hook
+            self.handles.append(register(hook))
 
     def remove_hooks(self) -> None:
         """Remove the forward multipliers (the model is then SP-shaped again)."""
@@ -329,7 +266,7 @@ class Parametrized:
 
         mapping = [(gi, rule or ParamRule()) for gi, rule in split_param_groups(optimizer, rule_of)]
         for group, (_, rule) in zip(optimizer.param_groups, mapping):
-            _scale_group(group, rule)
+            scale_group(group, rule)
         self._rewritten.add(optimizer)
         return mapping
 
@@ -342,84 +279,26 @@ class Parametrized:
                 for p in g["params"]:
                     n = names.get(id(p), "?")
                     role = self.infos[n].role if n in self.infos else "?"
-                    rows.append([n, role, f"{_as_float(g.get('lr', float('nan'))):.6g}",
-                                 f"{_as_float(g.get('weight_decay', 0.0)):.6g}", _fmt_eps(g.get("eps"))])  # fmt: skip
+                    rows.append([n, role, f"{as_float(g.get('lr', float('nan'))):.6g}",
+                                 f"{as_float(g.get('weight_decay', 0.0)):.6g}", fmt_eps(g.get("eps"))])  # fmt: skip
         return rows
-
-
-_INPUT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 
 
 def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
-def _width_changes(module: nn.Module, base: nn.Module | None) -> bool:
-    """Whether an attention module's head dimension (or, if unknown, any of its shapes) differs from the base's."""
-    d, d0 = head_dim(module), head_dim(base)
-    if d is not None and d0 is not None:
-        return d != d0
-    if base is None:
-        return True
-    base_shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
-    return any(base_shapes.get(n) != tuple(p.shape) for n, p in module.named_parameters())
-
-
-def _require_layer(module: nn.Module, name: str, what: str, kinds: tuple[type[nn.Module], ...]) -> None:
-    """A forward multiplier needs a layer of its own; a raw parameter inside a larger module has none."""
-    if not isinstance(module, kinds):
-        raise ValueError(
-            f"Parametrization: cannot apply the {what} to {name!r}: it belongs to a {type(module).__name__}, "
-            f"not a {'/'.join(k.__name__ for k in kinds)} layer whose output can be scaled. Keep the multiplier at "
-            "1, or give the parameter another role with `role_overrides`."
+def _warn_unexpected_readouts(p: Parametrized, warn: Callable[[str], Any]) -> None:
+    """Several readouts besides MoE gates and adapters' down-projections usually mean a missing width key."""
+    expected = set(p.gates) | adapter_readouts(p.model, p.infos)  # readouts by design
+    readouts = [r for r in [*p.readout_modules, *p.tied] if r not in expected]
+    if len(readouts) > 1:
+        warn(
+            f"Parametrization: {len(readouts)} layers are treated as readouts (fan-in scales with width, fan-out "
+            f"does not): {readouts}. If some are not output layers, a size that must scale with the width is "
+            "missing from `width_keys` (e.g. the MLP size, the number of heads or the head size with the hidden "
+            "size), or give them a role with `role_overrides`."
         )
-
-
-def _as_float(x: Any) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
-
-
-def _fmt_eps(eps: Any) -> str:
-    if eps is None:
-        return ""
-    if isinstance(eps, (tuple, list)):
-        return ", ".join(f"{_as_float(e):.3g}" for e in eps)
-    return f"{_as_float(eps):.3g}"
-
-
-def _scale_value(value: Any, scale: Scale) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value * scale.mul / scale.div
-    return scale.apply(value)
-
-
-def _scale_group(group: dict[str, Any], rule: ParamRule) -> None:
-    if not rule.lr.is_one:
-        for k in _LR_KEYS:
-            if k in group and group[k] is not None:
-                group[k] = _scale_value(group[k], rule.lr)
-    if not rule.weight_decay.is_one and "weight_decay" in group:
-        group["weight_decay"] = _scale_value(group["weight_decay"], rule.weight_decay)
-    if not rule.eps.is_one and isinstance(group.get("eps"), (float, int, torch.Tensor)):
-        group["eps"] = _scale_value(group["eps"], rule.eps)
-
-
-def retarget_scheduler(scheduler: Any, mapping: Sequence[tuple[int, ParamRule]]) -> None:
-    """Make a scheduler built before :meth:`Parametrized.rewrite_optimizer` follow the new groups.
-
-    Per-group lists (``base_lrs``, ``_last_lr``, ``min_lrs``, ``max_lrs``, ``lr_lambdas``) are expanded to
-    the new groups, LR-valued ones scaled by each group's LR factor (:func:`~lightning_align.measure.optim.follow_split`,
-    which raises when a list does not hold one entry per old group). Chained/sequential schedulers are
-    handled through their children. ``last_epoch`` and everything else are kept, so schedules stay
-    relative (mup's "schedulers must scale group LRs relatively").
-
-    Example::
-
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
-        mapping = p.rewrite_optimizer_with_mapping(optimizer)  # new param groups
-        retarget_scheduler(scheduler, mapping)
-    """
-    follow_split(scheduler, [gi for gi, _ in mapping], lambda i, lr: _scale_value(lr, mapping[i][1].lr))
 
 
 def parametrize(
@@ -494,16 +373,11 @@ def parametrize(
     )
     p.tied = tied_readouts(model, infos)
     p.branch_members = members
-    readouts = [*p.readout_modules, *p.tied]
-    if scheme != "sp" and len(readouts) > 1:
-        (warn or _warn)(
-            f"Parametrization: {len(readouts)} layers are treated as readouts (fan-in scales with width, fan-out "
-            f"does not): {readouts}. If some are not output layers, a size that must scale with the width is "
-            "missing from `width_keys` (e.g. the MLP or head size with the hidden size), or give them a role "
-            "with `role_overrides`."
-        )
+    p.gates = sorted(find_moe(model, {n: i.infinite for n, i in infos.items()}).gates)
+    if scheme != "sp":
+        _warn_unexpected_readouts(p, warn or _warn)
     p.apply_attention(base, unscalable_attention, warn)  # before any weight changes: it may refuse the model
+    p.register_hooks()  # likewise
     if rescale_init:
         p.apply_init(init, readout_zero_init)
-    p.register_hooks()
     return p

@@ -11,8 +11,11 @@ libraries are optional, so nothing here imports them: classes are recognised by 
 - **Attention scale** (:func:`attention_scale_attr`): ``attn_scale`` (ours), ``scaling`` (HF attention;
   read by every attention implementation), ``scale`` next to ``fused_attn`` (timm; only the unfused path
   reads it, so the caller also sets ``fused_attn = False``).
-- **Head dimension** (:func:`head_dim`): ``head_dim`` (HF, timm, ours, ``nn.MultiheadAttention``), BERT's
-  ``attention_head_size``, or timm's ``qkv.out_features // 3 // num_heads``.
+- **Head dimension** (:func:`head_dim`): read from the module, then from its ``config``, under the common
+  names (:data:`HEAD_DIM_NAMES`: ``head_dim`` in HF, timm, ours and ``nn.MultiheadAttention``, BERT's
+  ``attention_head_size``, T5's ``key_value_proj_dim``/``d_kv``, Megatron's ``kv_channels``, ...), else
+  derived as a total size over a head count (:data:`HEAD_DIM_RATIOS`: ``hidden_size // num_attention_heads``,
+  T5's ``inner_dim // n_heads``, ...) or timm's ``qkv.out_features // 3 // num_heads``.
 
 Example:
     >>> from torch import nn
@@ -81,18 +84,59 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+HEAD_DIM_NAMES: tuple[str, ...] = (
+    "head_dim", "attention_head_size", "key_value_proj_dim", "d_kv", "kv_channels", "head_size", "d_head", "dim_head",
+)  # fmt: skip
+"""Attribute / config names that hold the per-head dimension directly (first found wins)."""
+HEAD_DIM_RATIOS: tuple[tuple[str, str], ...] = (
+    ("all_head_size", "num_attention_heads"), ("inner_dim", "n_heads"), ("embed_dim", "num_heads"),
+    ("hidden_size", "num_attention_heads"), ("hidden_size", "num_heads"), ("d_model", "num_heads"),
+    ("d_model", "n_head"), ("n_embd", "n_head"), ("dim", "num_heads"),
+)  # fmt: skip
+"""``(total size, head count)`` name pairs whose ratio is the head dimension when no direct name is set."""
+
+
+def _positive_int(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) and x > 0 else None
+
+
+def _read_head_dim(obj: Any) -> int | None:
+    for attr in HEAD_DIM_NAMES:
+        value = _positive_int(getattr(obj, attr, None))
+        if value is not None:
+            return value
+    for total, heads in HEAD_DIM_RATIOS:
+        t, h = _positive_int(getattr(obj, total, None)), _positive_int(getattr(obj, heads, None))
+        if t is not None and h is not None and t % h == 0:
+            return t // h
+    return None
+
+
 def head_dim(module: nn.Module | None) -> int | None:
-    """The per-head dimension an attention module's scale refers to, or ``None`` when it cannot be told."""
+    """The per-head dimension an attention module's scale refers to, or ``None`` when it cannot be told.
+
+    The module's own attributes first (:data:`HEAD_DIM_NAMES`, then :data:`HEAD_DIM_RATIOS`, then timm's fused
+    ``qkv``), then, for a class named ``...Attention...``, the same names on its ``config`` (Hugging Face
+    attention modules keep theirs; a whole model holding the same config is not an attention).
+
+    Example:
+        >>> class T5Like(nn.Module):
+        ...     key_value_proj_dim, n_heads, inner_dim = 8, 4, 32
+        >>> head_dim(T5Like()), head_dim(nn.MultiheadAttention(16, 2)), head_dim(nn.Linear(2, 2))
+        (8, 8, None)
+    """
     if module is None:
         return None
-    for attr in ("head_dim", "attention_head_size", "head_size"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    qkv, heads = getattr(module, "qkv", None), getattr(module, "num_heads", None)
-    if isinstance(qkv, nn.Linear) and isinstance(heads, int) and heads > 0:
+    value = _read_head_dim(module)
+    if value is not None:
+        return value
+    qkv, heads = getattr(module, "qkv", None), _positive_int(getattr(module, "num_heads", None))
+    if isinstance(qkv, nn.Linear) and heads is not None and qkv.out_features % (3 * heads) == 0:
         return qkv.out_features // 3 // heads
-    return None
+    config = getattr(module, "config", None)
+    if config is None or isinstance(config, nn.Module) or "attention" not in type(module).__name__.lower():
+        return None
+    return _read_head_dim(config)
 
 
 def attention_scale_attr(module: nn.Module) -> str | None:

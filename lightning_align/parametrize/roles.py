@@ -9,12 +9,19 @@ memory, no RNG) at the base width and at a second width, and the comparison is k
 
 Roles follow TP5 Table 8 (mup's MuReadout form):
 
-- ``hidden``: two infinite dimensions (fan-in and fan-out scale), e.g. ``Linear(n, n)``.
+- ``hidden``: two infinite dimensions (fan-in and fan-out scale), e.g. ``Linear(n, n)``, a convolution
+  ``(n, n, k, k)``, or stacked matrices ``(E, n, n)`` (MoE experts, :mod:`~lightning_align.parametrize.moe`:
+  each slice is a hidden matrix, fan-in last as ``F.linear`` and mup's ``InfShape.main`` read it).
 - ``input``: one infinite dimension that is the fan-out (``Linear(d, n)``), or any embedding-like
   weight (``nn.Embedding(V, n)``, raw ``nn.Parameter`` tables).
-- ``output``: a ``Linear``/``Conv`` weight whose only infinite dimension is the fan-in (the readout).
-- ``vector``: a 1-D tensor with an infinite dimension (hidden biases, norm gains).
+- ``output``: a ``Linear``/``Conv`` weight whose only infinite dimension is the fan-in (the readout), and
+  MoE gates (router ``(E, n)``, a shared expert's ``(1, n)`` gate), which are readouts of the hidden state.
+- ``vector``: a 1-D tensor with an infinite dimension (hidden biases, norm gains), a depthwise
+  convolution's ``(n, 1, k, k)``, per-expert biases ``(E, n)``.
 - ``fixed``: no infinite dimension (e.g. the readout bias, parameters of width-independent parts).
+
+``role_overrides`` are applied before the automatic roles: an overridden parameter gets its role with no
+automatic check, so an override resolves every refusal the automatic roles name.
 
 Example:
     >>> import torch
@@ -40,6 +47,7 @@ from typing import Any, Literal
 from torch import nn
 
 from lightning_align.measure.modules import is_hf_conv1d
+from lightning_align.parametrize.moe import MoE, find_moe
 
 Role = Literal["input", "hidden", "output", "vector", "fixed"]
 ROLES: tuple[str, ...] = ("input", "hidden", "output", "vector", "fixed")
@@ -58,6 +66,8 @@ class ParamInfo:
         infinite: for each dimension, whether it scales with width (mup's ``InfDim.isinf``).
         role: one of :data:`ROLES`.
         in_branch: it lives inside a residual branch (depth scaling applies).
+        fan_out_dim / fan_in_dim: which dimensions are the fan-out and fan-in of a matrix (``(0, 1)`` for
+            ``Linear``/``Conv``, ``(1, 0)`` for Hugging Face ``Conv1D``, the last two for stacked experts).
 
     Example::
 
@@ -72,6 +82,8 @@ class ParamInfo:
     infinite: tuple[bool, ...]
     role: str
     in_branch: bool = False
+    fan_out_dim: int = 0
+    fan_in_dim: int = 1
 
     def dim_mult(self, i: int) -> float:
         """``dim / base_dim`` for an infinite dimension, 1 for a finite one (mup ``InfDim.width_mult``)."""
@@ -92,13 +104,14 @@ class ParamInfo:
 
     @property
     def fanin_mult(self) -> float:
-        """Width multiplier of dimension 1 (fan-in), 1 for tensors with fewer than 2 dimensions."""
-        return self.dim_mult(1) if len(self.shape) >= 2 else 1
+        """Width multiplier of the fan-in dimension, 1 for tensors with fewer than 2 dimensions."""
+        return self.dim_mult(self.fan_in_dim) if len(self.shape) >= 2 else 1
 
     @property
     def fanin_fanout_ratio(self) -> float:
-        """``fanin_mult / fanout_mult`` (mup ``InfShape.fanin_fanout_mult_ratio``)."""
-        return self.dim_mult(1) / self.dim_mult(0)
+        """``fanin_mult / fanout_mult`` (mup ``InfShape.fanin_fanout_mult_ratio``, which reads dimensions 1 and 0
+        whatever the layout; equal for ``Linear``/``Conv`` and whenever fan-in and fan-out scale alike)."""
+        return self.dim_mult(self.fan_in_dim) / self.dim_mult(self.fan_out_dim)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-type dict (for ``state_dict`` and tables)."""
@@ -127,8 +140,9 @@ def infer_roles(
 
     Raises:
         ValueError: parameter names differ between the models, a shape has a different number of
-            dimensions, a tensor has more than two infinite dimensions, an override names an unknown
-            role or matches no parameter.
+            dimensions, a tensor's width-scaling dimensions are not a matrix's fan-out and fan-in (or an
+            expert tensor has only one), with no override for it; an override names an unknown role,
+            matches no parameter, or gives a matrix role to a vector.
 
     Example::
 
@@ -147,26 +161,35 @@ def infer_roles(
                 f"(only in {what}: {extra[:5]}, missing there: {missing[:5]}). Width keys must only change "
                 "sizes, not the set of layers; check `width_keys`."
             )
-    modules = dict(model.named_modules())
-    owners = parameter_owners(model)
-    compiled = _compile_overrides(overrides, shapes, owner)
-    infos: dict[str, ParamInfo] = {}
+    infinite: dict[str, tuple[bool, ...]] = {}
     for name, shape in shapes.items():
         b, d = base_shapes[name], delta_shapes[name]
         if not (len(b) == len(d) == len(shape)):
             raise ValueError(f"{owner}: parameter {name!r} changes its number of dimensions with width")
-        infinite = tuple(bi != di for bi, di in zip(b, d))
+        infinite[name] = tuple(bi != di for bi, di in zip(b, d))
+    modules = dict(model.named_modules())
+    owners = parameter_owners(model)
+    moe = find_moe(model, infinite)
+    compiled = _compile_overrides(overrides, shapes, owner)
+    infos: dict[str, ParamInfo] = {}
+    for name, shape in shapes.items():
         owner_name = name.rsplit(".", 1)[0] if "." in name else ""
-        role = _auto_role(name, infinite, modules.get(owner_name), owner)
-        if role == "output":  # a readout weight shared with an embedding is the embedding's (MuSharedReadout)
-            for other in owners.get(name, [])[1:]:
-                if _auto_role(name, infinite, modules.get(other), owner) == "input":
-                    role, owner_name = "input", other
-                    break
-        for regex, forced in compiled:
-            if regex.fullmatch(name):
-                role = forced
-        infos[name] = ParamInfo(name, owner_name, shape, b, infinite, role)
+        module = modules.get(owner_name)
+        forced = [role for regex, role in compiled if regex.fullmatch(name)]
+        if forced:  # before any automatic rule: an override never meets an automatic refusal
+            role, fans = forced[-1], _fan_dims(infinite[name], module, owner_name in moe.containers)
+            if role in ("hidden", "output") and len(shape) < 2:
+                raise ValueError(
+                    f"{owner}(role_overrides=...): {name!r} has {len(shape)} dimension(s); role {role!r} needs a matrix"
+                )
+        else:
+            role, fans = _auto_role(name, infinite[name], module, owner_name, moe, owner)
+            if role == "output":  # a readout weight shared with an embedding is the embedding's (MuSharedReadout)
+                for other in owners.get(name, [])[1:]:
+                    if _auto_role(name, infinite[name], modules.get(other), other, moe, owner)[0] == "input":
+                        role, owner_name = "input", other
+                        break
+        infos[name] = ParamInfo(name, owner_name, shape, base_shapes[name], infinite[name], role, False, *fans)
     return infos
 
 
@@ -190,24 +213,62 @@ def _compile_overrides(
     return compiled
 
 
-def _auto_role(name: str, infinite: tuple[bool, ...], module: nn.Module | None, owner: str) -> str:
-    ninf = sum(infinite)
+def override_pattern(name: str) -> str:
+    r"""A ``role_overrides`` regex for ``name`` and its siblings in other numbered layers.
+
+    Example:
+        >>> print(override_pattern("model.layers.0.mlp.experts.gate_up_proj"))
+        model\.layers\.\d+\.mlp\.experts\.gate_up_proj
+    """
+    return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split("."))
+
+
+def _fan_dims(infinite: tuple[bool, ...], module: nn.Module | None, stacked: bool) -> tuple[int, int]:
+    """``(fan_out_dim, fan_in_dim)``: HF ``Conv1D`` is ``(in, out)``; stacked experts end in ``(out, in)``."""
+    if len(infinite) == 2 and is_hf_conv1d(module):
+        return 1, 0
+    if len(infinite) >= 3 and (stacked or (sum(infinite) == 2 and infinite[-1] and infinite[-2] and not infinite[0])):
+        return len(infinite) - 2, len(infinite) - 1
+    return 0, 1
+
+
+def _auto_role(
+    name: str, infinite: tuple[bool, ...], module: nn.Module | None, module_name: str, moe: MoE, owner: str
+) -> tuple[str, tuple[int, int]]:
+    ninf, nd = sum(infinite), len(infinite)
+    stacked = module_name in moe.containers and nd >= 3
+    fans = _fan_dims(infinite, module, stacked)
     if ninf == 0:
-        return "fixed"
-    if len(infinite) < 2:
-        return "vector"
-    if ninf > 2 or (ninf == 2 and not (infinite[0] and infinite[1])):
+        return "fixed", fans
+    if nd < 2:
+        return "vector", fans
+    if ninf == 2 and infinite[fans[0]] and infinite[fans[1]]:
+        return "hidden", fans
+    if ninf >= 2:
         raise ValueError(
-            f"{owner}: parameter {name!r} has infinite dimensions {infinite}; only (fan_out, fan_in) may both "
-            "scale with width (as in microsoft/mup). Give it a role with `role_overrides`."
+            f"{owner}: parameter {name!r} has width-scaling dimensions {infinite}: neither "
+            "(fan_out, fan_in) first (a Linear or Conv weight) nor the last two after fixed leading dimensions "
+            "(stacked matrices such as MoE experts), so its fan-in and fan-out cannot be told. Give it a role with "
+            f"`role_overrides`, e.g. {{{override_pattern(name)!r}: 'hidden'}}."
         )
-    if ninf == 2:
-        return "hidden"
+    if stacked:
+        raise ValueError(
+            f"{owner}: expert tensor {name!r} holds matrices of which only one side scales with width (dimensions "
+            f"scaling: {infinite}), so each expert is readout- or input-like: the expert size is probably missing "
+            "from `width_keys` (e.g. 'config.moe_intermediate_size' next to 'config.hidden_size'). Else give it a "
+            f"role with `role_overrides`, e.g. {{{override_pattern(name)!r}: 'hidden'}}."
+        )
+    if module_name in moe.containers:
+        return "vector", fans  # per-expert biases (E, n)
+    if module_name in moe.gates:
+        return "output", fans  # a router reads the hidden state out into a fixed number of logits
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and infinite[0]:
+        return "vector", fans  # depthwise: a filter per channel, fan-in fixed by the groups
     if isinstance(module, _FAN_LAYERS):
-        return "input" if infinite[0] else "output"
-    if is_hf_conv1d(module) and len(infinite) == 2:  # HF Conv1D stores (fan_in, fan_out)
-        return "input" if infinite[1] else "output"
-    return "input"  # embedding tables and raw parameters: a lookup, fan-in fixed
+        return ("input" if infinite[0] else "output"), fans
+    if is_hf_conv1d(module):  # HF Conv1D stores (fan_in, fan_out)
+        return ("input" if infinite[1] else "output"), fans
+    return "input", fans  # embedding tables and raw parameters: a lookup, fan-in fixed
 
 
 def parameter_owners(model: nn.Module) -> dict[str, list[str]]:
@@ -252,6 +313,28 @@ def tied_readouts(model: nn.Module, infos: Mapping[str, ParamInfo]) -> dict[str,
             module = modules.get(holder)
             if holder != info.module and isinstance(module, nn.Linear) and module.weight is params[name]:
                 out[holder] = name
+    return out
+
+
+def adapter_readouts(model: nn.Module, infos: Mapping[str, ParamInfo]) -> set[str]:
+    """Readout-role layers inside an adapter: a module (or its parent) of a tuner layer that holds a ``base_layer``.
+
+    PEFT's LoRA-style layers add ``lora_B(lora_A(x))`` to ``base_layer(x)``; ``lora_A`` (``r × n``, ``r`` fixed)
+    reads the hidden state out into ``r`` numbers, a readout in μP (mup's ``MuReadout``: ``1/m`` on its
+    input), so its effective Adam learning rate is ``η/m`` while ``lora_B`` (an input-like ``n × r``) keeps
+    ``η``: the ratio ``m`` that LoRA+ derives. These readouts are by design, unlike one a missing width key makes.
+    """
+    modules = dict(model.named_modules())
+    out: set[str] = set()
+    for info in infos.values():
+        if info.role != "output":
+            continue
+        parts = info.module.split(".")
+        for depth in (1, 2, 3):
+            holder = modules.get(".".join(parts[:-depth])) if len(parts) > depth else None
+            if isinstance(getattr(holder, "base_layer", None), nn.Module):
+                out.add(info.module)
+                break
     return out
 
 
