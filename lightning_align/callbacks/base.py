@@ -56,16 +56,11 @@ from lightning_align.measure.modules import NORMS_WITH_STATS
 from lightning_align.measure.sharded import ShardLayout, has_sharded_parameters, reshard, shard_layout
 from lightning_align.dashboard import write_dashboard
 from lightning_align.headlines import Headline, HeadlineHistory, progress_bar_values
+from lightning_align.callbacks import guards
 from lightning_align.callbacks.strategy import check_strategy
 from lightning_align.figures import layer_heatmap
 from lightning_align.logging import log_figure, log_scalars, tensorboard_writers
-from lightning_align.measure.state import (
-    default_dtype_at_least_fp32,
-    map_tensors,
-    preserved_state,
-    probe_dtype,
-    upcast_floating,
-)
+from lightning_align.measure.state import default_dtype_at_least_fp32, map_tensors, probe_dtype, upcast_floating
 from lightning_align import schedules
 from lightning_align.schedules import DEFAULT_MAX_OVERHEAD, MaxOverhead, OverheadBudget, ScheduleName, StepSchedule
 
@@ -245,22 +240,23 @@ class MeasurementCallback(Callback, abc.ABC):
 
         Inside: grad enabled (also under ``trainer.validate``'s inference mode), autocast off, dropout off
         (unless ``dropout=True``), BatchNorm per ``bn_mode``, the original (uncompiled) ``forward`` and
-        ``training_step``, and at least float32 arithmetic: bfloat16/float16 parameters and buffers
-        (``precision="bf16-true"``/``"16-true"``) are float32 copies, float64 ones stay float64. On exit:
-        flags, buffers, ``.grad``, RNG streams, methods and the original low-precision tensors restored, and
-        under FSDP2 every parameter its ``DTensor`` slice again.
+        ``training_step``, ``self.log`` silenced, and at least float32 arithmetic: bfloat16/float16 parameters and
+        buffers (``precision="bf16-true"``/``"16-true"``) are float32 copies, float64 ones stay float64. On exit:
+        flags, buffers, tensor and Python attributes (torchmetrics states too), ``.grad``, RNG streams, methods and
+        the original low-precision tensors restored (:mod:`~lightning_align.callbacks.guards`), and under FSDP2
+        every parameter its ``DTensor`` slice again.
         """
-        device_type = _device_type(pl_module)
+        device_type = guards.device_type(pl_module)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(preserved_state(pl_module))
+            stack.enter_context(guards.untouched(pl_module))
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
             stack.enter_context(default_dtype_at_least_fp32())
             stack.enter_context(upcast_floating(pl_module, torch.float32))
-            stack.enter_context(_uncompiled(pl_module))
-            stack.enter_context(refused_training_steps(pl_module, type(self).__name__))
-            stack.enter_context(_without_input_require_grads(pl_module))
+            stack.enter_context(guards.uncompiled(pl_module))
+            stack.enter_context(guards.refused_training_steps(pl_module, type(self).__name__))
+            stack.enter_context(guards.without_input_require_grads(pl_module))
             if self.shard_layout is not None:  # FSDP2 keeps a forward's gathered root parameters without a backward
                 stack.callback(reshard, pl_module)
             self._set_probe_modes(pl_module)
@@ -278,7 +274,7 @@ class MeasurementCallback(Callback, abc.ABC):
 
     def probe_loss_model(self, pl_module: pl.LightningModule) -> ProbeLoss:
         """``nn.Module`` with ``forward(batch) -> loss`` (see :mod:`lightning_align.callbacks.probe`)."""
-        return ProbeLoss(pl_module)
+        return ProbeLoss(pl_module, owner=type(self).__name__)
 
     def probe_outputs_model(self, pl_module: pl.LightningModule) -> ProbeOutputs:
         """``nn.Module`` with ``forward(batch) -> outputs``."""
@@ -546,75 +542,3 @@ def _is_stream(trainer: pl.Trainer) -> bool:
     except TypeError:
         return False
     return isinstance(loader.dataset, IterableDataset)
-
-
-@contextlib.contextmanager
-def refused_training_steps(pl_module: nn.Module, owner: str) -> Iterator[None]:
-    """Inside a probe, ``optimizer.step()`` and ``manual_backward`` raise (before changing anything)."""
-    trainer = getattr(pl_module, "_trainer", None)
-    optimizers = list(trainer.optimizers) if trainer is not None else []
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError(
-            f"{owner}: the probe reached an optimizer step (`optimizer.step()` or `manual_backward`) in "
-            f"{type(pl_module).__name__}; it was refused and the weights are unchanged. Under manual optimization "
-            "define `probe_loss(self, batch)` returning the loss without backward or step."
-        )
-
-    saved = [(opt, opt.__dict__.get("step")) for opt in optimizers]
-    saved_backward = pl_module.__dict__.get("manual_backward")
-    for opt in optimizers:
-        opt.step = refuse
-    pl_module.manual_backward = refuse
-    try:
-        yield
-    finally:
-        for opt, step in saved:
-            if step is None:
-                opt.__dict__.pop("step", None)
-            else:
-                opt.step = step
-        if saved_backward is None:
-            pl_module.__dict__.pop("manual_backward", None)
-        else:
-            pl_module.manual_backward = saved_backward
-
-
-@contextlib.contextmanager
-def _without_input_require_grads(pl_module: nn.Module) -> Iterator[None]:
-    """Hugging Face's gradient-checkpointing hook (``enable_input_require_grads``: ``requires_grad_`` on the
-    embedding output) is not needed in eval-mode probes and cannot run under ``torch.func``: off inside, back after."""
-    models = [m for m in pl_module.modules() if getattr(m, "_require_grads_hooks", None) and hasattr(m, "enable_input_require_grads")]
-    for m in models:
-        m.disable_input_require_grads()
-    try:
-        yield
-    finally:
-        for m in models:
-            m.enable_input_require_grads()
-
-
-def _device_type(module: nn.Module) -> str:
-    for p in module.parameters():
-        return p.device.type
-    return "cpu"
-
-
-@contextlib.contextmanager
-def _uncompiled(pl_module: nn.Module) -> Iterator[None]:
-    """Swap in the original ``forward``/``training_step`` of a module compiled by ``torch.compile``."""
-    ctx = getattr(pl_module, "_compiler_ctx", None)
-    if not ctx:
-        yield
-        return
-    saved = {name: pl_module.__dict__.get(name) for name in ("forward", "training_step")}
-    pl_module.forward = ctx["original_forward"]
-    pl_module.training_step = ctx["original_training_step"]
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                pl_module.__dict__.pop(name, None)
-            else:
-                setattr(pl_module, name, value)

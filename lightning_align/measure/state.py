@@ -1,7 +1,8 @@
 """Side-effect guards shared by every measurement.
 
 A measurement must leave the model exactly as it found it: parameter values, buffers (BatchNorm
-running statistics), ``.grad`` tensors, train/eval flags and every random number stream. The
+running statistics), tensor and plain Python attributes (torchmetrics states and counters), ``.grad``
+tensors, train/eval flags and every random number stream. The
 :func:`preserved_state` context manager snapshots what a probe could touch and puts it back on exit,
 so each measure function (and each callback) gets that guarantee from one place.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -62,16 +63,21 @@ def preserved_rng(devices: list[torch.device] | None = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, *, rng: bool = True) -> Iterator[None]:
-    """Restore buffers, plain attributes, ``.grad``, train/eval flags and RNG streams of ``model`` on exit.
+def preserved_state(model: nn.Module, *, rng: bool = True, also: Iterable[object] = ()) -> Iterator[None]:
+    """Restore tensors, plain attributes, ``.grad``, train/eval flags and RNG streams of ``model`` on exit.
 
-    Buffers are put back by object and value, so a forward that re-assigns one (``self.calls = self.calls + 1``)
-    or updates it in place leaves no trace; so are each module's plain Python attributes (counters, lists,
-    dicts: what ``forward`` may change besides tensors).
+    Restored in every module :func:`reachable_modules` finds from ``model`` (and from the attributes of the
+    objects in ``also``, e.g. a datamodule): buffers and tensor attributes (a torchmetrics ``Metric``'s states,
+    ``self.tp += ...``), by object and value, so a forward that re-assigns one (``self.calls = self.calls + 1``)
+    or updates it in place leaves no trace; plain Python attributes (numbers, strings, the contents of lists,
+    dicts and sets: counters, ``_update_count``, list states), and attributes of those kinds that the probe
+    added are removed. Parameters are not copied (measurements never write to them); objects of other classes
+    are restored by reference only.
 
     Args:
         model: the module a probe will run on.
         rng: also fork the torch, Python and NumPy random streams.
+        also: other objects whose modules the probe may change (their own plain attributes are not restored).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
@@ -81,11 +87,11 @@ def preserved_state(model: nn.Module, *, rng: bool = True) -> Iterator[None]:
         >>> torch.equal(net[1].running_mean, before)  # ...which are put back
         True
     """
-    modules = list(model.modules())
+    modules = reachable_modules(model, also)
     flags = [(m, m.training) for m in modules]
     buffers = [(m, dict(m._buffers), [(b, b.detach().clone()) for b in m._buffers.values() if b is not None]) for m in modules]
-    attributes = [(m, _plain_attributes(m)) for m in modules]
-    params = list(model.parameters())
+    attributes = [(m, _plain_attributes(m), _tensor_attributes(m)) for m in modules]
+    params = list(dict.fromkeys(p for m in modules for p in m._parameters.values() if p is not None))
     grads = [p.grad for p in params]
     for p in params:
         p.grad = None
@@ -98,26 +104,63 @@ def preserved_state(model: nn.Module, *, rng: bool = True) -> Iterator[None]:
             for m, named, values in buffers:
                 m._buffers.clear()
                 m._buffers.update(named)
-                for live, saved in values:
-                    if live.shape == saved.shape:
-                        live.copy_(saved)
-        for m, saved_attrs in attributes:
-            _restore_attributes(m, saved_attrs)
+                _restore_values(values)
+        for m, saved_attrs, tensors in attributes:
+            _restore_attributes(m, saved_attrs, tensors)
         for p, g in zip(params, grads):
             p.grad = g
         for m, was_training in flags:
             m.training = was_training
 
 
+def reachable_modules(model: nn.Module, also: Iterable[object] = ()) -> list[nn.Module]:
+    """``model.modules()`` and the modules a probe can reach without them being registered: held in plain
+    lists, tuples, dicts or sets (two levels deep) of any module found, or in the attributes of ``also``.
+
+    Example:
+        >>> class Net(nn.Linear):
+        ...     def __init__(self):
+        ...         super().__init__(2, 2)
+        ...         self.extra = {"counter": nn.Identity()}  # a plain dict: not registered
+        >>> [type(m).__name__ for m in reachable_modules(Net())]
+        ['Net', 'Identity']
+    """
+    found: dict[int, nn.Module] = {}
+    queue: list[nn.Module] = [model]
+    for obj in also:
+        queue.extend(_modules_in(list(vars(obj).values()), 3))
+    while queue:
+        for m in queue.pop(0).modules():
+            if id(m) not in found:
+                found[id(m)] = m
+                queue.extend(_modules_in([v for k, v in vars(m).items() if not _internal(k)], 3))
+    return list(found.values())
+
+
+def _modules_in(value: Any, depth: int) -> list[nn.Module]:
+    """Modules in ``value``, a module or builtin containers of them ``depth`` levels deep."""
+    if isinstance(value, nn.Module):
+        return [value]
+    if depth == 0 or not isinstance(value, (list, tuple, dict, set)):
+        return []
+    items = value.values() if isinstance(value, dict) else value
+    return [m for item in items for m in _modules_in(item, depth - 1)]
+
+
 _PLAIN = (bool, int, float, complex, str, bytes, tuple, type(None))
 _CONTAINERS = (list, dict, set)
+
+
+def _internal(key: str) -> bool:
+    """``nn.Module`` bookkeeping (parameters, buffers, children, hooks), restored by other means or not at all."""
+    return key == "training" or (key.startswith("_") and ("hook" in key or key in _MODULE_INTERNALS))
 
 
 def _plain_attributes(module: nn.Module) -> dict[str, Any]:
     """A module's plain Python attributes (numbers, strings, and shallow copies of lists/dicts/sets of them)."""
     saved: dict[str, Any] = {}
     for key, value in vars(module).items():
-        if key == "training" or (key.startswith("_") and ("hook" in key or key in _MODULE_INTERNALS)):
+        if _internal(key):
             continue
         if isinstance(value, _PLAIN):
             saved[key] = (value, None)
@@ -126,8 +169,27 @@ def _plain_attributes(module: nn.Module) -> dict[str, Any]:
     return saved
 
 
-def _restore_attributes(module: nn.Module, saved: dict[str, Any]) -> None:
+def _tensor_attributes(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Tensors held as plain attributes (not parameters or buffers; e.g. torchmetrics states): object and copy."""
+    return {
+        key: (value, value.detach().clone())
+        for key, value in vars(module).items()
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and not _internal(key)
+    }
+
+
+def _restore_values(values: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Each live tensor's values as saved (untouched when unchanged: no version bump of a tensor autograd saved)."""
+    with torch.no_grad():
+        for live, saved in values:
+            if live.shape == saved.shape and live.dtype == saved.dtype and not torch.equal(live, saved):
+                live.copy_(saved)
+
+
+def _restore_attributes(module: nn.Module, saved: dict[str, Any], tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     state = vars(module)
+    for key in [k for k, v in state.items() if k not in saved and k not in tensors and _is_data(k, v)]:
+        del state[key]  # added by the probe (a lazily created cache, a counter)
     for key, (value, contents) in saved.items():
         if contents is not None:  # a container: same object, contents as before (it may be mutated in place)
             value.clear()
@@ -136,6 +198,13 @@ def _restore_attributes(module: nn.Module, saved: dict[str, Any]) -> None:
             else:
                 value.update(contents)
         state[key] = value
+    for key, (value, _) in tensors.items():
+        state[key] = value
+    _restore_values(tensors.values())
+
+
+def _is_data(key: str, value: Any) -> bool:
+    return not _internal(key) and (isinstance(value, (*_PLAIN, torch.Tensor)) or type(value) in _CONTAINERS) and not isinstance(value, nn.Parameter)
 
 
 _MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_state_dict_pre_hooks"})
