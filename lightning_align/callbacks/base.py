@@ -9,7 +9,8 @@ a bf16/fp16 model, train/eval flags, BatchNorm buffers, ``.grad`` and every RNG 
 
 Hook order used:
 
-- ``on_fit_start``: :meth:`validate` (bad module names etc. fail here, before any optimizer step);
+- ``on_fit_start``: :mod:`~lightning_align.callbacks.checks` and :meth:`validate` (lazy modules, complex parameters,
+  several optimizers, bad module names etc. fail here, before any optimizer step);
 - ``on_train_start``: probe batch drawn; :meth:`prepare` (once per fit); measurement at step 0 (before training);
 - ``on_before_optimizer_step``: :meth:`before_step` when the step about to happen is scheduled
   (to snapshot weights before the update);
@@ -56,7 +57,7 @@ from lightning_align.measure.modules import NORMS_WITH_STATS
 from lightning_align.measure.sharded import ShardLayout, has_sharded_parameters, reshard, shard_layout
 from lightning_align.dashboard import write_dashboard
 from lightning_align.headlines import Headline, HeadlineHistory, progress_bar_values
-from lightning_align.callbacks import guards
+from lightning_align.callbacks import checks, guards
 from lightning_align.callbacks.strategy import check_strategy
 from lightning_align.figures import layer_heatmap
 from lightning_align.logging import log_figure, log_scalars, tensorboard_writers
@@ -318,7 +319,9 @@ class MeasurementCallback(Callback, abc.ABC):
                 "False), so its training_step steps the optimizer and cannot be run by a probe. Define "
                 "`probe_loss(self, batch)` returning the scalar training loss (no backward, no optimizer step)."
             )
+        checks.check_model(type(self).__name__, pl_module)  # lazy modules, complex parameters
         self.validate(trainer, pl_module)
+        checks.check_optimizers(self, trainer, pl_module)
         if self.budget is not None:
             self.budget.start()
 
