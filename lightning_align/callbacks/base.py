@@ -13,7 +13,8 @@ Hook order used:
   several optimizers, bad module names etc. fail here, before any optimizer step);
 - ``on_train_start``: probe batch drawn; :meth:`prepare` (once per fit); measurement at step 0 (before training);
 - ``on_before_optimizer_step``: :meth:`before_step` when the step about to happen is scheduled
-  (to snapshot weights before the update);
+  (to snapshot weights before the update) and will change the weights (a ``training_step`` returning ``None``
+  makes none: a callback with a :meth:`before_step` skips that step);
 - ``on_train_batch_end``: :meth:`measure` after each scheduled optimizer step (once per step, also
   under gradient accumulation).
 
@@ -171,6 +172,7 @@ class MeasurementCallback(Callback, abc.ABC):
         self._awaiting_stream = False
         self._explicit_probe: Any = None
         self.last_step = -1
+        self._skipped_step = -1  # the last optimizer step that changed nothing (training_step returned None)
         self._layer_values: dict[str, dict[str, dict[int, float]]] = {}  # heatmap prefix -> layer -> step -> value
         #: First and last headline values of this fit (read by the end-of-fit summary).
         self.headline_history = HeadlineHistory()
@@ -364,7 +366,9 @@ class MeasurementCallback(Callback, abc.ABC):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step + 1
-        if self.schedule.is_due(step) and self._within_budget(trainer, step):
+        if checks.skipped_step(pl_module):  # training_step returned None: no update to copy the weights for
+            self._skipped_step = step
+        elif self.schedule.is_due(step) and self._within_budget(trainer, step):
             self.before_step(trainer, pl_module)
 
     @override
@@ -372,7 +376,8 @@ class MeasurementCallback(Callback, abc.ABC):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step > self.last_step and self.schedule.is_due(step) and self._within_budget(trainer, step):
+        skipped = step == self._skipped_step and checks.measures_updates(self)  # no update was made to measure
+        if step > self.last_step and not skipped and self.schedule.is_due(step) and self._within_budget(trainer, step):
             self._run(trainer, pl_module)
 
     def budget_remedy(self) -> str:
