@@ -90,7 +90,7 @@ def preserved_state(model: nn.Module, *, rng: bool = True, also: Iterable[object
     modules = reachable_modules(model, also)
     flags = [(m, m.training) for m in modules]
     buffers = [(m, dict(m._buffers), [(b, b.detach().clone()) for b in m._buffers.values() if b is not None]) for m in modules]
-    attributes = [(m, _plain_attributes(m), _tensor_attributes(m)) for m in modules]
+    attributes = [_SavedAttributes(m) for m in modules]
     params = list(dict.fromkeys(p for m in modules for p in m._parameters.values() if p is not None))
     grads = [p.grad for p in params]
     for p in params:
@@ -100,13 +100,13 @@ def preserved_state(model: nn.Module, *, rng: bool = True, also: Iterable[object
         with rng_guard:
             yield
     finally:
-        with torch.no_grad():
-            for m, named, values in buffers:
+        for m, named, values in buffers:
+            if named or m._buffers:
                 m._buffers.clear()
                 m._buffers.update(named)
                 _restore_values(values)
-        for m, saved_attrs, tensors in attributes:
-            _restore_attributes(m, saved_attrs, tensors)
+        for saved in attributes:
+            saved.restore()
         for p, g in zip(params, grads):
             p.grad = g
         for m, was_training in flags:
@@ -115,7 +115,7 @@ def preserved_state(model: nn.Module, *, rng: bool = True, also: Iterable[object
 
 def reachable_modules(model: nn.Module, also: Iterable[object] = ()) -> list[nn.Module]:
     """``model.modules()`` and the modules a probe can reach without them being registered: held in plain
-    lists, tuples, dicts or sets (two levels deep) of any module found, or in the attributes of ``also``.
+    lists, tuples, dicts or sets (up to three levels deep) of any module found, or in the attributes of ``also``.
 
     Example:
         >>> class Net(nn.Linear):
@@ -130,10 +130,10 @@ def reachable_modules(model: nn.Module, also: Iterable[object] = ()) -> list[nn.
     for obj in also:
         queue.extend(_modules_in(list(vars(obj).values()), 3))
     while queue:
-        for m in queue.pop(0).modules():
+        for m in queue.pop().modules():
             if id(m) not in found:
                 found[id(m)] = m
-                queue.extend(_modules_in([v for k, v in vars(m).items() if not _internal(k)], 3))
+                queue.extend(_modules_in([v for k, v in vars(m).items() if k not in _MODULE_KEYS], 3))
     return list(found.values())
 
 
@@ -141,41 +141,63 @@ def _modules_in(value: Any, depth: int) -> list[nn.Module]:
     """Modules in ``value``, a module or builtin containers of them ``depth`` levels deep."""
     if isinstance(value, nn.Module):
         return [value]
-    if depth == 0 or not isinstance(value, (list, tuple, dict, set)):
+    if depth == 0 or type(value) not in _SEQUENCES_AND_MAPS:
         return []
-    items = value.values() if isinstance(value, dict) else value
+    items = value.values() if type(value) is dict else value
     return [m for item in items for m in _modules_in(item, depth - 1)]
 
 
 _PLAIN = (bool, int, float, complex, str, bytes, tuple, type(None))
 _CONTAINERS = (list, dict, set)
+_SEQUENCES_AND_MAPS = (list, tuple, dict, set)
+#: What ``nn.Module.__init__`` sets (parameters, buffers, children, hooks, ``training``): restored by other means.
+_MODULE_KEYS = frozenset(vars(nn.Module()))
 
 
-def _internal(key: str) -> bool:
-    """``nn.Module`` bookkeeping (parameters, buffers, children, hooks), restored by other means or not at all."""
-    return key == "training" or (key.startswith("_") and ("hook" in key or key in _MODULE_INTERNALS))
+def _bookkeeping(key: str) -> bool:
+    return key in _MODULE_KEYS or (key[:1] == "_" and "hook" in key)
 
 
-def _plain_attributes(module: nn.Module) -> dict[str, Any]:
-    """A module's plain Python attributes (numbers, strings, and shallow copies of lists/dicts/sets of them)."""
-    saved: dict[str, Any] = {}
-    for key, value in vars(module).items():
-        if _internal(key):
-            continue
-        if isinstance(value, _PLAIN):
-            saved[key] = (value, None)
-        elif type(value) in _CONTAINERS:
-            saved[key] = (value, type(value)(value))
-    return saved
+class _SavedAttributes:
+    """One module's own attributes as a probe found them: plain values (numbers, strings; lists, dicts and sets
+    by contents) and tensors that are neither parameters nor buffers (by object and value)."""
 
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        state = vars(module)
+        self.keys = set(state)
+        self.plain: dict[str, tuple[Any, Any]] = {}
+        self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key in self.keys - _MODULE_KEYS:
+            if key[:1] == "_" and "hook" in key:
+                continue
+            value = state[key]
+            if type(value) in _CONTAINERS:
+                self.plain[key] = (value, type(value)(value))
+            elif isinstance(value, torch.Tensor):
+                if not isinstance(value, nn.Parameter):
+                    self.tensors[key] = (value, value.detach().clone())
+            elif isinstance(value, _PLAIN):
+                self.plain[key] = (value, None)
 
-def _tensor_attributes(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Tensors held as plain attributes (not parameters or buffers; e.g. torchmetrics states): object and copy."""
-    return {
-        key: (value, value.detach().clone())
-        for key, value in vars(module).items()
-        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and not _internal(key)
-    }
+    def restore(self) -> None:
+        state = vars(self.module)
+        for key in state.keys() - self.keys:  # added by the probe (a lazily created cache, a counter): removed
+            value = state[key]
+            if not _bookkeeping(key) and (isinstance(value, (*_PLAIN, torch.Tensor)) or type(value) in _CONTAINERS):
+                del state[key]
+        for key, (value, contents) in self.plain.items():
+            if contents is not None:  # a container: same object, contents as before (it may be mutated in place)
+                value.clear()
+                if isinstance(value, list):
+                    value.extend(contents)
+                else:
+                    value.update(contents)
+            state[key] = value
+        if self.tensors:
+            for key, (value, _) in self.tensors.items():
+                state[key] = value
+            _restore_values(self.tensors.values())
 
 
 def _restore_values(values: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -184,30 +206,6 @@ def _restore_values(values: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None
         for live, saved in values:
             if live.shape == saved.shape and live.dtype == saved.dtype and not torch.equal(live, saved):
                 live.copy_(saved)
-
-
-def _restore_attributes(module: nn.Module, saved: dict[str, Any], tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    state = vars(module)
-    for key in [k for k, v in state.items() if k not in saved and k not in tensors and _is_data(k, v)]:
-        del state[key]  # added by the probe (a lazily created cache, a counter)
-    for key, (value, contents) in saved.items():
-        if contents is not None:  # a container: same object, contents as before (it may be mutated in place)
-            value.clear()
-            if isinstance(value, list):
-                value.extend(contents)
-            else:
-                value.update(contents)
-        state[key] = value
-    for key, (value, _) in tensors.items():
-        state[key] = value
-    _restore_values(tensors.values())
-
-
-def _is_data(key: str, value: Any) -> bool:
-    return not _internal(key) and (isinstance(value, (*_PLAIN, torch.Tensor)) or type(value) in _CONTAINERS) and not isinstance(value, nn.Parameter)
-
-
-_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_state_dict_pre_hooks"})
 
 
 def map_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
