@@ -9,10 +9,12 @@ a bf16/fp16 model, train/eval flags, BatchNorm buffers, ``.grad`` and every RNG 
 
 Hook order used:
 
-- ``on_fit_start``: :meth:`validate` (bad module names etc. fail here, before any optimizer step);
+- ``on_fit_start``: :mod:`~lightning_align.callbacks.checks` and :meth:`validate` (lazy modules, complex parameters,
+  several optimizers, bad module names etc. fail here, before any optimizer step);
 - ``on_train_start``: probe batch drawn; :meth:`prepare` (once per fit); measurement at step 0 (before training);
 - ``on_before_optimizer_step``: :meth:`before_step` when the step about to happen is scheduled
-  (to snapshot weights before the update);
+  (to snapshot weights before the update) and will change the weights (a ``training_step`` returning ``None``
+  makes none: a callback with a :meth:`before_step` skips that step);
 - ``on_train_batch_end``: :meth:`measure` after each scheduled optimizer step (once per step, also
   under gradient accumulation).
 
@@ -55,18 +57,13 @@ from lightning_align.measure.modules import NORMS_WITH_STATS
 from lightning_align.measure.sharded import ShardLayout, has_sharded_parameters, reshard, shard_layout
 from lightning_align.dashboard import write_dashboard
 from lightning_align.headlines import Headline, HeadlineHistory, progress_bar_values
+from lightning_align.callbacks import checks, guards
 from lightning_align.callbacks.strategy import check_strategy
 from lightning_align.callbacks import checkpoint_state
 from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS
 from lightning_align.callbacks.heatmaps import log_heatmaps, record_layers
 from lightning_align.logging import callback_name, log_scalars, writing_as
-from lightning_align.measure.state import (
-    default_dtype_at_least_fp32,
-    map_tensors,
-    preserved_state,
-    probe_dtype,
-    upcast_floating,
-)
+from lightning_align.measure.state import default_dtype_at_least_fp32, map_tensors, probe_dtype, upcast_floating
 from lightning_align import schedules
 from lightning_align.schedules import DEFAULT_MAX_OVERHEAD, MaxOverhead, OverheadBudget, ScheduleName, StepSchedule
 
@@ -181,6 +178,7 @@ class MeasurementCallback(Callback, abc.ABC):
         self._awaiting_stream = False
         self._explicit_probe: Any = None
         self.last_step = -1
+        self._skipped_step = -1  # the last optimizer step that changed nothing (training_step returned None)
         self._layer_values: dict[str, dict[str, dict[int, float]]] = {}  # heatmap prefix -> layer -> step -> value
         #: First and last headline values of this fit (read by the end-of-fit summary).
         self.headline_history = HeadlineHistory()
@@ -256,22 +254,23 @@ class MeasurementCallback(Callback, abc.ABC):
 
         Inside: grad enabled (also under ``trainer.validate``'s inference mode), autocast off, dropout off
         (unless ``dropout=True``), BatchNorm per ``bn_mode``, the original (uncompiled) ``forward`` and
-        ``training_step``, and at least float32 arithmetic: bfloat16/float16 parameters and buffers
-        (``precision="bf16-true"``/``"16-true"``) are float32 copies, float64 ones stay float64. On exit:
-        flags, buffers, ``.grad``, RNG streams, methods and the original low-precision tensors restored, and
-        under FSDP2 every parameter its ``DTensor`` slice again.
+        ``training_step``, ``self.log`` silenced, and at least float32 arithmetic: bfloat16/float16 parameters and
+        buffers (``precision="bf16-true"``/``"16-true"``) are float32 copies, float64 ones stay float64. On exit:
+        flags, buffers, tensor and Python attributes (torchmetrics states too), ``.grad``, RNG streams, methods and
+        the original low-precision tensors restored (:mod:`~lightning_align.callbacks.guards`), and under FSDP2
+        every parameter its ``DTensor`` slice again.
         """
-        device_type = _device_type(pl_module)
+        device_type = guards.device_type(pl_module)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(preserved_state(pl_module))
+            stack.enter_context(guards.untouched(pl_module))
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
             stack.enter_context(default_dtype_at_least_fp32())
             stack.enter_context(upcast_floating(pl_module, torch.float32))
-            stack.enter_context(_uncompiled(pl_module))
-            stack.enter_context(refused_training_steps(pl_module, type(self).__name__))
-            stack.enter_context(_without_input_require_grads(pl_module))
+            stack.enter_context(guards.uncompiled(pl_module))
+            stack.enter_context(guards.refused_training_steps(pl_module, type(self).__name__))
+            stack.enter_context(guards.without_input_require_grads(pl_module))
             if self.shard_layout is not None:  # FSDP2 keeps a forward's gathered root parameters without a backward
                 stack.callback(reshard, pl_module)
             self._set_probe_modes(pl_module)
@@ -289,7 +288,7 @@ class MeasurementCallback(Callback, abc.ABC):
 
     def probe_loss_model(self, pl_module: pl.LightningModule) -> ProbeLoss:
         """``nn.Module`` with ``forward(batch) -> loss`` (see :mod:`lightning_align.callbacks.probe`)."""
-        return ProbeLoss(pl_module)
+        return ProbeLoss(pl_module, owner=type(self).__name__)
 
     def probe_outputs_model(self, pl_module: pl.LightningModule) -> ProbeOutputs:
         """``nn.Module`` with ``forward(batch) -> outputs``."""
@@ -333,7 +332,9 @@ class MeasurementCallback(Callback, abc.ABC):
                 "False), so its training_step steps the optimizer and cannot be run by a probe. Define "
                 "`probe_loss(self, batch)` returning the scalar training loss (no backward, no optimizer step)."
             )
+        checks.check_model(type(self).__name__, pl_module)  # lazy modules, complex parameters
         self.validate(trainer, pl_module)
+        checks.check_optimizers(self, trainer, pl_module)
         if self.budget is not None:
             self.budget.start()
 
@@ -372,7 +373,9 @@ class MeasurementCallback(Callback, abc.ABC):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step + 1
-        if self.schedule.is_due(step) and self._within_budget(trainer, step):
+        if checks.skipped_step(pl_module):  # training_step returned None: no update to copy the weights for
+            self._skipped_step = step
+        elif self.schedule.is_due(step) and self._within_budget(trainer, step):
             self.before_step(trainer, pl_module)
 
     @override
@@ -380,7 +383,8 @@ class MeasurementCallback(Callback, abc.ABC):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step > self.last_step and self.schedule.is_due(step) and self._within_budget(trainer, step):
+        skipped = step == self._skipped_step and checks.measures_updates(self)  # no update was made to measure
+        if step > self.last_step and not skipped and self.schedule.is_due(step) and self._within_budget(trainer, step):
             self._run(trainer, pl_module)
 
     def budget_remedy(self) -> str:
@@ -524,75 +528,3 @@ def _is_stream(trainer: pl.Trainer) -> bool:
     except TypeError:
         return False
     return isinstance(loader.dataset, IterableDataset)
-
-
-@contextlib.contextmanager
-def refused_training_steps(pl_module: nn.Module, owner: str) -> Iterator[None]:
-    """Inside a probe, ``optimizer.step()`` and ``manual_backward`` raise (before changing anything)."""
-    trainer = getattr(pl_module, "_trainer", None)
-    optimizers = list(trainer.optimizers) if trainer is not None else []
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError(
-            f"{owner}: the probe reached an optimizer step (`optimizer.step()` or `manual_backward`) in "
-            f"{type(pl_module).__name__}; it was refused and the weights are unchanged. Under manual optimization "
-            "define `probe_loss(self, batch)` returning the loss without backward or step."
-        )
-
-    saved = [(opt, opt.__dict__.get("step")) for opt in optimizers]
-    saved_backward = pl_module.__dict__.get("manual_backward")
-    for opt in optimizers:
-        opt.step = refuse
-    pl_module.manual_backward = refuse
-    try:
-        yield
-    finally:
-        for opt, step in saved:
-            if step is None:
-                opt.__dict__.pop("step", None)
-            else:
-                opt.step = step
-        if saved_backward is None:
-            pl_module.__dict__.pop("manual_backward", None)
-        else:
-            pl_module.manual_backward = saved_backward
-
-
-@contextlib.contextmanager
-def _without_input_require_grads(pl_module: nn.Module) -> Iterator[None]:
-    """Hugging Face's gradient-checkpointing hook (``enable_input_require_grads``: ``requires_grad_`` on the
-    embedding output) is not needed in eval-mode probes and cannot run under ``torch.func``: off inside, back after."""
-    models = [m for m in pl_module.modules() if getattr(m, "_require_grads_hooks", None) and hasattr(m, "enable_input_require_grads")]
-    for m in models:
-        m.disable_input_require_grads()
-    try:
-        yield
-    finally:
-        for m in models:
-            m.enable_input_require_grads()
-
-
-def _device_type(module: nn.Module) -> str:
-    for p in module.parameters():
-        return p.device.type
-    return "cpu"
-
-
-@contextlib.contextmanager
-def _uncompiled(pl_module: nn.Module) -> Iterator[None]:
-    """Swap in the original ``forward``/``training_step`` of a module compiled by ``torch.compile``."""
-    ctx = getattr(pl_module, "_compiler_ctx", None)
-    if not ctx:
-        yield
-        return
-    saved = {name: pl_module.__dict__.get(name) for name in ("forward", "training_step")}
-    pl_module.forward = ctx["original_forward"]
-    pl_module.training_step = ctx["original_training_step"]
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                pl_module.__dict__.pop(name, None)
-            else:
-                setattr(pl_module, name, value)

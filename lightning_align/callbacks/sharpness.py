@@ -69,6 +69,8 @@ class Sharpness(MeasurementCallback):
     - ``sharpness/density`` (``density=True``): the SLQ spectral density as a TensorBoard figure.
 
     For Adam the preconditioned tags start after the first optimizer step (there is no ``v̂`` before it).
+    Several optimizers (manual optimization): ``lr_x_max_eig``, ``preconditioned_max_eig``, ``threshold`` and
+    ``eos_ratio`` are not logged (one learning rate and one threshold do not describe them), said at fit start.
 
     Under ``ModelParallelStrategy`` with FSDP2 (``DTensor`` parameters) the products are central finite
     differences of two gradients through the model's own backward (:class:`~lightning_align.measure.sharded.
@@ -261,6 +263,11 @@ class Sharpness(MeasurementCallback):
             )
         optimizers = trainer.optimizers
         adam = len(optimizers) == 1 and isinstance(optimizers[0], ADAM_LIKE)
+        if len(optimizers) > 1:
+            rank_zero_info(
+                f"Sharpness: {owner} has {len(optimizers)} optimizers, so lr_x_max_eig, threshold and eos_ratio are not "
+                "logged (one learning rate and one threshold do not describe them); max_eig is the probe loss's."
+            )
         if self.preconditioned is True and not adam:
             kinds = [type(o).__name__ for o in optimizers] or ["none"]
             raise ValueError(
@@ -303,7 +310,7 @@ class Sharpness(MeasurementCallback):
             try:
                 op = stack.enter_context(hessian_operator(loss_model, _identity_loss, (batch, None), method=self.method, reduce=reduce))
             except ValueError as err:
-                raise ValueError(f"Sharpness on {type(pl_module).__name__}: {err}") from err
+                raise ValueError(str(err) if str(err).startswith("Sharpness") else f"Sharpness on {type(pl_module).__name__}: {err}") from err
             loss = float(op.loss if reduce is None else reduce(op.loss.reshape(1)))  # same decision on every rank
             if not math.isfinite(loss):
                 return self._nan_metrics(trainer, loss)
@@ -415,7 +422,7 @@ class Sharpness(MeasurementCallback):
         if top.converged and (bottom is None or bottom.converged):
             vectors = top.vectors if bottom is None else torch.cat([top.vectors, bottom.vectors], dim=1)
             self._vectors = vectors.detach().to(op.dtype)
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
         if optimizer is None:
             return metrics
         threshold = stability_threshold(optimizer)
@@ -532,7 +539,7 @@ class Sharpness(MeasurementCallback):
             metrics[tag("sharpness", "min_eig")] = nan
         if self.trace:
             metrics[tag("sharpness", "trace")] = metrics[tag("sharpness", "trace_stderr")] = nan
-        if trainer.optimizers:
+        if len(trainer.optimizers) == 1:
             metrics[tag("sharpness", "lr_x_max_eig")] = metrics[tag("sharpness", "eos_ratio")] = nan
             metrics[tag("sharpness", "threshold")] = stability_threshold(trainer.optimizers[0])
         metrics[tag("sharpness", "matvecs")] = 0

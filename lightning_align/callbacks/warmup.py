@@ -14,6 +14,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_align.headlines import Headline
+from lightning_align.callbacks import checks
 from lightning_align.callbacks.base import MeasurementCallback
 from lightning_align.callbacks.checkpoint_state import read_bool, read_float
 from lightning_align.callbacks.elr import (
@@ -139,7 +140,11 @@ class ELRWarmup(MeasurementCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # The warm-up acts at every step; ``every_n_steps`` only sets how often the factor is logged.
+        # The warm-up acts at every step; ``every_n_steps`` only sets how often the factor is logged. A step without
+        # gradients (training_step returned None) changes nothing: no factor from it, nothing logged.
+        if checks.skipped_step(pl_module):
+            self._skipped_step = trainer.global_step + 1
+            return
         self.before_step(trainer, pl_module)
 
     def before_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

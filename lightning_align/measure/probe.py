@@ -1,8 +1,8 @@
 """The probe protocol: how a measurement gets a loss or outputs from a module, with no change to its code.
 
 - **loss**: ``module.probe_loss(batch)`` if the module defines it, else the loss returned by the module's own
-  ``training_step(batch, 0)`` (a tensor, a mapping with ``"loss"``, or an output with ``.loss``), with
-  ``self.log``/``self.log_dict`` silenced while it runs.
+  ``training_step(batch, 0)`` (a tensor, a mapping with ``"loss"``, or an output with ``.loss``); on both paths
+  ``self.log``/``self.log_dict`` are silenced while it runs.
 - **outputs** (kernels, features): ``module.probe_outputs(batch)`` if defined, else the prediction tensor of
   ``module(batch[0])`` (see :func:`~lightning_align.measure.batch.prediction`; a Hugging Face batch goes to
   the model as keyword arguments).
@@ -15,7 +15,8 @@ import: the callbacks and the offline coordinate check share this one protocol.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -26,6 +27,11 @@ from lightning_align.measure.batch import batch_inputs, call_model, prediction
 
 def extract_loss(output: Any, where: str) -> torch.Tensor:
     """The scalar loss from what ``training_step`` returned."""
+    if output is None:
+        raise TypeError(
+            f"{where} returned None on the probe batch (Lightning skips the optimizer step of such a batch), so there is "
+            "no loss to measure: define `probe_loss(self, batch)` on the LightningModule returning the scalar training loss."
+        )
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", output)
     if not isinstance(loss, torch.Tensor):
         raise TypeError(
@@ -50,20 +56,18 @@ class ProbeLoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, owner: str | None = None) -> None:
         super().__init__()
         self.module = module
+        self.owner = owner  # the callback asking, named in error messages
 
     def forward(self, batch: Any) -> torch.Tensor:
         module = self.module
-        if hasattr(module, "probe_loss"):
-            return extract_loss(module.probe_loss(batch), f"{type(module).__name__}.probe_loss")
-        silenced = _silence_logging(module)
-        try:
-            out = module.training_step(batch, 0)
-        finally:
-            _restore_logging(module, silenced)
-        return extract_loss(out, f"{type(module).__name__}.training_step")
+        method = "probe_loss" if hasattr(module, "probe_loss") else "training_step"
+        with silenced_logging(module):
+            out = module.probe_loss(batch) if method == "probe_loss" else module.training_step(batch, 0)
+        where = f"{type(module).__name__}.{method}"
+        return extract_loss(out, where if self.owner is None else f"{self.owner}: {where}")
 
 
 class ProbeOutputs(nn.Module):
@@ -79,19 +83,25 @@ class ProbeOutputs(nn.Module):
         return prediction(call_model(self.module, batch_inputs(batch)), type(self.module).__name__)
 
 
-def _silence_logging(module: nn.Module) -> list[str]:
-    """Replace ``log``/``log_dict`` by no-ops on the instance; returns what to undo."""
-    patched = []
-    for name in ("log", "log_dict"):
-        if hasattr(module, name):
-            setattr(module, name, _no_op)
-            patched.append(name)
-    return patched
+@contextlib.contextmanager
+def silenced_logging(module: nn.Module) -> Iterator[None]:
+    """``log``/``log_dict`` of ``module`` (a LightningModule) are no-ops inside: a probe's values never reach
+    Lightning's logged results, ``trainer.callback_metrics`` or a logger. Nests."""
+    names = [name for name in ("log", "log_dict") if hasattr(module, name)]
+    saved = {name: module.__dict__.get(name, _ABSENT) for name in names}
+    for name in names:
+        setattr(module, name, _no_op)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is _ABSENT:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = value
 
 
-def _restore_logging(module: nn.Module, patched: list[str]) -> None:
-    for name in patched:
-        module.__dict__.pop(name, None)
+_ABSENT = object()
 
 
 def _no_op(*args: Any, **kwargs: Any) -> None:

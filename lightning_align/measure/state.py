@@ -1,7 +1,8 @@
 """Side-effect guards shared by every measurement.
 
 A measurement must leave the model exactly as it found it: parameter values, buffers (BatchNorm
-running statistics), ``.grad`` tensors, train/eval flags and every random number stream. The
+running statistics), tensor and plain Python attributes (torchmetrics states and counters), ``.grad``
+tensors, train/eval flags and every random number stream. The
 :func:`preserved_state` context manager snapshots what a probe could touch and puts it back on exit,
 so each measure function (and each callback) gets that guarantee from one place.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -62,16 +63,21 @@ def preserved_rng(devices: list[torch.device] | None = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, *, rng: bool = True) -> Iterator[None]:
-    """Restore buffers, plain attributes, ``.grad``, train/eval flags and RNG streams of ``model`` on exit.
+def preserved_state(model: nn.Module, *, rng: bool = True, also: Iterable[object] = ()) -> Iterator[None]:
+    """Restore tensors, plain attributes, ``.grad``, train/eval flags and RNG streams of ``model`` on exit.
 
-    Buffers are put back by object and value, so a forward that re-assigns one (``self.calls = self.calls + 1``)
-    or updates it in place leaves no trace; so are each module's plain Python attributes (counters, lists,
-    dicts: what ``forward`` may change besides tensors).
+    Restored in every module :func:`reachable_modules` finds from ``model`` (and from the attributes of the
+    objects in ``also``, e.g. a datamodule): buffers and tensor attributes (a torchmetrics ``Metric``'s states,
+    ``self.tp += ...``), by object and value, so a forward that re-assigns one (``self.calls = self.calls + 1``)
+    or updates it in place leaves no trace; plain Python attributes (numbers, strings, the contents of lists,
+    dicts and sets: counters, ``_update_count``, list states), and attributes of those kinds that the probe
+    added are removed. Parameters are not copied (measurements never write to them); objects of other classes
+    are restored by reference only.
 
     Args:
         model: the module a probe will run on.
         rng: also fork the torch, Python and NumPy random streams.
+        also: other objects whose modules the probe may change (their own plain attributes are not restored).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
@@ -81,11 +87,11 @@ def preserved_state(model: nn.Module, *, rng: bool = True) -> Iterator[None]:
         >>> torch.equal(net[1].running_mean, before)  # ...which are put back
         True
     """
-    modules = list(model.modules())
+    modules = reachable_modules(model, also)
     flags = [(m, m.training) for m in modules]
     buffers = [(m, dict(m._buffers), [(b, b.detach().clone()) for b in m._buffers.values() if b is not None]) for m in modules]
-    attributes = [(m, _plain_attributes(m)) for m in modules]
-    params = list(model.parameters())
+    attributes = [_SavedAttributes(m) for m in modules]
+    params = list(dict.fromkeys(p for m in modules for p in m._parameters.values() if p is not None))
     grads = [p.grad for p in params]
     for p in params:
         p.grad = None
@@ -94,51 +100,112 @@ def preserved_state(model: nn.Module, *, rng: bool = True) -> Iterator[None]:
         with rng_guard:
             yield
     finally:
-        with torch.no_grad():
-            for m, named, values in buffers:
+        for m, named, values in buffers:
+            if named or m._buffers:
                 m._buffers.clear()
                 m._buffers.update(named)
-                for live, saved in values:
-                    if live.shape == saved.shape:
-                        live.copy_(saved)
-        for m, saved_attrs in attributes:
-            _restore_attributes(m, saved_attrs)
+                _restore_values(values)
+        for saved in attributes:
+            saved.restore()
         for p, g in zip(params, grads):
             p.grad = g
         for m, was_training in flags:
             m.training = was_training
 
 
+def reachable_modules(model: nn.Module, also: Iterable[object] = ()) -> list[nn.Module]:
+    """``model.modules()`` and the modules a probe can reach without them being registered: held in plain
+    lists, tuples, dicts or sets (up to three levels deep) of any module found, or in the attributes of ``also``.
+
+    Example:
+        >>> class Net(nn.Linear):
+        ...     def __init__(self):
+        ...         super().__init__(2, 2)
+        ...         self.extra = {"counter": nn.Identity()}  # a plain dict: not registered
+        >>> [type(m).__name__ for m in reachable_modules(Net())]
+        ['Net', 'Identity']
+    """
+    found: dict[int, nn.Module] = {}
+    queue: list[nn.Module] = [model]
+    for obj in also:
+        queue.extend(_modules_in(list(vars(obj).values()), 3))
+    while queue:
+        for m in queue.pop().modules():
+            if id(m) not in found:
+                found[id(m)] = m
+                queue.extend(_modules_in([v for k, v in vars(m).items() if k not in _MODULE_KEYS], 3))
+    return list(found.values())
+
+
+def _modules_in(value: Any, depth: int) -> list[nn.Module]:
+    """Modules in ``value``, a module or builtin containers of them ``depth`` levels deep."""
+    if isinstance(value, nn.Module):
+        return [value]
+    if depth == 0 or type(value) not in _SEQUENCES_AND_MAPS:
+        return []
+    items = value.values() if type(value) is dict else value
+    return [m for item in items for m in _modules_in(item, depth - 1)]
+
+
 _PLAIN = (bool, int, float, complex, str, bytes, tuple, type(None))
 _CONTAINERS = (list, dict, set)
+_SEQUENCES_AND_MAPS = (list, tuple, dict, set)
+#: What ``nn.Module.__init__`` sets (parameters, buffers, children, hooks, ``training``): restored by other means.
+_MODULE_KEYS = frozenset(vars(nn.Module()))
 
 
-def _plain_attributes(module: nn.Module) -> dict[str, Any]:
-    """A module's plain Python attributes (numbers, strings, and shallow copies of lists/dicts/sets of them)."""
-    saved: dict[str, Any] = {}
-    for key, value in vars(module).items():
-        if key == "training" or (key.startswith("_") and ("hook" in key or key in _MODULE_INTERNALS)):
-            continue
-        if isinstance(value, _PLAIN):
-            saved[key] = (value, None)
-        elif type(value) in _CONTAINERS:
-            saved[key] = (value, type(value)(value))
-    return saved
+def _bookkeeping(key: str) -> bool:
+    return key in _MODULE_KEYS or (key[:1] == "_" and "hook" in key)
 
 
-def _restore_attributes(module: nn.Module, saved: dict[str, Any]) -> None:
-    state = vars(module)
-    for key, (value, contents) in saved.items():
-        if contents is not None:  # a container: same object, contents as before (it may be mutated in place)
-            value.clear()
-            if isinstance(value, list):
-                value.extend(contents)
-            else:
-                value.update(contents)
-        state[key] = value
+class _SavedAttributes:
+    """One module's own attributes as a probe found them: plain values (numbers, strings; lists, dicts and sets
+    by contents) and tensors that are neither parameters nor buffers (by object and value)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        state = vars(module)
+        self.keys = set(state)
+        self.plain: dict[str, tuple[Any, Any]] = {}
+        self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key in self.keys - _MODULE_KEYS:
+            if key[:1] == "_" and "hook" in key:
+                continue
+            value = state[key]
+            if type(value) in _CONTAINERS:
+                self.plain[key] = (value, type(value)(value))
+            elif isinstance(value, torch.Tensor):
+                if not isinstance(value, nn.Parameter):
+                    self.tensors[key] = (value, value.detach().clone())
+            elif isinstance(value, _PLAIN):
+                self.plain[key] = (value, None)
+
+    def restore(self) -> None:
+        state = vars(self.module)
+        for key in state.keys() - self.keys:  # added by the probe (a lazily created cache, a counter): removed
+            value = state[key]
+            if not _bookkeeping(key) and (isinstance(value, (*_PLAIN, torch.Tensor)) or type(value) in _CONTAINERS):
+                del state[key]
+        for key, (value, contents) in self.plain.items():
+            if contents is not None:  # a container: same object, contents as before (it may be mutated in place)
+                value.clear()
+                if isinstance(value, list):
+                    value.extend(contents)
+                else:
+                    value.update(contents)
+            state[key] = value
+        if self.tensors:
+            for key, (value, _) in self.tensors.items():
+                state[key] = value
+            _restore_values(self.tensors.values())
 
 
-_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_state_dict_pre_hooks"})
+def _restore_values(values: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Each live tensor's values as saved (untouched when unchanged: no version bump of a tensor autograd saved)."""
+    with torch.no_grad():
+        for live, saved in values:
+            if live.shape == saved.shape and live.dtype == saved.dtype and not torch.equal(live, saved):
+                live.copy_(saved)
 
 
 def map_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
