@@ -35,7 +35,7 @@ def test_misspelled_yaml_key_names_it_and_the_nearest_keys(capsys: pytest.Captur
 
 def test_a_callback_argument_error_is_one_line_naming_the_callback(capsys: pytest.CaptureFixture[str]) -> None:
     err = _error(capsys, ["fit", "--config", QUICKSTART, "--trainer.callbacks+=lightning_align.RankMonitor", "--trainer.callbacks.every_n_steps=0"])
-    assert "RankMonitor: every_n_steps must be >= 1" in err
+    assert "RankMonitor(every_n_steps=0): every_n_steps must be an int >= 1; got 0" in err
     assert err.count("every_n_steps must be") == 1
 
 
@@ -87,3 +87,4 @@ def test_help_names_the_suite_and_offers_only_concrete_choices(capsys: pytest.Ca
 def test_two_unnamed_instances_of_a_callback_get_the_remedy(capsys: pytest.CaptureFixture[str]) -> None:
     err = _error(capsys, ["fit", "--config", QUICKSTART, "--trainer.callbacks+=lightning_align.RankMonitor"])
     assert "two RankMonitor callbacks" in err and "name:" in err
+

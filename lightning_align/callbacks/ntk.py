@@ -5,13 +5,24 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_align.arguments import (
+    Bound,
+    Count,
+    Name,
+    NonNegativeFloat,
+    NonNegativeInt,
+    Patterns,
+    PositiveFloat,
+    Seed,
+    argument_error,
+)
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.probe import slice_batch
@@ -142,57 +153,44 @@ class NTKSpectrum(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 1000,
-        k: int = 10,
+        every_n_steps: Count = 1000,
+        k: Count = 10,
         *,
         trace_outputs: bool = False,
         solver: NTKSolver = "auto",
-        max_exact_size: int = 2048,
-        weights: list[str] | None = None,
+        max_exact_size: Count = 2048,
+        weights: Patterns | None = None,
         alignment: bool | None = None,
         sequence_output: SequenceOutput = "mean",
-        max_rows: int = 65536,
-        max_memory_gb: float | None = MAX_MEMORY_GB,
-        trace_samples: int = 8,
+        max_rows: Count = 65536,
+        max_memory_gb: PositiveFloat | None = MAX_MEMORY_GB,
+        trace_samples: Annotated[int, Bound(2, note="for a standard error")] = 8,
         histograms: bool = True,
-        figure_every: int = 0,
-        tol: float = 1e-4,
-        max_matvecs: int = 100,
+        figure_every: NonNegativeInt = 0,
+        tol: NonNegativeFloat = 1e-4,
+        max_matvecs: Count = 100,
         schedule: ScheduleName = "linear",
         max_overhead: MaxOverhead = "auto",
-        probe_size: int = 32,
-        probe_seed: int = 0,
+        probe_size: Count = 32,
+        probe_seed: Seed = 0,
         bn_mode: BatchNormMode = "eval",
-        name: str | None = None,
+        name: Name | None = None,
     ) -> None:
         super().__init__(
             every_n_steps, schedule=schedule, max_overhead=max_overhead,
             probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
         )
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"NTKSpectrum: k must be a positive int, got {k!r}")
-        if solver not in ("auto", "exact", "lanczos"):
-            raise ValueError(f"NTKSpectrum: solver must be 'auto', 'exact' or 'lanczos', got {solver!r}")
-        if not isinstance(figure_every, int) or isinstance(figure_every, bool) or figure_every < 0:
-            raise ValueError(f"NTKSpectrum: figure_every must be an int >= 0, got {figure_every!r}")
-        if max_exact_size < 1 or max_matvecs < 1 or not tol >= 0:
-            raise ValueError("NTKSpectrum: max_exact_size and max_matvecs must be >= 1 and tol >= 0")
-        if max_memory_gb is not None and not max_memory_gb > 0:
-            raise ValueError(f"NTKSpectrum: max_memory_gb must be > 0 or None, got {max_memory_gb!r}")
-        if not isinstance(trace_samples, int) or isinstance(trace_samples, bool) or trace_samples < 2:
-            raise ValueError(f"NTKSpectrum: trace_samples must be an int >= 2 (for a standard error), got {trace_samples!r}")
         if bn_mode != "eval":
-            raise ValueError(
-                "NTKSpectrum(bn_mode='train'): BatchNorm with batch statistics mixes samples, so the per-sample "
-                "NTK is undefined; use bn_mode='eval' (running statistics, the default)"
+            raise argument_error(
+                self, "bn_mode", bn_mode, "'eval'",
+                detail=" (BatchNorm with batch statistics mixes samples, so the per-sample NTK is undefined)",
+                remedy="use bn_mode='eval' (running statistics, the default)",
             )
         self.k = k
         self.trace_outputs = trace_outputs
         self.solver = solver
         self.max_exact_size = max_exact_size
         self.weights = weights
-        if sequence_output not in ("mean", "last", "all"):
-            raise ValueError(f"NTKSpectrum: sequence_output must be 'mean', 'last' or 'all', got {sequence_output!r}")
         self.alignment = alignment
         self.sequence_output = sequence_output
         self.max_rows = max_rows
