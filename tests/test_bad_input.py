@@ -118,7 +118,10 @@ FIT_CASES: list[tuple[str, Callable[[], list[pl.Callback]], Callable[[], pl.Ligh
     ("Parametrization with a missing width key", lambda: [Parametrization("mup", base_width=8, width_keys=["d_model"])], TinyClassifier, tiny_loader, "d_model"),
     ("an output the suite cannot read", lambda: [CoordCheck()], StringOutput, tiny_loader, r"returned dict.*probe_outputs"),
     ("manual optimization without probe_loss", lambda: [FeatureAlignment()], Manual, tiny_loader, r"FeatureAlignment: Manual uses manual optimization.*probe_loss"),
-    ("two instances of one callback without names", lambda: [RankMonitor(), RankMonitor(every_n_steps=5)], TinyClassifier, tiny_loader, "state_key"),
+    ("two instances of one callback without names", lambda: [RankMonitor(), RankMonitor(every_n_steps=5)], TinyClassifier, tiny_loader,
+     r"RankMonitor\(name=None\): two RankMonitor callbacks without a name share one checkpoint key.*RankMonitor\(name='...'\)"),
+    ("two instances of one callback with one name", lambda: [Sharpness(name="a"), Sharpness(name="a", k=2)], TinyClassifier, tiny_loader,
+     r"Sharpness\(name='a'\): two Sharpness callbacks named 'a' share one checkpoint key"),
     ("NTK kernel above max_rows", lambda: [NTKSpectrum(probe_size=64, max_rows=100)], TinyClassifier, tiny_loader, r"max_rows=100.*lower probe_size"),
     ("Parametrization width path that does not exist", lambda: [Parametrization("mup", base_width=8, width_keys=["config.width"])],
      ConfigModule, tiny_loader, "config.width"),
@@ -156,6 +159,16 @@ def test_bad_arguments_fail_at_once(case: tuple) -> None:
     _, build, match = case
     with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
         build()
+
+
+def test_a_callback_appended_after_the_trainer_was_built_is_checked_at_setup() -> None:
+    module = TinyClassifier()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = pl.Trainer(callbacks=[RankMonitor()], max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer.callbacks.append(RankMonitor(every_n_steps=3))  # past the Trainer's own check of state keys
+    with pytest.raises(ValueError, match=r"two RankMonitor callbacks without a name.*name='...'"):
+        trainer.fit(module, tiny_loader())
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
 
 # ------------------------------------------------------------------------------------------------------------------

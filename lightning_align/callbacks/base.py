@@ -58,6 +58,7 @@ from lightning_align.measure.sharded import ShardLayout, has_sharded_parameters,
 from lightning_align.dashboard import write_dashboard
 from lightning_align.headlines import Headline, HeadlineHistory, progress_bar_values
 from lightning_align.callbacks.strategy import check_strategy
+from lightning_align.callbacks.names import check_distinct_names
 from lightning_align.figures import layer_heatmap
 from lightning_align.logging import log_figure, log_scalars, tensorboard_writers
 from lightning_align.measure.state import (
@@ -296,6 +297,7 @@ class MeasurementCallback(Callback, abc.ABC):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # State is per fit: objects reused for another Trainer start fresh (a checkpoint restores after this),
         # unless state was loaded by hand (`load_state_dict`) since the last fit.
+        check_distinct_names(trainer.callbacks)  # also those appended after the Trainer checked its own
         if stage == "fit":
             if not self._state_loaded:
                 self.load_state_dict({})
