@@ -61,8 +61,8 @@ class NTKSpectrum(MeasurementCallback):
 
     - ``ntk/max_eig``, ``ntk/trace``, and the top-``k`` spectrum as the TensorBoard histogram
       ``ntk/eigenvalues`` (plus a figure ``ntk/spectrum`` every ``figure_every`` measurements);
-    - exact path only (the kernel is built when its size is at most ``max_exact_size``, or with
-      ``solver="exact"``): ``ntk/cond`` (``inf`` when numerically singular), ``ntk/effective_rank``,
+    - exact path only (the kernel is built when its size is at most ``max_exact_size``; ``solver="exact"``
+      refuses a larger one): ``ntk/cond`` (``inf`` when numerically singular), ``ntk/effective_rank``,
       ``ntk/alignment`` (``yᵀKy/(‖K‖_F‖y‖²)``, class labels one-hot; off with ``alignment=False``) and
       ``ntk/distance_from_init`` (``1 − <K₀,K>/(‖K₀‖‖K‖)``, ``K₀`` the kernel at the first measurement)
       and ``ntk/velocity`` (the same distance to the previous measurement's kernel; from the second
@@ -95,7 +95,8 @@ class NTKSpectrum(MeasurementCallback):
         trace_outputs: use the ``(n, n)`` kernel summed over outputs.
         solver: the eigensolver: ``"auto"`` (exact up to ``max_exact_size``), ``"exact"`` (build the kernel, ``eigh``)
             or ``"lanczos"`` (matrix-free).
-        max_exact_size: largest kernel size built by ``"auto"``.
+        max_exact_size: largest kernel size built: above it ``"auto"`` is matrix-free and ``"exact"`` is refused
+            (before anything is built).
         weights: the parameters the Jacobian is taken with respect to: *parameter* names or regexes (full match)
             of the LightningModule, e.g. ``"readout.weight"`` or ``r"blocks\\.0\\..*"`` (a module's name alone
             matches none of its parameters); default all trainable ones.
@@ -292,6 +293,13 @@ class NTKSpectrum(MeasurementCallback):
                 f"NTKSpectrum: the kernel would have {rows} rows ({batch_size_of(batch)} probe samples x {per_sample} "
                 f"outputs each), above max_rows={self.max_rows}; lower probe_size, use sequence_output='mean' or "
                 "'last' for a sequence model, or raise max_rows"
+            )
+        size = batch_size_of(batch) if self.trace_outputs else rows
+        if self.solver == "exact" and size > self.max_exact_size:
+            raise ValueError(
+                f"NTKSpectrum(solver='exact', max_exact_size={self.max_exact_size}): the kernel would be {size}x{size}, "
+                "above max_exact_size, so it was not built; raise max_exact_size, lower probe_size, or use solver='auto' "
+                "(matrix-free above max_exact_size)"
             )
         return rows
 
