@@ -146,7 +146,7 @@ def accepts(hint: Any, value: Any, finite: bool = True) -> bool:
     if origin in _UNION_TYPES:
         return any(accepts(a, value) for a in args)
     if origin is Literal:
-        return any(value == a and type(value) is type(a) for a in args)
+        return any(type(value) is type(a) and value == a for a in args)  # the type first: no array == str
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
