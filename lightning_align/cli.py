@@ -22,6 +22,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 
 import example_modules  # noqa: F401  (registers the example classes for short names)
 import lightning_align.callbacks  # noqa: F401  (registers the callbacks for short names)
+from lightning_align.arguments import CallbackArgumentError
 from lightning_align.cli_errors import AlignArgumentParser, root_cause
 
 
@@ -48,7 +49,8 @@ class AlignCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError) as ex:
             cause = root_cause(ex) or ex
-            sys.stderr.write(f"lightning-align: error in the config: {type(cause).__name__}: {cause}\n")
+            kind = "" if isinstance(cause, CallbackArgumentError) else f"{type(cause).__name__}: "  # ours name the callback
+            sys.stderr.write(f"lightning-align: error in the config: {kind}{cause}\n")
             sys.exit(2)
         except RuntimeError as ex:
             if "more than one stateful callback" not in str(ex):

@@ -15,20 +15,14 @@ import re
 import sys
 from typing import NoReturn
 
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 
-QUICKSTART_HINT = "start from a config: lightning-align fit --config configs/quickstart.yaml (see lightning-align --help)"
+from lightning_align.arguments import RENAMED_ARGUMENTS, argument_error, describe, explain, type_hints, unknown_argument
 
-#: Callback arguments renamed before the first release, ``(class, old name) -> new name``: the old name is an
-#: error (no alias), and the message names the new one (``docs/callbacks.md``, "Arguments every callback shares").
-RENAMED_ARGUMENTS: dict[tuple[str, str], str] = {
-    ("FeatureAlignment", "modules"): "layers",
-    ("FeatureSpeedControl", "modules"): "layers",
-    ("NTKSpectrum", "params"): "weights",
-    ("NTKSpectrum", "method"): "solver",
-    ("NTKSpectrum", "figures"): "figure_every",
-    ("EffectiveLR", "figure_every_n_steps"): "figure_every",
-}
+__all__ = ["RENAMED_ARGUMENTS", "AlignArgumentParser", "short_message"]
+
+QUICKSTART_HINT = "start from a config: lightning-align fit --config configs/quickstart.yaml (see lightning-align --help)"
 
 
 def root_cause(ex: BaseException | None) -> BaseException | None:
@@ -54,27 +48,114 @@ def near_misses(bad: str, known: list[str], n: int = 3, cutoff: float = 0.8) -> 
 
 
 def nested_key_error(message: str) -> str | None:
-    """``Class(key): problem`` from jsonargparse's nested "Parser key" report, or ``None``.
+    """The message for jsonargparse's nested "Parser key" report (a config value of the wrong type), or ``None``:
+    the constructor's own words (:func:`argument_message`) when its class can be imported, else ``Class(key): problem``.
 
     Example:
         >>> nested_key_error("Parser key \\"trainer.callbacks\\":\\n  Does not validate\\n  - Problem with given class_path "
-        ...                  "'lightning_align.RankMonitor':\\n    Parser key \\"every_n_steps\\":\\n      Expected a <class 'int'>. Got value: zero")
-        "RankMonitor(every_n_steps): Expected a <class 'int'>. Got value: zero"
+        ...                  "'lightning_align.RankMonitor':\\n    Parser key \\"every_n_steps\\":\\n      Expected a <class 'int'>. Got value: 2.5")
+        'RankMonitor(every_n_steps=2.5): every_n_steps must be an int >= 1; got 2.5'
     """
     lines = [line.strip() for line in message.splitlines()]
-    owner = key = detail = None
+    class_path = key = detail = given = None
     for i, line in enumerate(lines):
         found = re.search(r"Problem with given class_path '([^']+)'", line)
-        if found and owner is None:
-            owner = found.group(1).rsplit(".", 1)[-1]
+        if found and class_path is None:
+            class_path = found.group(1)
         found = re.fullmatch(r'Parser key "([^"]+)":', line)
         if found and i + 1 < len(lines) and not lines[i + 1].startswith("Does not validate"):
             key, detail = found.group(1), lines[i + 1]
-        elif found and owner is not None and i + 1 < len(lines):  # an init argument of a Union type
+            given = re.search(r"Got value: (.*)$", detail)
+            given = given.group(1) if given else None
+        elif found and class_path is not None and i + 1 < len(lines):  # an init argument of a Union type
             key, detail = found.group(1), _union_detail(lines[i + 1 :])
+            given = next((line.split(": ", 1)[1] for line in lines[i + 1 :] if line.startswith("Given value: ")), None)
     if key is None:
         return None
+    if class_path is not None and given is not None:
+        own = argument_message(class_path, key, given)
+        if own:
+            return own
+    owner = class_path.rsplit(".", 1)[-1] if class_path else None
     return f"{owner}({key}): {detail}" if owner else f"{key}: {detail}"
+
+
+def argument_message(class_path: str, key: str, given: str) -> str | None:
+    """``Class(key=value): key must be ...; got value``, the message the constructor gives a value outside its
+    annotation (:mod:`lightning_align.arguments`), for a config value jsonargparse refused; ``None`` when the class
+    or the argument's annotation cannot be found.
+
+    Example:
+        >>> argument_message("lightning_align.AlignSummary", "style", "rihc")
+        "AlignSummary(style='rihc'): style must be one of 'auto', 'rich', 'plain'; got 'rihc' (did you mean 'rich'?)"
+    """
+    cls = _import(class_path)
+    hint = type_hints(cls.__init__).get(key) if isinstance(cls, type) else None
+    if hint is None:
+        return None
+    try:
+        value = yaml.safe_load(given)
+    except yaml.YAMLError:
+        value = given
+    return str(argument_error(cls.__name__, key, value, describe(hint), detail=explain(hint, value)))
+
+
+def _import(dotted: str) -> object | None:
+    module, _, name = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def unknown_class(message: str) -> str | None:
+    """``key: no class 'x'; did you mean lightning_align.Y?`` for a ``class_path`` (or short class name) that does not
+    import, the nearest among the importable subclasses of the key's base classes; ``None`` for other messages.
+
+    Example:
+        >>> unknown_class('Parser key "trainer.callbacks":\\n  Subtypes: [list[lightning.pytorch.callbacks.callback.Callback]]\\n'
+        ...               "    - Problem with given class_path 'lightning_align.Sharpnes':\\n        module 'lightning_align' "
+        ...               "has no attribute 'Sharpnes'")
+        "trainer.callbacks: no class 'lightning_align.Sharpnes'; did you mean lightning_align.Sharpness?"
+    """
+    found = (
+        re.search(r"Problem with given class_path '([^']+)':\s*module '[^']*' has no attribute", message)
+        or re.search(r"Expected a path but (\S+) either not accessible or invalid", message)
+        or re.search(r"Expected a dot import path string: (\S+)", message)
+    )
+    key = re.search(r'Parser key "([^"]+)"', message)
+    subtypes = re.search(r"Subtypes: \[(.*)\]", message)
+    if not (found and key and subtypes):
+        return None
+    bad = found.group(1)
+    bases = [c for c in map(_import, re.findall(r"[A-Za-z_][\w.]*\.[A-Z]\w*", subtypes.group(1))) if isinstance(c, type)]
+    choices = {public_path(c): c.__name__.lower() for base in bases for c in _subclasses(base)}
+    wanted = bad.rsplit(".", 1)[-1].lower()
+    close = difflib.get_close_matches(wanted, sorted(set(choices.values())), n=3, cutoff=0.6)
+    paths = [p for name in close for p in sorted(choices) if choices[p] == name][:3]
+    hint = f"; did you mean {' or '.join(paths)}?" if paths else " (the accepted classes: --help)"
+    return f"{key.group(1)}: no class {bad!r}{hint}"
+
+
+def _subclasses(base: type) -> list[type]:
+    """The public, concrete, imported subclasses of ``base``."""
+    found, todo = [], list(base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if not cls.__name__.startswith("_") and not inspect.isabstract(cls) and cls not in found:
+            found.append(cls)
+    return found
+
+
+def public_path(cls: type) -> str:
+    """The shortest dotted path that imports ``cls`` (``lightning_align.Sharpness``, not its defining module)."""
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts) + 1):
+        module = ".".join(parts[:i])
+        if _import(f"{module}.{cls.__name__}") is cls:
+            return f"{module}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__name__}"
 
 
 def _union_detail(lines: list[str]) -> str:
@@ -123,17 +204,7 @@ def unknown_init_argument(message: str) -> str | None:
     if not found:
         return None
     class_path, bad = found.groups()
-    owner = class_path.rsplit(".", 1)[-1]
-    new = RENAMED_ARGUMENTS.get((owner, bad))
-    if new is not None:
-        return f"{owner}: unknown argument {bad!r}; it is now called {new!r}"
-    accepted = init_arguments(class_path)
-    close = near_misses(bad, accepted, cutoff=0.6)
-    if close:
-        hint = f"; did you mean {' or '.join(map(repr, close))}?"
-    else:
-        hint = f"; it takes {', '.join(accepted)}" if accepted else ""
-    return f"{owner}: unknown argument {bad!r}{hint}"
+    return unknown_argument(class_path.rsplit(".", 1)[-1], bad, init_arguments(class_path))
 
 
 def short_message(message: str, ex: BaseException | None, known: list[str]) -> str:
@@ -154,7 +225,7 @@ def short_message(message: str, ex: BaseException | None, known: list[str]) -> s
         close = near_misses(dotted, known)
         hint = f"; did you mean {' or '.join(repr(c if bad.startswith('--') else c[2:]) for c in close)}?" if close else ""
         return f"unrecognized argument {bad!r}{hint}"
-    renamed = unknown_init_argument(message)
+    renamed = unknown_init_argument(message) or unknown_class(message)
     if renamed:
         return renamed
     if "the following arguments are required" in message and ("model" in message or "data" in message):

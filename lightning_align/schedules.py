@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
+
+from lightning_align.arguments import Bound
 
 ScheduleName = Literal["linear", "log"]
 
@@ -53,7 +55,9 @@ class StepSchedule:
 #: share of the fit's wall time (the six measuring callbacks together: under 2%).
 DEFAULT_MAX_OVERHEAD = 0.003
 #: A callback's ``max_overhead``: a share of the fit's wall time, ``"auto"`` or ``None`` (a fixed schedule).
-MaxOverhead = Union[float, Literal["auto"], None]
+MaxOverhead = Union[
+    Annotated[float, Bound(0, 1, low_open=True, note="a share of training time: 0.01 = 1%")], Literal["auto"], None
+]
 #: The clock a budget reads (a module attribute, so that tests can replace it with a counter).
 clock: Callable[[], float] = time.perf_counter
 

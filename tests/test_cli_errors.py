@@ -35,14 +35,15 @@ def test_misspelled_yaml_key_names_it_and_the_nearest_keys(capsys: pytest.Captur
 
 def test_a_callback_argument_error_is_one_line_naming_the_callback(capsys: pytest.CaptureFixture[str]) -> None:
     err = _error(capsys, ["fit", "--config", QUICKSTART, "--trainer.callbacks+=lightning_align.RankMonitor", "--trainer.callbacks.every_n_steps=0"])
-    assert "RankMonitor: every_n_steps must be >= 1" in err
+    assert "RankMonitor(every_n_steps=0): every_n_steps must be an int >= 1; got 0" in err
     assert err.count("every_n_steps must be") == 1
 
 
 @pytest.mark.parametrize(
     "callback, argument, message",
-    [("Sharpness", "max_overhead: fast", "Sharpness(max_overhead): expected float, 'auto' or None; got 'fast'"),
-     ("RankMonitor", "layers: 5", "RankMonitor(layers): expected list[str] or None; got '5'")],
+    [("Sharpness", "max_overhead: fast", "Sharpness(max_overhead='fast'): max_overhead must be a finite float in (0, 1] "
+      "(a share of training time: 0.01 = 1%), 'auto' or None; got 'fast'"),
+     ("RankMonitor", "layers: 5", "RankMonitor(layers=5): layers must be a non-empty list of names or regular expressions or None; got 5")],
 )
 def test_a_value_of_none_of_an_arguments_types_names_them(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, callback: str, argument: str, message: str
@@ -87,3 +88,38 @@ def test_help_names_the_suite_and_offers_only_concrete_choices(capsys: pytest.Ca
 def test_two_unnamed_instances_of_a_callback_get_the_remedy(capsys: pytest.CaptureFixture[str]) -> None:
     err = _error(capsys, ["fit", "--config", QUICKSTART, "--trainer.callbacks+=lightning_align.RankMonitor"])
     assert "two RankMonitor callbacks" in err and "name:" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--trainer.callbacks+=Sharpnes"], "trainer.callbacks: no class 'Sharpnes'; did you mean lightning_align.Sharpness?"),
+        (["--trainer.callbacks+=lightning_align.RankMonitr"],
+         "trainer.callbacks: no class 'lightning_align.RankMonitr'; did you mean lightning_align.RankMonitor?"),
+        (["--model=MLPP"], "model: no class 'MLPP'; did you mean example_modules.MLP"),
+        (["--data=DigitDataModule"], "data: no class 'DigitDataModule'; did you mean example_modules.DigitsDataModule"),
+    ],
+)
+def test_a_misspelt_class_gets_the_nearest_importable_one(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    assert message in _error(capsys, ["fit", "--config", QUICKSTART, *args])
+
+
+@pytest.mark.parametrize(
+    "callback, argument, message",
+    [
+        ("RankMonitor", "every_n_steps: 2.5", "RankMonitor(every_n_steps=2.5): every_n_steps must be an int >= 1; got 2.5"),
+        ("RankMonitor", "repr_tol: .nan", "RankMonitor(repr_tol=nan): repr_tol must be a finite float > 0; got nan"),
+        ("RankMonitor", "histograms: maybe", "RankMonitor(histograms='maybe'): histograms must be True or False; got 'maybe'"),
+        ("CoordCheck", "layers: []", "CoordCheck(layers=[]): layers must be a non-empty list of names or regular expressions or None"),
+        ("Parametrization", "width_keys: width",
+         "Parametrization(width_keys='width'): width_keys must be a non-empty list of non-empty strings or None; got 'width' "
+         "(a single string; a list is written ['width'])"),
+        ("NTKSpectrum", "solver: eigh", "NTKSpectrum(solver='eigh'): solver must be one of 'auto', 'exact', 'lanczos'; got 'eigh'"),
+    ],
+)
+def test_a_config_value_gets_the_words_python_gets(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, callback: str, argument: str, message: str
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"trainer:\n  callbacks:\n    - class_path: lightning_align.{callback}\n      init_args: {{{argument}}}\n")
+    assert message in _error(capsys, ["fit", "--config", QUICKSTART, "--config", str(bad)])

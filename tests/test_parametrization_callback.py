@@ -156,13 +156,13 @@ def test_bad_input_fails_before_training(cb_kwargs, module_kwargs, match):
 
 
 def test_constructor_errors():
-    with pytest.raises(ValueError, match="unknown scheme 'mu_p'"):
+    with pytest.raises(ValueError, match=r"Parametrization\(scheme='mu_p'\): scheme must be one of 'sp', .*got 'mu_p' \(did you mean 'mup'\?\)"):
         Parametrization("mu_p")
     with pytest.raises(ValueError, match="init must be one of"):
         Parametrization(init="xavier")
-    with pytest.raises(ValueError, match="base_width must be a positive int"):
+    with pytest.raises(ValueError, match=r"Parametrization\(base_width=0\): base_width must be an int >= 1 or None; got 0"):
         Parametrization(base_width=0)
-    with pytest.raises(ValueError, match="not a valid regex"):
+    with pytest.raises(ValueError, match="not a valid regular expression"):
         Parametrization(branch_pattern="(")
 
 

@@ -57,7 +57,7 @@ def test_unknown_module_name_fails_before_first_step() -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
+    with pytest.raises(ValueError, match=r"RankMonitor\(every_n_steps=0\): every_n_steps must be an int >= 1"):
         RankMonitor(every_n_steps=0)
     with pytest.raises(ValueError, match="jacobian_points"):
         RankMonitor(jacobian_points=-1)

@@ -216,7 +216,7 @@ def test_preconditioned_needs_adam() -> None:
     "kwargs, match",
     [
         (dict(k=0), "k must be"),
-        (dict(max_matvecs=1, k=1, min_eig=True), "max_matvecs=1 is too small"),
+        (dict(max_matvecs=1, k=1, min_eig=True), r"Sharpness\(max_matvecs=1\): max_matvecs must be at least k \+ 1 = 2; got 1"),
         (dict(tol=-1.0), "tol"),
         (dict(method="fd"), "method"),
         (dict(preconditioned="yes"), "preconditioned"),

@@ -138,5 +138,5 @@ def test_summary_and_progress_bar_do_not_change_training() -> None:
 
 
 def test_bad_style_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="AlignSummary: style"):
+    with pytest.raises(ValueError, match=r"AlignSummary\(style='fancy'\): style must be one of 'auto', 'rich', 'plain'"):
         AlignSummary(style="fancy")  # type: ignore[arg-type]

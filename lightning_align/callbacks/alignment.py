@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import nn
 
+from lightning_align.arguments import Count, Name, NonNegativeInt, Patterns, Seed
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.checkpoint_state import read_int
@@ -138,25 +139,21 @@ class FeatureAlignment(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 1000,
-        layers: list[str] | None = None,
+        every_n_steps: Count = 1000,
+        layers: Patterns | None = None,
         *,
-        figure_every: int = 0,
+        figure_every: NonNegativeInt = 0,
         schedule: ScheduleName = "linear",
         max_overhead: MaxOverhead = "auto",
-        probe_size: int = 256,
-        probe_seed: int = 0,
+        probe_size: Count = 256,
+        probe_seed: Seed = 0,
         bn_mode: BatchNormMode = "train",
-        name: str | None = None,
+        name: Name | None = None,
     ) -> None:
         super().__init__(
             every_n_steps, schedule=schedule, max_overhead=max_overhead,
             probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
         )
-        if isinstance(layers, str):
-            layers = [layers]
-        if not isinstance(figure_every, int) or isinstance(figure_every, bool) or figure_every < 0:
-            raise ValueError(f"FeatureAlignment: figure_every must be an int >= 0, got {figure_every!r}")
         self.layers = layers
         self.figure_every = figure_every
         self.num_measurements = 0

@@ -44,6 +44,7 @@ from torch.utils.data import IterableDataset
 
 from typing_extensions import override
 
+from lightning_align.arguments import Count, Name, Seed, argument_error, checked_init
 from lightning_align.callbacks.probe import (
     ProbeLoss,
     ProbeOutputs,
@@ -62,6 +63,7 @@ from lightning_align.callbacks.strategy import check_strategy
 from lightning_align.callbacks import checkpoint_state
 from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS
 from lightning_align.callbacks.heatmaps import log_heatmaps, record_layers
+from lightning_align.callbacks.names import check_distinct_names
 from lightning_align.logging import callback_name, log_scalars, writing_as
 from lightning_align.measure.state import default_dtype_at_least_fp32, map_tensors, probe_dtype, upcast_floating
 from lightning_align import schedules
@@ -80,7 +82,9 @@ class MeasurementCallback(Callback, abc.ABC):
 
     The arguments below keep their names and meanings in every subclass (all but ``every_n_steps`` keyword-only;
     a subclass passes them on by keyword); ``docs/callbacks.md``, "Arguments every callback shares", lists them
-    with the names the subclasses share (``layers``, ``weights``, ``figure_every``).
+    with the names the subclasses share (``layers``, ``weights``, ``figure_every``). Every argument a caller passes
+    is checked against its annotation before ``__init__`` runs, a subclass's own too (:mod:`lightning_align.arguments`:
+    ``bool``, ``int``, finite ``float``, ``Literal``, lists, ranges as ``Annotated[int, Bound(1)]``, ...).
 
     Args:
         every_n_steps: measure every this many optimizer steps, and once before training (step 0).
@@ -143,26 +147,26 @@ class MeasurementCallback(Callback, abc.ABC):
     changed_settings: dict[str, tuple[Any, Any]] = {}
     _reference_due = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every subclass's own arguments are checked against its annotations (lightning_align.arguments).
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = checked_init(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    @checked_init
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: Count = 100,
         *,
         schedule: ScheduleName = "linear",
         max_overhead: MaxOverhead = "auto",
-        probe_size: int = 256,
-        probe_seed: int = 0,
+        probe_size: Count = 256,
+        probe_seed: Seed = 0,
         bn_mode: BatchNormMode = "train",
         dropout: bool = False,
-        name: str | None = None,
+        name: Name | None = None,
     ) -> None:
-        try:
-            self.schedule = StepSchedule(every_n_steps=every_n_steps, schedule=schedule)
-        except ValueError as err:
-            raise ValueError(f"{type(self).__name__}: {err}") from None
-        if not isinstance(probe_size, int) or probe_size < 1:
-            raise ValueError(f"{type(self).__name__}: probe_size must be a positive int, got {probe_size!r}")
-        if bn_mode not in ("train", "eval"):
-            raise ValueError(f"{type(self).__name__}: bn_mode must be 'train' or 'eval', got {bn_mode!r}")
+        self.schedule = StepSchedule(every_n_steps=int(every_n_steps), schedule=schedule)
         self.every_n_steps = every_n_steps
         self.max_overhead = max_overhead
         self.overhead_share = self._overhead_share(every_n_steps, max_overhead)
@@ -185,22 +189,18 @@ class MeasurementCallback(Callback, abc.ABC):
 
     def _overhead_share(self, every_n_steps: int, max_overhead: MaxOverhead) -> float | None:
         """The budget's share of fit time (``None``: a fixed schedule); see ``max_overhead``."""
-        owner = type(self).__name__
         if max_overhead == "auto":
             declared = inspect.signature(type(self).__init__).parameters.get("every_n_steps")
             at_default = declared is not None and declared.default == every_n_steps
             return DEFAULT_MAX_OVERHEAD if at_default and not self.acts_on_training else None
         if max_overhead is None:
             return None
-        if isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not 0 < max_overhead <= 1:
-            raise ValueError(
-                f"{owner}: max_overhead must be a share of training time in (0, 1] (0.01 = 1%), 'auto' or None, "
-                f"got {max_overhead!r}"
-            )
         if self.acts_on_training:
-            raise ValueError(
-                f"{owner}: max_overhead={max_overhead!r} would make its control decisions depend on the machine's "
-                "speed; a control runs on its schedule. Remove max_overhead, or set every_n_steps."
+            raise argument_error(
+                self, "max_overhead", max_overhead, "'auto' or None for a control",
+                detail=" (a limit would make its control decisions depend on the machine's speed; a control runs on its "
+                "schedule)",
+                remedy="remove max_overhead, or set every_n_steps",
             )
         return float(max_overhead)
 
@@ -307,6 +307,7 @@ class MeasurementCallback(Callback, abc.ABC):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # State is per fit: objects reused for another Trainer start fresh (a checkpoint restores after this),
         # unless state was loaded by hand (`load_state_dict`) since the last fit.
+        check_distinct_names(trainer.callbacks)  # also those appended after the Trainer checked its own
         if stage == "fit":
             if not self._state_loaded:
                 self.load_state_dict({})

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_align.arguments import Count, Name, Patterns, Seed
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS, read_tensor, refusal
@@ -74,16 +75,16 @@ class CoordCheck(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 250,
-        layers: list[str] | None = None,
+        every_n_steps: Count = 250,
+        layers: Patterns | None = None,
         *,
         schedule: ScheduleName = "linear",
         max_overhead: MaxOverhead = "auto",
-        probe_size: int = 256,
-        probe_seed: int = 0,
+        probe_size: Count = 256,
+        probe_seed: Seed = 0,
         bn_mode: BatchNormMode = "train",
         dropout: bool = False,
-        name: str | None = None,
+        name: Name | None = None,
     ) -> None:
         super().__init__(
             every_n_steps, schedule=schedule, max_overhead=max_overhead,

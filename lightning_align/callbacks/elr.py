@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_align.arguments import Count, Name, NonNegativeInt, Patterns, PositiveFloat, Seed, argument_error
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import MeasurementCallback
 from lightning_align.callbacks.checkpoint_state import read_int
@@ -117,26 +118,24 @@ class EffectiveLR(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 50,
-        weights: list[str] | None = None,
+        every_n_steps: Count = 50,
+        weights: Patterns | None = None,
         *,
-        figure_every: int = 0,
-        scale_factor: float = 2.0,
-        invariance_rtol: float = 1e-3,
+        figure_every: NonNegativeInt = 0,
+        scale_factor: PositiveFloat = 2.0,
+        invariance_rtol: PositiveFloat = 1e-3,
         schedule: ScheduleName = "linear",
         max_overhead: MaxOverhead = "auto",
-        probe_size: int = 256,
-        probe_seed: int = 0,
-        name: str | None = None,
+        probe_size: Count = 256,
+        probe_seed: Seed = 0,
+        name: Name | None = None,
     ) -> None:
         # Batch statistics: scale invariance is a property of the train-mode function (see the test).
         super().__init__(
             every_n_steps, schedule=schedule, max_overhead=max_overhead,
             probe_size=probe_size, probe_seed=probe_seed, bn_mode="train", name=name
         )
-        if not isinstance(figure_every, int) or isinstance(figure_every, bool) or figure_every < 0:
-            raise ValueError(f"EffectiveLR: figure_every must be an int >= 0, got {figure_every!r}")
-        check_invariance_test_args("EffectiveLR", scale_factor, invariance_rtol)
+        check_invariance_test_args(self, scale_factor)
         self.weights = weights
         self.figure_every = figure_every
         self.scale_factor = scale_factor
@@ -285,12 +284,13 @@ def tracked_group(
     return [sharded[k] for k in result.params]
 
 
-def check_invariance_test_args(owner: str, scale_factor: float, invariance_rtol: float) -> None:
-    """Validate the scale-invariance test's arguments (shared by EffectiveLR and ELRWarmup)."""
-    if not (scale_factor > 0 and scale_factor != 1):
-        raise ValueError(f"{owner}: scale_factor must be positive and != 1, got {scale_factor}")
-    if not invariance_rtol > 0:
-        raise ValueError(f"{owner}: invariance_rtol must be positive, got {invariance_rtol}")
+def check_invariance_test_args(owner: Any, scale_factor: float) -> None:
+    """The scale-invariance test needs a scale that changes the weights (shared by EffectiveLR and ELRWarmup; the
+    ranges of its arguments are in their annotations)."""
+    if scale_factor == 1:
+        raise argument_error(
+            owner, "scale_factor", scale_factor, "a float > 0 other than 1", detail=" (1 leaves the weights as they are)"
+        )
 
 
 def tracked_modules(model: nn.Module, patterns: list[str] | None, owner: str) -> dict[str, nn.Module]:

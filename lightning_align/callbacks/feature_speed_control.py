@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import lightning.pytorch as pl
 import torch
@@ -21,6 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from typing_extensions import override
 
+from lightning_align.arguments import Bound, Count, Name, NonEmpty, Patterns, PositiveFloat, Seed
 from lightning_align.callbacks.alignment import PREFIX, measure_speeds, real_update, snapshot_trainable
 from lightning_align.measure.modules import select_modules
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
@@ -103,33 +104,25 @@ class FeatureSpeedControl(MeasurementCallback):
 
     def __init__(
         self,
-        target_speed: float | list[float],
-        every_n_steps: int = 10,
-        layers: list[str] | None = None,
+        target_speed: PositiveFloat | Annotated[list[PositiveFloat], NonEmpty()],
+        every_n_steps: Count = 10,
+        layers: Patterns | None = None,
         *,
-        min_multiplier: float = 0.01,
-        max_multiplier: float = 100.0,
-        smoothing: float = 0.5,
+        min_multiplier: Annotated[float, Bound(0, 1, low_open=True)] = 0.01,
+        max_multiplier: Annotated[float, Bound(1)] = 100.0,
+        smoothing: Annotated[float, Bound(0, 1, high_open=True)] = 0.5,
         schedule: ScheduleName = "linear",
-        probe_size: int = 256,
-        probe_seed: int = 0,
+        probe_size: Count = 256,
+        probe_seed: Seed = 0,
         bn_mode: BatchNormMode = "train",
-        name: str | None = None,
+        name: Name | None = None,
     ) -> None:
         super().__init__(
             every_n_steps, schedule=schedule, probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
         )
-        targets = [target_speed] if isinstance(target_speed, (int, float)) else list(target_speed)
-        if not targets or any(not isinstance(t, (int, float)) or not t > 0 or not math.isfinite(t) for t in targets):
-            raise ValueError(f"FeatureSpeedControl: target_speed must be a positive float or a list of them, got {target_speed!r}")
-        if not 0 < min_multiplier <= 1 <= max_multiplier < math.inf:
-            raise ValueError(
-                f"FeatureSpeedControl: need 0 < min_multiplier <= 1 <= max_multiplier < inf, got {min_multiplier}, {max_multiplier}"
-            )
-        if not 0 <= smoothing < 1:
-            raise ValueError(f"FeatureSpeedControl: smoothing must be in [0, 1), got {smoothing}")
+        targets = list(target_speed) if isinstance(target_speed, (list, tuple)) else [target_speed]
         self.target_speed = target_speed
-        self.layers = [layers] if isinstance(layers, str) else layers
+        self.layers = layers
         self.min_multiplier = min_multiplier
         self.max_multiplier = max_multiplier
         self.smoothing = smoothing

@@ -5,13 +5,24 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_align.arguments import (
+    Bound,
+    Count,
+    Name,
+    NonNegativeFloat,
+    NonNegativeInt,
+    Patterns,
+    PositiveFloat,
+    Seed,
+    argument_error,
+)
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS, read_int, read_tensor, refusal
@@ -51,8 +62,8 @@ class NTKSpectrum(MeasurementCallback):
 
     - ``ntk/max_eig``, ``ntk/trace``, and the top-``k`` spectrum as the TensorBoard histogram
       ``ntk/eigenvalues`` (plus a figure ``ntk/spectrum`` every ``figure_every`` measurements);
-    - exact path only (the kernel is built when its size is at most ``max_exact_size``, or with
-      ``solver="exact"``): ``ntk/cond`` (``inf`` when numerically singular), ``ntk/effective_rank``,
+    - exact path only (the kernel is built when its size is at most ``max_exact_size``; ``solver="exact"``
+      refuses a larger one): ``ntk/cond`` (``inf`` when numerically singular), ``ntk/effective_rank``,
       ``ntk/alignment`` (``yᵀKy/(‖K‖_F‖y‖²)``, class labels one-hot; off with ``alignment=False``) and
       ``ntk/distance_from_init`` (``1 − <K₀,K>/(‖K₀‖‖K‖)``, ``K₀`` the kernel at the first measurement)
       and ``ntk/velocity`` (the same distance to the previous measurement's kernel; from the second
@@ -85,7 +96,8 @@ class NTKSpectrum(MeasurementCallback):
         trace_outputs: use the ``(n, n)`` kernel summed over outputs.
         solver: the eigensolver: ``"auto"`` (exact up to ``max_exact_size``), ``"exact"`` (build the kernel, ``eigh``)
             or ``"lanczos"`` (matrix-free).
-        max_exact_size: largest kernel size built by ``"auto"``.
+        max_exact_size: largest kernel size built: above it ``"auto"`` is matrix-free and ``"exact"`` is refused
+            (before anything is built).
         weights: the parameters the Jacobian is taken with respect to: *parameter* names or regexes (full match)
             of the LightningModule, e.g. ``"readout.weight"`` or ``r"blocks\\.0\\..*"`` (a module's name alone
             matches none of its parameters); default all trainable ones.
@@ -145,57 +157,44 @@ class NTKSpectrum(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 1000,
-        k: int = 10,
+        every_n_steps: Count = 1000,
+        k: Count = 10,
         *,
         trace_outputs: bool = False,
         solver: NTKSolver = "auto",
-        max_exact_size: int = 2048,
-        weights: list[str] | None = None,
+        max_exact_size: Count = 2048,
+        weights: Patterns | None = None,
         alignment: bool | None = None,
         sequence_output: SequenceOutput = "mean",
-        max_rows: int = 65536,
-        max_memory_gb: float | None = MAX_MEMORY_GB,
-        trace_samples: int = 8,
+        max_rows: Count = 65536,
+        max_memory_gb: PositiveFloat | None = MAX_MEMORY_GB,
+        trace_samples: Annotated[int, Bound(2, note="for a standard error")] = 8,
         histograms: bool = True,
-        figure_every: int = 0,
-        tol: float = 1e-4,
-        max_matvecs: int = 100,
+        figure_every: NonNegativeInt = 0,
+        tol: NonNegativeFloat = 1e-4,
+        max_matvecs: Count = 100,
         schedule: ScheduleName = "linear",
         max_overhead: MaxOverhead = "auto",
-        probe_size: int = 32,
-        probe_seed: int = 0,
+        probe_size: Count = 32,
+        probe_seed: Seed = 0,
         bn_mode: BatchNormMode = "eval",
-        name: str | None = None,
+        name: Name | None = None,
     ) -> None:
         super().__init__(
             every_n_steps, schedule=schedule, max_overhead=max_overhead,
             probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
         )
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"NTKSpectrum: k must be a positive int, got {k!r}")
-        if solver not in ("auto", "exact", "lanczos"):
-            raise ValueError(f"NTKSpectrum: solver must be 'auto', 'exact' or 'lanczos', got {solver!r}")
-        if not isinstance(figure_every, int) or isinstance(figure_every, bool) or figure_every < 0:
-            raise ValueError(f"NTKSpectrum: figure_every must be an int >= 0, got {figure_every!r}")
-        if max_exact_size < 1 or max_matvecs < 1 or not tol >= 0:
-            raise ValueError("NTKSpectrum: max_exact_size and max_matvecs must be >= 1 and tol >= 0")
-        if max_memory_gb is not None and not max_memory_gb > 0:
-            raise ValueError(f"NTKSpectrum: max_memory_gb must be > 0 or None, got {max_memory_gb!r}")
-        if not isinstance(trace_samples, int) or isinstance(trace_samples, bool) or trace_samples < 2:
-            raise ValueError(f"NTKSpectrum: trace_samples must be an int >= 2 (for a standard error), got {trace_samples!r}")
         if bn_mode != "eval":
-            raise ValueError(
-                "NTKSpectrum(bn_mode='train'): BatchNorm with batch statistics mixes samples, so the per-sample "
-                "NTK is undefined; use bn_mode='eval' (running statistics, the default)"
+            raise argument_error(
+                self, "bn_mode", bn_mode, "'eval'",
+                detail=" (BatchNorm with batch statistics mixes samples, so the per-sample NTK is undefined)",
+                remedy="use bn_mode='eval' (running statistics, the default)",
             )
         self.k = k
         self.trace_outputs = trace_outputs
         self.solver = solver
         self.max_exact_size = max_exact_size
         self.weights = weights
-        if sequence_output not in ("mean", "last", "all"):
-            raise ValueError(f"NTKSpectrum: sequence_output must be 'mean', 'last' or 'all', got {sequence_output!r}")
         self.alignment = alignment
         self.sequence_output = sequence_output
         self.max_rows = max_rows
@@ -297,6 +296,13 @@ class NTKSpectrum(MeasurementCallback):
                 f"NTKSpectrum: the kernel would have {rows} rows ({batch_size_of(batch)} probe samples x {per_sample} "
                 f"outputs each), above max_rows={self.max_rows}; lower probe_size, use sequence_output='mean' or "
                 "'last' for a sequence model, or raise max_rows"
+            )
+        size = batch_size_of(batch) if self.trace_outputs else rows
+        if self.solver == "exact" and size > self.max_exact_size:
+            raise ValueError(
+                f"NTKSpectrum(solver='exact', max_exact_size={self.max_exact_size}): the kernel would be {size}x{size}, "
+                "above max_exact_size, so it was not built; raise max_exact_size, lower probe_size, or use solver='auto' "
+                "(matrix-free above max_exact_size)"
             )
         return rows
 

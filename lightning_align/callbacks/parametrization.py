@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -13,18 +12,20 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from typing_extensions import override
 
+from lightning_align.arguments import Count, Name, NonEmpty, PositiveFloat, Regex, checked_init
 from lightning_align.callbacks.strategy import check_strategy
 from lightning_align.logging import log_text, markdown_table, writing_as
 from lightning_align.measure.sharded import has_sharded_parameters, user_class_name
-from lightning_align.parametrize.apply import INITS, UNSCALABLE_ATTENTION, Parametrized, retarget_scheduler
+from lightning_align.parametrize.apply import Parametrized, retarget_scheduler
 from lightning_align.parametrize.auto import auto_parametrize
-from lightning_align.parametrize.roles import ROLE_TABLE_HEADER, ROLES, role_table_rows
-from lightning_align.parametrize.rules import SCHEMES
+from lightning_align.parametrize.roles import ROLE_TABLE_HEADER, Role, role_table_rows
 
 SchemeName = Literal["sp", "ntk", "mup", "depth_mup", "completep"]
 InitName = Literal["default", "normal", "orthogonal"]
 FamilyName = Literal["auto", "adam", "sgd"]
 UnscalableName = Literal["error", "warn"]
+#: Hyper-parameter names or dotted paths into one (``config.n_embd``).
+Keys = Annotated[list[Name], NonEmpty()]
 _MARK = "_lightning_align_parametrization"
 
 
@@ -96,52 +97,30 @@ class Parametrization(Callback):
               init_args: {scheme: mup, base_width: 64}
     """
 
+    @checked_init
     def __init__(
         self,
         scheme: SchemeName = "mup",
-        base_width: int | None = None,
-        base_depth: int | None = None,
-        width_keys: list[str] | None = None,
-        depth_keys: list[str] | None = None,
-        branch_pattern: str | None = None,
+        base_width: Count | None = None,
+        base_depth: Count | None = None,
+        width_keys: Keys | None = None,
+        depth_keys: Keys | None = None,
+        branch_pattern: Regex | None = None,
         init: InitName = "default",
         readout_zero_init: bool = False,
-        input_mult: float = 1.0,
-        output_mult: float = 1.0,
+        input_mult: PositiveFloat = 1.0,
+        output_mult: PositiveFloat = 1.0,
         decoupled_wd: bool = False,
         optimizer_family: FamilyName = "auto",
-        role_overrides: dict[str, str] | None = None,
+        role_overrides: dict[Regex, Role] | None = None,
         unscalable_attention: UnscalableName = "error",
         verbose: bool = True,
     ) -> None:
-        if scheme not in SCHEMES:
-            raise ValueError(f"Parametrization: unknown scheme {scheme!r}; choose one of {list(SCHEMES)}")
-        if init not in INITS:
-            raise ValueError(f"Parametrization: init must be one of {list(INITS)}, got {init!r}")
-        if unscalable_attention not in UNSCALABLE_ATTENTION:
-            raise ValueError(
-                f"Parametrization: unscalable_attention must be one of {list(UNSCALABLE_ATTENTION)}, got {unscalable_attention!r}"
-            )
-        if optimizer_family not in ("auto", "adam", "sgd"):
-            raise ValueError(f"Parametrization: optimizer_family must be 'auto', 'adam' or 'sgd', got {optimizer_family!r}")
-        for what, value in (("base_width", base_width), ("base_depth", base_depth)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"Parametrization: {what} must be a positive int or None, got {value!r}")
-        if branch_pattern is not None:
-            try:
-                re.compile(branch_pattern)
-            except re.error as err:
-                raise ValueError(f"Parametrization: branch_pattern {branch_pattern!r} is not a valid regex: {err}") from err
-        for pattern, role in (role_overrides or {}).items():
-            if role not in ROLES:
-                raise ValueError(f"Parametrization(role_overrides=...): role {role!r} for {pattern!r} is not one of {list(ROLES)}")
         self.scheme = scheme
         self.base_width = base_width
         self.base_depth = base_depth
         self.width_keys = list(width_keys) if width_keys is not None else ["width"]
         self.depth_keys = list(depth_keys) if depth_keys is not None else ["depth"]
-        if not self.width_keys:
-            raise ValueError("Parametrization: width_keys must name at least one hyper-parameter")
         self.branch_pattern = branch_pattern
         self.init = init
         self.readout_zero_init = readout_zero_init

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_align.arguments import Count, Name, NonNegativeInt, Patterns, PositiveFloat, Seed
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import log_histogram, tag
@@ -83,30 +84,26 @@ class RankMonitor(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 1000,
-        weights: list[str] | None = None,
-        layers: list[str] | None = None,
+        every_n_steps: Count = 1000,
+        weights: Patterns | None = None,
+        layers: Patterns | None = None,
         *,
-        threshold: float = 0.5,
-        near_one_tol: float = 0.25,
-        repr_tol: float = 1e-3,
-        jacobian_points: int = 0,
+        threshold: PositiveFloat = 0.5,
+        near_one_tol: PositiveFloat = 0.25,
+        repr_tol: PositiveFloat = 1e-3,
+        jacobian_points: NonNegativeInt = 0,
         histograms: bool = True,
         schedule: ScheduleName = "linear",
         max_overhead: MaxOverhead = "auto",
-        probe_size: int = 256,
-        probe_seed: int = 0,
+        probe_size: Count = 256,
+        probe_seed: Seed = 0,
         bn_mode: BatchNormMode = "eval",
-        name: str | None = None,
+        name: Name | None = None,
     ) -> None:
         super().__init__(
             every_n_steps, schedule=schedule, max_overhead=max_overhead,
             probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, name=name
         )
-        if threshold <= 0 or near_one_tol <= 0 or repr_tol <= 0:
-            raise ValueError("RankMonitor: threshold, near_one_tol and repr_tol must be positive")
-        if jacobian_points < 0:
-            raise ValueError(f"RankMonitor: jacobian_points must be >= 0, got {jacobian_points}")
         self.weights = weights
         self.layers = layers
         self.threshold = threshold

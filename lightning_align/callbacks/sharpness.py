@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_align.arguments import Count, Name, NonNegativeFloat, Seed, argument_error
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.checkpoint_state import read_tensor
@@ -171,58 +172,43 @@ class Sharpness(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 1000,
-        k: int = 1,
+        every_n_steps: Count = 1000,
+        k: Count = 1,
         *,
         min_eig: bool = False,
         trace: bool = False,
         density: bool = False,
         preconditioned: bool | None = None,
-        tol: float = 1e-2,
-        max_matvecs: int = 50,
+        tol: NonNegativeFloat = 1e-2,
+        max_matvecs: Count = 50,
         warm_start: bool = True,
-        trace_samples: int = 16,
-        trace_basis: int = 8,
-        density_steps: int = 30,
-        density_vectors: int = 1,
+        trace_samples: Count = 16,
+        trace_basis: Count = 8,
+        density_steps: Count = 30,
+        density_vectors: Count = 1,
         method: Method = "auto",
         gradient_check: bool = False,
         high_precision: bool = False,
-        seed: int = 0,
+        seed: Seed = 0,
         schedule: ScheduleName = "linear",
         max_overhead: MaxOverhead = "auto",
-        probe_size: int = 256,
-        probe_seed: int = 0,
+        probe_size: Count = 256,
+        probe_seed: Seed = 0,
         bn_mode: BatchNormMode = "train",
         dropout: bool = False,
-        name: str | None = None,
+        name: Name | None = None,
     ) -> None:
         super().__init__(
             every_n_steps, schedule=schedule, max_overhead=max_overhead,
             probe_size=probe_size, probe_seed=probe_seed, bn_mode=bn_mode, dropout=dropout,
             name=name,
         )
-        for name, value, low in (
-            ("k", k, 1),
-            ("max_matvecs", max_matvecs, 1),
-            ("trace_samples", trace_samples, 1),
-            ("trace_basis", trace_basis, 1),
-            ("density_steps", density_steps, 1),
-            ("density_vectors", density_vectors, 1),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"Sharpness: {name} must be an int >= {low}, got {value!r}")
         if max_matvecs < k + int(min_eig):
-            raise ValueError(
-                f"Sharpness: max_matvecs={max_matvecs} is too small for k={k} (and min_eig={min_eig}): Lanczos needs at "
-                f"least k{' + 1' if min_eig else ''} products; lower k or raise max_matvecs."
+            raise argument_error(
+                self, "max_matvecs", max_matvecs, f"at least k{' + 1' if min_eig else ''} = {k + int(min_eig)}",
+                detail=f" (Lanczos needs a product per eigenvalue asked for: k={k}, min_eig={min_eig})",
+                remedy="lower k or raise max_matvecs",
             )
-        if not (isinstance(tol, (int, float)) and tol >= 0):
-            raise ValueError(f"Sharpness: tol must be a number >= 0, got {tol!r}")
-        if method not in ("auto", "double_backward", "forward"):
-            raise ValueError(f"Sharpness: method must be 'auto', 'double_backward' or 'forward', got {method!r}")
-        if preconditioned not in (None, True, False):
-            raise ValueError(f"Sharpness: preconditioned must be None (auto), True or False, got {preconditioned!r}")
         self.k = k
         self.min_eig = min_eig
         self.trace = trace

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 
 from typing_extensions import override
 
+from lightning_align.arguments import checked_init
 from lightning_align.headlines import HeadlineHistory
 from lightning_align.logging import guarded_write
 from lightning_align.summary import TITLE, SummaryStyle, print_summary
@@ -44,9 +45,8 @@ class AlignSummary(Callback):
               init_args: {progress_bar: false}
     """
 
+    @checked_init
     def __init__(self, progress_bar: bool = True, table: bool = True, style: SummaryStyle = "auto") -> None:
-        if style not in ("auto", "rich", "plain"):
-            raise ValueError(f"AlignSummary: style must be 'auto', 'rich' or 'plain', got {style!r}")
         self.progress_bar = progress_bar
         self.table = table
         self.style = style

@@ -13,6 +13,7 @@ from torch import nn
 
 from typing_extensions import override
 
+from lightning_align.arguments import Count, Name, Patterns, PositiveFloat, Seed
 from lightning_align.headlines import Headline
 from lightning_align.callbacks import checks
 from lightning_align.callbacks.base import MeasurementCallback
@@ -90,19 +91,19 @@ class ELRWarmup(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 1,
-        weights: list[str] | None = None,
+        every_n_steps: Count = 1,
+        weights: Patterns | None = None,
         *,
-        scale_factor: float = 2.0,
-        invariance_rtol: float = 1e-3,
-        probe_size: int = 256,
-        probe_seed: int = 0,
-        name: str | None = None,
+        scale_factor: PositiveFloat = 2.0,
+        invariance_rtol: PositiveFloat = 1e-3,
+        probe_size: Count = 256,
+        probe_seed: Seed = 0,
+        name: Name | None = None,
     ) -> None:
         super().__init__(
             every_n_steps, schedule="linear", probe_size=probe_size, probe_seed=probe_seed, bn_mode="train", name=name
         )
-        check_invariance_test_args("ELRWarmup", scale_factor, invariance_rtol)
+        check_invariance_test_args(self, scale_factor)
         self.weights = weights
         self.scale_factor = scale_factor
         self.invariance_rtol = invariance_rtol
