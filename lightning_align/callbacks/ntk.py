@@ -15,8 +15,8 @@ from torch import nn
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.probe import slice_batch
-from lightning_align.measure.probe import SequenceReduced
-from lightning_align.measure.batch import batch_size_of, batch_targets, prediction
+from lightning_align.measure.batch import batch_size_of, batch_targets
+from lightning_align.measure.sequence import SequenceReduced, padding_key
 from lightning_align.figures import spectrum
 from lightning_align.logging import log_figure, log_histogram
 from lightning_align.measure.ntk import (
@@ -234,9 +234,9 @@ class NTKSpectrum(MeasurementCallback):
         self._param_names = [n for n in trainable if n in chosen]
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
-        model, inputs = SequenceReduced(self.probe_outputs_model(pl_module), self.sequence_output), batch
-        check_sample_independent(model, owner="NTKSpectrum")
-        rows = self._check_rows(model, batch)
+        check_sample_independent(pl_module, owner="NTKSpectrum")
+        model, rows = self._reduced_outputs(pl_module, batch)
+        inputs = batch
         # Targets are checked before the kernel is built: a mismatch costs nothing
         targets = self._targets(batch, batch_size_of(batch) if self.trace_outputs else rows) if self.alignment is not False else None
         params = None if self._param_names is None else [re.escape(PREFIX + n) for n in self._param_names]
@@ -284,10 +284,15 @@ class NTKSpectrum(MeasurementCallback):
         return metrics
 
     # ----------------------------------------------------------------------------------------------
-    def _check_rows(self, model: nn.Module, batch: Any) -> int:
-        """Refuse a kernel above ``max_rows`` rows before building anything (one sample's forward to count)."""
+    def _reduced_outputs(self, pl_module: pl.LightningModule, batch: Any) -> tuple[nn.Module, int]:
+        """The differentiated model (sequence outputs reduced by ``sequence_output``, padding left out) and its kernel
+        rows; a kernel above ``max_rows`` rows is refused before anything is built (one sample's forward to count)."""
+        outputs = self.probe_outputs_model(pl_module)
         with torch.no_grad():
-            per_sample = prediction(model(slice_batch(batch, 1))).numel()
+            raw = outputs(slice_batch(batch, 1))
+        sequence = raw.ndim >= 3
+        padding = padding_key(outputs, batch, raw.shape[1], self.sequence_output, owner="NTKSpectrum") if sequence else None
+        per_sample = raw[0, 0].numel() if sequence and self.sequence_output != "all" else raw[0].numel()
         rows = per_sample * batch_size_of(batch)
         if rows > self.max_rows:
             raise ValueError(
@@ -295,7 +300,7 @@ class NTKSpectrum(MeasurementCallback):
                 f"outputs each), above max_rows={self.max_rows}; lower probe_size, use sequence_output='mean' or "
                 "'last' for a sequence model, or raise max_rows"
             )
-        return rows
+        return SequenceReduced(outputs, self.sequence_output, padding), rows
 
     def _targets(self, batch: Any, size: int) -> torch.Tensor | None:
         """Targets matching the kernel, or ``None`` (said once) when they cannot and ``alignment`` is ``None``."""
