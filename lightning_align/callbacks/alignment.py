@@ -58,8 +58,7 @@ def measure_speeds(
 ) -> FeatureSpeedResults:
     """:func:`feature_speed` (``loss_model(batch)`` is the loss), or under FSDP2 (``layout``) its finite-difference
     form through the model's own passes (``update``/``params``: this rank's slices). ``owner`` (a keyword: the
-    callback's name) names the callback and its ``layers`` argument in errors."""
-    kwargs.setdefault("owner", "FeatureAlignment")
+    callback's name) is named with its ``layers`` argument in errors."""
     if layout is None:
         return feature_speed(loss_model, None, batch, layers, argument="layers", **kwargs)
     return finite_difference_feature_speed(loss_model, batch, layers, layout, argument="layers", **kwargs)
@@ -227,9 +226,10 @@ class FeatureAlignment(MeasurementCallback):
         if self._before is not None and trainer.global_step > 0:
             update, point = real_update(pl_module, self._before)
             self._before = None
-            return measure_speeds(loss_model, batch, self._layers, self.shard_layout, update=update, params=point)
+            return measure_speeds(loss_model, batch, self._layers, self.shard_layout, update=update, params=point, owner="FeatureAlignment")
         self._before = None
-        return measure_speeds(loss_model, batch, self._layers, self.shard_layout, lr=1.0, lrs=optimizer_lrs(trainer, pl_module))
+        lrs = optimizer_lrs(trainer, pl_module)
+        return measure_speeds(loss_model, batch, self._layers, self.shard_layout, lr=1.0, lrs=lrs, owner="FeatureAlignment")
 
     def extra_state(self) -> dict[str, Any]:
         return {"num_measurements": self.num_measurements}

@@ -63,7 +63,10 @@ class NTKSpectrum(MeasurementCallback):
     Sequence models (outputs ``(n, T, c)``, e.g. a language model's logits; Hugging Face ``ModelOutput`` gives
     ``.logits``) are reduced over positions by ``sequence_output``: ``"mean"`` (the default: the kernel of the
     position-averaged output, ``n·c`` rows), ``"last"`` (the last position, the next-token prediction of a
-    causal LM) or ``"all"`` (every position, ``n·T·c`` rows). A kernel above ``max_rows`` rows is refused,
+    causal LM) or ``"all"`` (every position, ``n·T·c`` rows). With padding (a Hugging Face ``attention_mask``; for an
+    encoder-decoder ``decoder_attention_mask`` or the labels' ``-100``) ``"mean"`` averages over the unpadded
+    positions, ``"last"`` takes the last unpadded one per sequence and ``"all"`` is refused (``docs/callbacks.md``,
+    "Sequence outputs and padding"). A kernel above ``max_rows`` rows is refused,
     naming the argument to change, and so is a measurement whose memory estimate (from one sample's forward,
     before anything is built) exceeds ``max_memory_gb``; the exact path is taken only when it fits.
 
