@@ -16,6 +16,7 @@ from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.probe import slice_batch
 from lightning_align.measure.batch import batch_size_of, batch_targets
+from lightning_align.measure.census import unfused_transformer_layers
 from lightning_align.measure.sequence import SequenceReduced, padding_key
 from lightning_align.figures import spectrum
 from lightning_align.logging import log_figure, log_histogram
@@ -239,13 +240,12 @@ class NTKSpectrum(MeasurementCallback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
         check_sample_independent(pl_module, owner="NTKSpectrum")
         model, rows = self._reduced_outputs(pl_module, batch)
-        inputs = batch
         # Targets are checked before the kernel is built: a mismatch costs nothing
         targets = self._targets(batch, batch_size_of(batch) if self.trace_outputs else rows) if self.alignment is not False else None
         params = None if self._param_names is None else [re.escape(PREFIX + n) for n in self._param_names]
         try:
             res = ntk_spectrum(
-                model, inputs, self.k, self.trace_outputs, solver=self.solver, max_exact_size=self.max_exact_size,
+                model, batch, self.k, self.trace_outputs, solver=self.solver, max_exact_size=self.max_exact_size,
                 tol=self.tol, max_matvecs=self.max_matvecs, init=self._warm, params=params,
                 generator=torch.Generator().manual_seed(self.probe_seed), return_vectors=False,
                 trace_samples=self.trace_samples, max_memory_gb=self.max_memory_gb,
@@ -291,7 +291,7 @@ class NTKSpectrum(MeasurementCallback):
         """The differentiated model (sequence outputs reduced by ``sequence_output``, padding left out) and its kernel
         rows; a kernel above ``max_rows`` rows is refused before anything is built (one sample's forward to count)."""
         outputs = self.probe_outputs_model(pl_module)
-        with torch.no_grad():
+        with torch.no_grad(), unfused_transformer_layers():  # as the kernel's passes (with grad) run it
             raw = outputs(slice_batch(batch, 1))
         sequence = raw.ndim >= 3
         padding = padding_key(outputs, batch, raw.shape[1], self.sequence_output, owner="NTKSpectrum") if sequence else None
