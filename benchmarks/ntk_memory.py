@@ -57,7 +57,7 @@ def run_model(name: str, steps: int, device: str) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     from lightning_align import NTKSpectrum
-    from lightning_align.measure.probe import SequenceReduced
+    from lightning_align.measure.sequence import SequenceReduced
     from lightning_align.measure import ntk as ntk_mod
 
     torch.set_num_threads(1)

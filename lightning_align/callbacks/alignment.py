@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch import nn
 
@@ -25,7 +25,8 @@ from lightning_align.callbacks.checkpoint_state import read_int
 from lightning_align.figures import layer_profile
 from lightning_align.logging import log_figure, tag, tensorboard_writers
 from lightning_align.measure.alignment import FeatureSpeedResults, feature_speed, finite_difference_feature_speed
-from lightning_align.measure.modules import select_modules
+from lightning_align.measure.census import take_census
+from lightning_align.measure.modules import captured_outputs, layers_on_probe, select_modules
 from lightning_align.measure.optim import learning_rates_by_parameter
 from lightning_align.measure.sharded import ShardLayout, local
 from lightning_align.schedules import MaxOverhead, ScheduleName
@@ -58,10 +59,33 @@ def measure_speeds(
     loss_model: nn.Module, batch: Any, layers: Mapping[str, nn.Module], layout: ShardLayout | None, **kwargs: Any
 ) -> FeatureSpeedResults:
     """:func:`feature_speed` (``loss_model(batch)`` is the loss), or under FSDP2 (``layout``) its finite-difference
-    form through the model's own passes (``update``/``params``: this rank's slices)."""
+    form through the model's own passes (``update``/``params``: this rank's slices). ``owner`` (a keyword: the
+    callback's name) is named with its ``layers`` argument in errors."""
     if layout is None:
-        return feature_speed(loss_model, None, batch, layers, **kwargs)
-    return finite_difference_feature_speed(loss_model, batch, layers, layout, **kwargs)
+        return feature_speed(loss_model, None, batch, layers, argument="layers", **kwargs)
+    return finite_difference_feature_speed(loss_model, batch, layers, layout, argument="layers", **kwargs)
+
+
+def feature_layers_on_probe(
+    pl_module: nn.Module, loss_model: nn.Module, batch: Any, patterns: list[str] | None, chosen: Mapping[str, nn.Module],
+    owner: str, layout: ShardLayout | None,
+) -> dict[str, nn.Module]:
+    """The layers whose features a loss-probing callback measures: the named ones (each must run on the probe), or
+    the default ``"features"`` layers that run on the probe and whose outputs reach the loss (one forward watched,
+    then one forward and backward; the others named in one info line)."""
+    census, _ = take_census(pl_module, lambda: loss_model(batch))
+    layers = layers_on_probe(pl_module, census, patterns, chosen, "features", owner=owner)
+    if patterns is not None or layout is not None:  # FSDP2: no backward outside the training step
+        return layers
+    with captured_outputs(layers) as feats:
+        loss = loss_model(batch)
+    names = [n for n in layers if n in feats and feats[n].requires_grad]
+    grads = torch.autograd.grad(loss, [feats[n] for n in names], allow_unused=True) if names and loss.requires_grad else ()
+    reached = {n for n, g in zip(names, grads) if g is not None}
+    dropped = [n for n in layers if n not in reached]
+    if dropped:
+        rank_zero_info(f"{owner}: the outputs of layers {dropped} do not reach the loss on the probe batch; they are not measured")
+    return {n: m for n, m in layers.items() if n in reached}
 
 
 class FeatureAlignment(MeasurementCallback):
@@ -102,8 +126,9 @@ class FeatureAlignment(MeasurementCallback):
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) is sparse
             enough to leave on (measured shares: README, "Speed and overhead").
-        layers: module names or regexes whose outputs are the features (default: every Linear/Conv/``Conv1D`` and
-            attention block: :data:`~lightning_align.measure.modules.LayerKind` ``"features"``).
+        layers: module names or regexes whose outputs are the features (default: every Linear/Conv/``Conv1D`` layer,
+            attention block and module holding a stack of expert matrices that runs on the probe batch and whose
+            output reaches the loss; see "Which layers" in ``docs/callbacks.md``).
         figure_every: draw the cos-vs-depth figure every this many measurements (0, the default: never).
         schedule, max_overhead, probe_size, probe_seed, bn_mode, name: shared by every callback; see "Arguments every callback
             shares" in ``docs/callbacks.md``.
@@ -164,6 +189,10 @@ class FeatureAlignment(MeasurementCallback):
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layers = select_modules(pl_module, self.layers, "features", owner="FeatureAlignment(layers=...)")
 
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        loss_model = self.probe_loss_model(pl_module)
+        self._layers = feature_layers_on_probe(pl_module, loss_model, batch, self.layers, self._layers, "FeatureAlignment", self.shard_layout)
+
     def before_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._before = snapshot_trainable(pl_module)
 
@@ -195,9 +224,10 @@ class FeatureAlignment(MeasurementCallback):
         if self._before is not None and trainer.global_step > 0:
             update, point = real_update(pl_module, self._before)
             self._before = None
-            return measure_speeds(loss_model, batch, self._layers, self.shard_layout, update=update, params=point)
+            return measure_speeds(loss_model, batch, self._layers, self.shard_layout, update=update, params=point, owner="FeatureAlignment")
         self._before = None
-        return measure_speeds(loss_model, batch, self._layers, self.shard_layout, lr=1.0, lrs=optimizer_lrs(trainer, pl_module))
+        lrs = optimizer_lrs(trainer, pl_module)
+        return measure_speeds(loss_model, batch, self._layers, self.shard_layout, lr=1.0, lrs=lrs, owner="FeatureAlignment")
 
     def extra_state(self) -> dict[str, Any]:
         return {"num_measurements": self.num_measurements}

@@ -14,7 +14,8 @@ from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS, read_tensor, refusal
 from lightning_align.logging import tag
-from lightning_align.measure.modules import captured_outputs, select_modules
+from lightning_align.measure.census import take_census
+from lightning_align.measure.modules import captured_outputs, layers_on_probe, select_modules
 from lightning_align.schedules import MaxOverhead, ScheduleName
 
 
@@ -44,7 +45,9 @@ class CoordCheck(MeasurementCallback):
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (250) is sparse
             enough to leave on (measured shares: README, "Speed and overhead").
-        layers: module names or regexes whose outputs are recorded (default: every Linear/Conv/Embedding).
+        layers: module names or regexes whose outputs are recorded (default: every Linear/Conv/Embedding, and every
+            module holding a stack of expert matrices, that runs on the probe batch; see "Which layers" in
+            ``docs/callbacks.md``).
         schedule, max_overhead, probe_size, probe_seed, bn_mode, dropout, name: shared by every callback; see "Arguments every
             callback shares" in ``docs/callbacks.md``.
 
@@ -98,6 +101,12 @@ class CoordCheck(MeasurementCallback):
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._modules = select_modules(pl_module, self.layers, "weights", owner="CoordCheck(layers=...)")
 
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        model = self.probe_outputs_model(pl_module)
+        with torch.no_grad():
+            census, _ = take_census(pl_module, lambda: model(batch))
+        self._modules = layers_on_probe(pl_module, census, self.layers, self._modules, "weights", owner="CoordCheck")
+
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
         model = self.probe_outputs_model(pl_module)
         with torch.no_grad(), captured_outputs(self._modules) as features:
@@ -105,7 +114,9 @@ class CoordCheck(MeasurementCallback):
         metrics: dict[str, torch.Tensor] = {}
         for name in self._modules:
             if name not in features:
-                raise RuntimeError(f"CoordCheck: layer {name!r} did not run in the forward pass on the probe batch")
+                raise RuntimeError(
+                    f"CoordCheck(layers=...): layer {name!r} did not run in the forward pass on the probe batch; remove it from `layers`"
+                )
             h = features[name].detach().float()
             h0 = self._h0.get(name)
             if h0 is not None and h0.shape != h.shape:  # e.g. a checkpoint saved without its settings

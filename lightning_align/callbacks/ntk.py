@@ -27,8 +27,9 @@ from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS, read_int, read_tensor, refusal
 from lightning_align.callbacks.probe import slice_batch
-from lightning_align.measure.probe import SequenceReduced
-from lightning_align.measure.batch import batch_size_of, batch_targets, prediction
+from lightning_align.measure.batch import batch_size_of, batch_targets
+from lightning_align.measure.census import unfused_transformer_layers
+from lightning_align.measure.sequence import SequenceReduced, padding_key
 from lightning_align.figures import spectrum
 from lightning_align.logging import log_figure, log_histogram
 from lightning_align.measure.ntk import (
@@ -75,7 +76,10 @@ class NTKSpectrum(MeasurementCallback):
     Sequence models (outputs ``(n, T, c)``, e.g. a language model's logits; Hugging Face ``ModelOutput`` gives
     ``.logits``) are reduced over positions by ``sequence_output``: ``"mean"`` (the default: the kernel of the
     position-averaged output, ``n·c`` rows), ``"last"`` (the last position, the next-token prediction of a
-    causal LM) or ``"all"`` (every position, ``n·T·c`` rows). A kernel above ``max_rows`` rows is refused,
+    causal LM) or ``"all"`` (every position, ``n·T·c`` rows). With padding (a Hugging Face ``attention_mask``; for an
+    encoder-decoder ``decoder_attention_mask`` or the labels' ``-100``) ``"mean"`` averages over the unpadded
+    positions, ``"last"`` takes the last unpadded one per sequence and ``"all"`` is refused (``docs/callbacks.md``,
+    "Sequence outputs and padding"). A kernel above ``max_rows`` rows is refused,
     naming the argument to change, and so is a measurement whose memory estimate (from one sample's forward,
     before anything is built) exceeds ``max_memory_gb``; the exact path is taken only when it fits.
 
@@ -236,15 +240,14 @@ class NTKSpectrum(MeasurementCallback):
         self._param_names = [n for n in trainable if n in chosen]
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
-        model, inputs = SequenceReduced(self.probe_outputs_model(pl_module), self.sequence_output), batch
-        check_sample_independent(model, owner="NTKSpectrum")
-        rows = self._check_rows(model, batch)
+        check_sample_independent(pl_module, owner="NTKSpectrum")
+        model, rows = self._reduced_outputs(pl_module, batch)
         # Targets are checked before the kernel is built: a mismatch costs nothing
         targets = self._targets(batch, batch_size_of(batch) if self.trace_outputs else rows) if self.alignment is not False else None
         params = None if self._param_names is None else [re.escape(PREFIX + n) for n in self._param_names]
         try:
             res = ntk_spectrum(
-                model, inputs, self.k, self.trace_outputs, solver=self.solver, max_exact_size=self.max_exact_size,
+                model, batch, self.k, self.trace_outputs, solver=self.solver, max_exact_size=self.max_exact_size,
                 tol=self.tol, max_matvecs=self.max_matvecs, init=self._warm, params=params,
                 generator=torch.Generator().manual_seed(self.probe_seed), return_vectors=False,
                 trace_samples=self.trace_samples, max_memory_gb=self.max_memory_gb,
@@ -286,10 +289,15 @@ class NTKSpectrum(MeasurementCallback):
         return metrics
 
     # ----------------------------------------------------------------------------------------------
-    def _check_rows(self, model: nn.Module, batch: Any) -> int:
-        """Refuse a kernel above ``max_rows`` rows before building anything (one sample's forward to count)."""
-        with torch.no_grad():
-            per_sample = prediction(model(slice_batch(batch, 1))).numel()
+    def _reduced_outputs(self, pl_module: pl.LightningModule, batch: Any) -> tuple[nn.Module, int]:
+        """The differentiated model (sequence outputs reduced by ``sequence_output``, padding left out) and its kernel
+        rows; a kernel above ``max_rows`` rows is refused before anything is built (one sample's forward to count)."""
+        outputs = self.probe_outputs_model(pl_module)
+        with torch.no_grad(), unfused_transformer_layers():  # as the kernel's passes (with grad) run it
+            raw = outputs(slice_batch(batch, 1))
+        sequence = raw.ndim >= 3
+        padding = padding_key(outputs, batch, raw.shape[1], self.sequence_output, owner="NTKSpectrum") if sequence else None
+        per_sample = raw[0, 0].numel() if sequence and self.sequence_output != "all" else raw[0].numel()
         rows = per_sample * batch_size_of(batch)
         if rows > self.max_rows:
             raise ValueError(
@@ -304,7 +312,7 @@ class NTKSpectrum(MeasurementCallback):
                 "above max_exact_size, so it was not built; raise max_exact_size, lower probe_size, or use solver='auto' "
                 "(matrix-free above max_exact_size)"
             )
-        return rows
+        return SequenceReduced(outputs, self.sequence_output, padding), rows
 
     def _targets(self, batch: Any, size: int) -> torch.Tensor | None:
         """Targets matching the kernel, or ``None`` (said once) when they cannot and ``alignment`` is ``None``."""

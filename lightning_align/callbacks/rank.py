@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,11 +14,12 @@ from lightning_align.arguments import Count, Name, NonNegativeInt, Patterns, Pos
 from lightning_align.headlines import Headline
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.logging import log_histogram, tag
-from lightning_align.measure.modules import captured_outputs, running_statistics, select_modules
+from lightning_align.measure.batch import HF_INPUT_KEYS, ModelKwargs, batch_inputs, batch_size_of
+from lightning_align.measure.census import matrix_stacks, take_census
+from lightning_align.measure.modules import captured_outputs, layers_on_probe, running_statistics, select_modules, weights_read
 from lightning_align.measure.rank import jacobian_rank, representation_ranks, weight_spectrum
 from lightning_align.measure.sharded import full
 from lightning_align.schedules import MaxOverhead, ScheduleName
-from lightning_align.measure.batch import batch_inputs, batch_size_of
 
 
 class RankMonitor(MeasurementCallback):
@@ -27,7 +28,9 @@ class RankMonitor(MeasurementCallback):
     Deep L2-regularized nets develop a *bottleneck*: middle weights get a few singular values near 1
     and middle representations become low-dimensional (Jacot 2023). This callback shows it per layer.
 
-    Logged, per weight (``<layer>`` is the module name; conv weights are reshaped to ``(out, in·k·k)``):
+    Logged, per weight (``<layer>`` is the module name; conv weights are reshaped to ``(out, in·k·k)``; a stack of
+    matrices such as the experts of a mixture of experts held as one ``(experts, out, in)`` parameter gives one
+    weight per matrix, ``<layer>`` being ``<module>.<parameter>.<index>``):
     ``rank/weight_stable/<layer>``, ``rank/weight_above/<layer>`` (singular values > ``threshold``),
     ``rank/weight_near_one/<layer>`` (``|s-1| <= near_one_tol``), ``rank/weight_fro_sq/<layer>``, and the
     spectrum as the TensorBoard histogram ``rank/singular_values/<layer>``. Per representation layer, on
@@ -46,13 +49,18 @@ class RankMonitor(MeasurementCallback):
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) is sparse
             enough to leave on (measured shares: README, "Speed and overhead").
-        weights: module names or regexes whose ``weight`` is analysed (default: every Linear/Conv/Embedding).
-        layers: module names or regexes whose outputs are the representations (default: same as weights).
+        weights: module names or regexes whose ``weight`` (or stacks of matrices) is analysed (default: every
+            Linear/Conv/Embedding weight the forward reads on the probe batch, a tied weight once, and every stack of
+            expert matrices; see "Which layers" in ``docs/callbacks.md``).
+        layers: module names or regexes whose outputs are the representations (default: the weight layers and
+            expert modules that run on the probe batch).
         threshold: singular values above it count in ``weight_above``.
         near_one_tol: tolerance of ``weight_near_one``.
         repr_tol: relative tolerance of the numerical rank.
         jacobian_points: number of probe inputs for the input-output Jacobian rank (0 = off); computed
-            with BatchNorm running statistics, since a per-sample Jacobian needs a sample-wise function.
+            with BatchNorm running statistics, since a per-sample Jacobian needs a sample-wise function. For a
+            Hugging Face batch, with respect to its real-valued input (``pixel_values``, ``input_values``,
+            ``input_features``, ``inputs_embeds``), the other entries (an attention mask) those of the sample.
         histograms: log singular-value histograms to TensorBoard.
         schedule, max_overhead, probe_size, probe_seed, bn_mode, name: shared by every callback; see "Arguments every callback
             shares" in ``docs/callbacks.md``.
@@ -112,6 +120,7 @@ class RankMonitor(MeasurementCallback):
         self.jacobian_points = jacobian_points
         self.histograms = histograms
         self._weight_modules: dict[str, torch.nn.Module] = {}
+        self._stacks: dict[str, torch.nn.Parameter] = {}
         self._repr_modules: dict[str, torch.nn.Module] = {}
 
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -122,16 +131,25 @@ class RankMonitor(MeasurementCallback):
                 "jacobian_points=0 under ModelParallelStrategy (weight and representation ranks still run)."
             )
         weights = select_modules(pl_module, self.weights, "weights", owner="RankMonitor(weights=...)")
-        missing = [n for n, m in weights.items() if not _has_matrix_weight(m)]
+        missing = [n for n, m in weights.items() if not _has_matrix_weight(m) and not matrix_stacks(m)]
         if missing:
-            raise ValueError(f"RankMonitor(weights=...): modules {missing} have no 2-D or higher `weight` to analyse")
-        self._weight_modules = weights
+            raise ValueError(f"RankMonitor(weights=...): modules {missing} have no 2-D or higher `weight` (nor a stack of matrices) to analyse")
+        self._weight_modules = {n: m for n, m in weights.items() if _has_matrix_weight(m)}
+        named = weights if self.weights is not None else {}  # the default stacks are found on the probe (prepare)
+        self._stacks = {f"{n}.{p}": t for n, m in named.items() for p, t in matrix_stacks(m).items()}
         self._repr_modules = select_modules(pl_module, self.layers, "weights", owner="RankMonitor(layers=...)")
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        model = self.probe_outputs_model(pl_module)
+        with torch.no_grad():
+            census, _ = take_census(pl_module, lambda: model(batch))
+        if self.weights is None:  # the weights the forward reads (a tied one once), and the experts' stacks
+            self._weight_modules, self._stacks = weights_read(pl_module, census), dict(census.stacks)
+        self._repr_modules = layers_on_probe(pl_module, census, self.layers, self._repr_modules, "weights", owner="RankMonitor")
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
         metrics: dict[str, float] = {}
-        for name, module in self._weight_modules.items():
-            weight = full(module.weight.detach())  # FSDP2: this weight only, gathered (a collective on every rank)
+        for name, weight in self._matrices():
             if not _finite(weight):  # e.g. a diverged fp16 run: log NaN (with a warning), no SVD
                 metrics.update({tag("rank", what, name): math.nan for what in _WEIGHT_TAGS})
                 continue
@@ -155,15 +173,9 @@ class RankMonitor(MeasurementCallback):
             metrics[tag("rank", "repr_participation", name)] = ranks.participation_ratio
             metrics[tag("rank", "repr_numerical", name)] = ranks.numerical_rank
         if self.jacobian_points:
-            points = batch_inputs(batch, owner="RankMonitor(jacobian_points=...)")
-            if not isinstance(points, torch.Tensor) or not points.is_floating_point():
-                raise ValueError(
-                    f"RankMonitor(jacobian_points={self.jacobian_points}): the input-output Jacobian needs real-valued "
-                    f"inputs, but the probe inputs are {_describe(points)} (integer token ids have no derivative); "
-                    "set jacobian_points=0"
-                )
-            points = points[: self.jacobian_points]
-            entries = outputs[0].numel() * points[0].numel()
+            points, wrt = self._jacobian_points(batch)
+            first = points if wrt is None else points[wrt]
+            entries = outputs[0].numel() * first[0].numel()
             if entries > MAX_JACOBIAN_ENTRIES:
                 raise ValueError(
                     f"RankMonitor(jacobian_points={self.jacobian_points}): each input-output Jacobian would hold "
@@ -172,13 +184,39 @@ class RankMonitor(MeasurementCallback):
                 )
             try:
                 with running_statistics(pl_module):  # a per-sample Jacobian needs a sample-wise function
-                    ranks_j, logdets = jacobian_rank(pl_module, points, tol=self.repr_tol)
+                    ranks_j, logdets = jacobian_rank(pl_module, points, tol=self.repr_tol, wrt=wrt)
             except torch.linalg.LinAlgError:  # a non-finite Jacobian: logged as NaN, with a warning
                 ranks_j, logdets = [math.nan], [math.nan]
             metrics["rank/jacobian_numerical"] = sum(ranks_j) / len(ranks_j)
             metrics["rank/jacobian_logdet"] = sum(logdets) / len(logdets)
         return metrics
 
+    def _matrices(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, matrix)`` of every weight analysed; under FSDP2 each gathered in turn (a collective on every rank)."""
+        for name, module in self._weight_modules.items():
+            yield name, full(module.weight.detach())
+        for name, stack in self._stacks.items():
+            whole = full(stack.detach())
+            for i, matrix in enumerate(whole.reshape(-1, *whole.shape[-2:])):
+                yield f"{name}.{i}", matrix
+
+    def _jacobian_points(self, batch: Any) -> tuple[Any, str | None]:
+        """The first ``jacobian_points`` probe inputs, and for a Hugging Face batch the real-valued entry to differentiate."""
+        points, wrt = batch_inputs(batch, owner="RankMonitor(jacobian_points=...)"), None
+        if isinstance(points, ModelKwargs):
+            wrt = next((k for k in HF_INPUT_KEYS if isinstance(points.get(k), torch.Tensor) and points[k].is_floating_point()), None)
+        real = points[wrt] if wrt is not None else points
+        if not isinstance(real, torch.Tensor) or not real.is_floating_point():
+            raise ValueError(
+                f"RankMonitor(jacobian_points={self.jacobian_points}): the input-output Jacobian needs real-valued "
+                f"inputs, but the probe inputs are {_describe(points)} (integer token ids have no derivative); "
+                "set jacobian_points=0"
+            )
+        if wrt is None:
+            return points[: self.jacobian_points], None
+        first = ModelKwargs((k, v[: self.jacobian_points] if isinstance(v, torch.Tensor) else v) for k, v in points.items())
+        first.labels = None if points.labels is None else points.labels[: self.jacobian_points]
+        return first, wrt
 
     def _check_features(self, features: Mapping[str, torch.Tensor], n: int) -> None:
         """Every representation layer ran on the probe and gives one row per sample."""
@@ -215,6 +253,8 @@ def _per_sample(features: torch.Tensor, n: int) -> bool:
 def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    if isinstance(x, Mapping):
+        return "model keyword inputs " + ", ".join(f"{k}: {_describe(v)}" for k, v in x.items())
     return type(x).__name__
 
 

@@ -154,6 +154,8 @@ def feature_speed(
     *,
     lrs: Mapping[str, float] | None = None,
     params: Mapping[str, torch.Tensor] | None = None,
+    owner: str = "feature_speed",
+    argument: str = "modules",
 ) -> FeatureSpeedResults:
     """Backward-feature angle, feature speed and the feature speed formula per layer.
 
@@ -170,6 +172,8 @@ def feature_speed(
         lrs: per-parameter multipliers of ``lr`` for the gradient step (missing names: 1.0; 0 freezes).
         params: evaluate at these parameter values (``{name: tensor}``, e.g. the weights before a step)
             instead of the model's own; missing names keep the model's values.
+        owner, argument: who is asking and the argument holding the layers (named in error messages: a callback
+            passes its name and ``"layers"``).
 
     Returns:
         :class:`FeatureSpeedResults`: ``{name: FeatureSpeed}`` in forward order.
@@ -186,7 +190,7 @@ def feature_speed(
         >>> 0.0 < res["2"].cos_angle <= 1.0 and abs(res["2"].predicted_speed / res["2"].speed - 1) < 1e-4
         True
     """
-    mods = resolve_modules(model, modules, owner="feature_speed(modules=...)")
+    mods = resolve_modules(model, modules, owner=f"{owner}({argument}=...)")
     names = _param_names(model)
     _check_names(update, names, "update")
     _check_names(params, names, "params")
@@ -198,14 +202,14 @@ def feature_speed(
         buffers = dict(model.named_buffers())
         with captured_outputs(mods) as feats:
             loss = _loss(functional_call(model, {**leaves, **buffers}, (_model_input(loss_fn, batch),)), loss_fn, batch)
-        _check_captured(mods, feats)
+        _check_captured(mods, feats, owner, argument)
         f = [feats[n] for n in mods]
         # The graph is kept for the feature changes J·Δθ (computed on it by a double vjp below).
         grads = torch.autograd.grad(loss, f + [leaves[n] for n in trainable], allow_unused=True, retain_graph=True)
         backs, pgrads = grads[: len(f)], dict(zip(trainable, grads[len(f):]))
         for name, b in zip(mods, backs):
             if b is None:
-                raise ValueError(f"feature_speed: the output of module {name!r} does not reach the loss; remove it from `modules`")
+                raise ValueError(_unreached(owner, argument, name))
         upstream = _upstream_params(f, {id(leaves[n]): n for n in trainable})
         delta = _update(update, pgrads, leaves, trainable, lr, lrs)
         param_dec = {
@@ -234,6 +238,8 @@ def finite_difference_feature_speed(
     params: Mapping[str, torch.Tensor] | None = None,
     step: float = FD_STEP,
     richardson: bool = True,
+    owner: str = "feature_speed",
+    argument: str = "modules",
 ) -> FeatureSpeedResults:
     """:func:`feature_speed` through the model's own forward and backward, for parameters sharded by FSDP2.
 
@@ -270,8 +276,9 @@ def finite_difference_feature_speed(
             (whole tensors when not sharded).
         step: relative size of the perturbation ``h·Δθ``.
         richardson: combine two steps (4 forwards instead of 2, error ``O(h⁴)``).
+        owner, argument: as in :func:`feature_speed`.
     """
-    mods = resolve_modules(model, modules, owner="feature_speed(modules=...)")
+    mods = resolve_modules(model, modules, owner=f"{owner}({argument}=...)")
     named = dict(model.named_parameters())
     _check_names(update, set(named), "update")
     _check_names(params, set(named), "params")
@@ -295,7 +302,7 @@ def finite_difference_feature_speed(
                 loss = model(batch)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("feature_speed: the loss must be a scalar tensor (a mean over the batch)")
-            _check_captured(mods, feats)
+            _check_captured(mods, feats, owner, argument)
             f = [feats[n] for n in mods]
             upstream = _upstream_params(f, {i: n for i, n in leaves.items() if n in trainable}, order=trainable)
             for t in f:
@@ -305,7 +312,7 @@ def finite_difference_feature_speed(
             backs = [t.grad for t in f]
             for name, b in zip(mods, backs):
                 if b is None:
-                    raise ValueError(f"feature_speed: the output of module {name!r} does not reach the loss; remove it from `modules`")
+                    raise ValueError(_unreached(owner, argument, name))
             pgrads = {n: None if named[n].grad is None else local(named[n].grad).detach() for n in trainable}
             delta = {}
             for n in trainable:
@@ -400,7 +407,7 @@ def feature_kernel(
         def feature(theta: dict[str, torch.Tensor]) -> torch.Tensor:
             with captured_outputs(mods) as feats:
                 functional_call(model, {**theta, **frozen, **buffers}, (x,))
-            _check_captured(mods, feats)
+            _check_captured(mods, feats, "feature_kernel", "module")
             return feats[name].flatten()
 
         theta = {n: point[n] for n in trainable}
@@ -484,10 +491,18 @@ def _loss(outputs: Any, loss_fn: LossFn | None, batch: Any) -> torch.Tensor:
     return loss.reshape(())
 
 
-def _check_captured(modules: Mapping[str, nn.Module], feats: Mapping[str, torch.Tensor]) -> None:
+def _check_captured(modules: Mapping[str, nn.Module], feats: Mapping[str, torch.Tensor], owner: str, argument: str) -> None:
     missing = [n for n in modules if n not in feats]
     if missing:
-        raise ValueError(f"feature_speed: modules {missing} were not called by the model's forward pass; remove them from `modules`")
+        raise ValueError(
+            f"{owner}({argument}=...): layers {missing} were not called by the model's forward pass on the probe batch "
+            f"(never called, or a module that reads their weight directly, as nn.MultiheadAttention does with its "
+            f"out_proj); remove them from `{argument}`"
+        )
+
+
+def _unreached(owner: str, argument: str, name: str) -> str:
+    return f"{owner}({argument}=...): the output of layer {name!r} does not reach the loss on the probe batch; remove it from `{argument}`"
 
 
 def _upstream_params(features: list[torch.Tensor], by_id: dict[int, str], order: Sequence[str] | None = None) -> list[list[str]]:

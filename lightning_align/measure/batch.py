@@ -2,12 +2,14 @@
 
 A batch is ``(inputs, targets, ...)``, a mapping with input/target keys (``x``/``y``, ``input``/``target``, ...),
 or a Hugging Face mapping (``input_ids``, ``attention_mask``, ``pixel_values``, ``labels``, ...), whose inputs are
-passed to the model as keyword arguments (:func:`call_model`). A model output is a tensor, a tuple (first
+passed to the model as keyword arguments (:func:`call_model`; an encoder-decoder also gets the decoder inputs it
+makes from the labels, :func:`with_decoder_inputs`). A model output is a tensor, a tuple (first
 tensor), or a Hugging Face ``ModelOutput``-like object (``.logits``, else ``.last_hidden_state``): :func:`prediction`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,13 +22,73 @@ HF_INPUT_KEYS = ("input_ids", "pixel_values", "inputs_embeds", "input_values", "
 HF_LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")
 
 
+#: Keys that already give an encoder-decoder its decoder inputs (then none are made from the labels).
+DECODER_INPUT_KEYS = ("decoder_input_ids", "decoder_inputs_embeds")
+
+
 class ModelKwargs(dict):
-    """Inputs passed to the model as keyword arguments (``model(**inputs)``): a Hugging Face batch less its labels."""
+    """Inputs passed to the model as keyword arguments (``model(**inputs)``): a Hugging Face batch less its labels.
+
+    ``labels`` keeps the batch's ``labels`` (not passed as such): :func:`call_model` makes an encoder-decoder's
+    decoder inputs from them. Mapping a ``ModelKwargs`` to a new one (``map_tensors``) drops it: call
+    :func:`batch_inputs` on the mapped batch instead.
+    """
+
+    labels: Any = None
 
 
 def call_model(model: Any, inputs: Any) -> Any:
-    """``model(**inputs)`` for :class:`ModelKwargs`, else ``model(inputs)``."""
-    return model(**inputs) if isinstance(inputs, ModelKwargs) else model(inputs)
+    """``model(**inputs)`` for :class:`ModelKwargs` (with an encoder-decoder's decoder inputs), else ``model(inputs)``."""
+    return model(**with_decoder_inputs(model, inputs)) if isinstance(inputs, ModelKwargs) else model(inputs)
+
+
+def seq2seq_model(model: Any) -> Any:
+    """The Hugging Face encoder-decoder inside ``model`` (``config.is_encoder_decoder``), or ``None``."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    for module in model.modules():
+        if getattr(getattr(module, "config", None), "is_encoder_decoder", False) is True:
+            return module
+    return None
+
+
+def with_decoder_inputs(model: Any, inputs: ModelKwargs) -> dict[str, Any]:
+    """``inputs`` plus the decoder inputs an encoder-decoder makes from the labels, as the model makes them.
+
+    A Hugging Face encoder-decoder given ``labels`` and no decoder inputs shifts the labels right
+    (``prepare_decoder_input_ids_from_labels``: the start token first, ``-100`` as padding); the probe does the
+    same and passes ``decoder_input_ids``, or passes ``labels`` when the module's ``forward`` takes those and not
+    ``decoder_input_ids`` (the model then makes them itself). Other models, or a batch with decoder inputs or
+    without labels: ``inputs`` as they are.
+    """
+    labels = inputs.labels
+    if labels is None or any(k in inputs for k in DECODER_INPUT_KEYS):
+        return inputs
+    seq2seq = seq2seq_model(model)
+    if seq2seq is None:
+        return inputs
+    accepts = _keyword_arguments(model)
+    prepare = getattr(seq2seq, "prepare_decoder_input_ids_from_labels", None)
+    if callable(prepare) and (accepts is None or "decoder_input_ids" in accepts):
+        return {**inputs, "decoder_input_ids": prepare(labels=labels)}
+    if accepts is None or "labels" in accepts:
+        return {**inputs, "labels": labels}
+    raise TypeError(
+        f"lightning_align: {type(model).__name__} holds the encoder-decoder {type(seq2seq).__name__}, whose decoder needs "
+        "inputs made from the batch's `labels`, but its forward takes neither `decoder_input_ids` nor `labels`; "
+        "accept one of them in forward or define `probe_outputs(batch)` on the module."
+    )
+
+
+def _keyword_arguments(model: Any) -> set[str] | None:
+    """The keyword names ``model.forward`` takes, ``None`` when it takes ``**kwargs`` (or cannot be read)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
 
 
 def prediction(output: Any, owner: str = "lightning_align") -> torch.Tensor:
@@ -76,7 +138,9 @@ def _batch_part(batch: Any, index: int, keys: tuple[str, ...], what: str, owner:
     if isinstance(batch, (tuple, list)) and len(batch) > index:
         return batch[index]
     if isinstance(batch, Mapping) and index == 0 and any(k in batch for k in HF_INPUT_KEYS):
-        return ModelKwargs((k, v) for k, v in batch.items() if k not in HF_LABEL_KEYS)
+        inputs = ModelKwargs((k, v) for k, v in batch.items() if k not in HF_LABEL_KEYS)
+        inputs.labels = batch.get("labels")
+        return inputs
     if isinstance(batch, Mapping):
         for k in keys:
             if k in batch:

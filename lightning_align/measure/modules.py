@@ -2,6 +2,9 @@
 
 Layer names are qualified names from ``named_modules()``. Users give exact names or regular
 expressions (full match); a pattern that matches nothing is an error that names it, never a silent skip.
+The default layers are chosen by type at fit start (:func:`select_modules`), then, once a probe forward has
+been watched (:mod:`~lightning_align.measure.census`), narrowed to what runs on the probe
+(:func:`layers_on_probe`, :func:`weights_read`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from lightning_align.measure.census import Census, unfused_transformer_layers
 
 WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 #: Normalisation layers with running statistics (train/eval changes what they compute).
@@ -102,6 +107,72 @@ def select_modules(
     return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
 
 
+def running_layers(model: nn.Module, census: Census, kind: LayerKind) -> dict[str, nn.Module]:
+    """The default layers of ``kind`` that give an output on the probe ``census`` watched, in model order.
+
+    ``"weights"``: the weight layers that ran, and the mixture-of-experts blocks (or, outside any, the modules
+    holding stacks of matrices) that ran; ``"features"``: the same without embeddings, plus every module whose own
+    code computed attention (found by what it computes, whatever its attributes).
+    """
+    holders = {name.rpartition(".")[0] for name in census.stacks}
+    holders = {h for h in holders if not any(_within(h, block) for block in census.experts)} | census.experts
+    chosen = {}
+    for name, m in model.named_modules():
+        if not name or name not in census.ran:
+            continue
+        weighted = is_weight_layer(m) and (kind == "weights" or not isinstance(m, nn.Embedding))
+        if weighted or name in holders or (kind == "features" and name in census.attention):
+            chosen[name] = m
+    return chosen
+
+
+def _within(name: str, block: str) -> bool:
+    return name == block or name.startswith(block + ".")
+
+
+def weights_read(model: nn.Module, census: Census) -> dict[str, nn.Module]:
+    """The layers with a weight matrix (weight layers, and any module with a 2-D ``weight`` parameter such as a
+    mixture of experts' router) that ran or whose weight the watched forward read, one per distinct weight, in
+    model order: a weight tied between modules counts once (under the first module that ran), a layer never used
+    not at all, and a weight read without its module running (``nn.MultiheadAttention``'s ``out_proj``) is kept."""
+    owner: dict[int, str] = {}
+    modules = dict(model.named_modules())
+    for name, m in modules.items():
+        matrix = is_weight_layer(m) or (isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.ndim == 2)
+        if not (name and matrix and (name in census.ran or id(m.weight) in census.read)):
+            continue
+        first = owner.get(id(m.weight))
+        if first is None or (first not in census.ran and name in census.ran):
+            owner[id(m.weight)] = name
+    kept = set(owner.values())
+    return {name: m for name, m in modules.items() if name in kept}
+
+
+def layers_on_probe(
+    model: nn.Module, census: Census, patterns: Sequence[str] | None, chosen: Mapping[str, nn.Module], kind: LayerKind,
+    owner: str, argument: str = "layers",
+) -> dict[str, nn.Module]:
+    """The layers whose outputs a callback reads, once a probe forward was watched: with no ``patterns`` the defaults
+    of ``kind`` that run (:func:`running_layers`), else ``chosen`` (the named ones), each of which must have run.
+
+    Raises:
+        ValueError: a named layer that did not run, or no default layer that runs (naming ``owner(argument=...)``).
+    """
+    if patterns is not None:
+        missing = [name for name in chosen if name not in census.ran]
+        if missing:
+            raise ValueError(
+                f"{owner}({argument}=...): {missing} {'was' if len(missing) == 1 else 'were'} not called by the forward "
+                "pass on the probe batch (unused, or read by another module, as nn.MultiheadAttention reads its "
+                f"out_proj's weight), so there is no output to measure; remove {'it' if len(missing) == 1 else 'them'} from `{argument}`."
+            )
+        return dict(chosen)
+    found = running_layers(model, census, kind)
+    if not found:
+        raise ValueError(f"{owner}: no layer of {type(model).__name__} with an output ran on the probe batch; name the layers to use in `{argument}`")
+    return found
+
+
 @contextlib.contextmanager
 def running_statistics(model: nn.Module) -> Iterator[None]:
     """Normalisation layers with running statistics use them inside the block (flags restored after)."""
@@ -137,6 +208,7 @@ def captured_outputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, tor
     (e.g. ``ReLU(inplace=True)``) cannot change what was recorded; gradients flow through the copy. With
     grad enabled, the output of a layer that depends on no trainable parameter (a frozen input layer) is
     recorded as a leaf that requires grad, so the loss can still be differentiated with respect to it.
+    PyTorch's fused transformer fast path is off inside (it would skip the modules it holds, as training does not).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(inplace=True))
@@ -162,7 +234,8 @@ def captured_outputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, tor
 
         handles.append(module.register_forward_hook(hook))
     try:
-        yield store
+        with unfused_transformer_layers():  # PyTorch's fused transformer fast path skips the modules it holds
+            yield store
     finally:
         for h in handles:
             h.remove()

@@ -107,16 +107,3 @@ _ABSENT = object()
 def _no_op(*args: Any, **kwargs: Any) -> None:
     return None
 
-
-class SequenceReduced(nn.Module):
-    """Outputs of ``model`` with a sequence dimension (``(n, T, ...)``, ``ndim >= 3``) reduced over positions."""
-
-    def __init__(self, model: nn.Module, how: str) -> None:
-        super().__init__()
-        self.model, self.how = model, how
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        out = self.model(batch)
-        if out.ndim < 3 or self.how == "all":
-            return out
-        return out.mean(dim=1) if self.how == "mean" else out[:, -1]

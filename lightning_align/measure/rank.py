@@ -17,12 +17,13 @@ Representations are centred over samples before their SVD (a constant offset is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_align.measure.autodiff import call_with_fresh_buffers
-from lightning_align.measure.batch import prediction
+from lightning_align.measure.batch import ModelKwargs, call_model, prediction
 
 
 def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -177,7 +178,9 @@ def representation_ranks(features: torch.Tensor, *, tol: float = 1e-3) -> Repres
     )
 
 
-def jacobian_rank(model: nn.Module, inputs: torch.Tensor, *, tol: float = 1e-3, k: int | None = None) -> tuple[list[int], list[float]]:
+def jacobian_rank(
+    model: nn.Module, inputs: Any, *, tol: float = 1e-3, k: int | None = None, wrt: str | None = None
+) -> tuple[list[int], list[float]]:
     """Numerical rank of the input-output Jacobian at each input, and ``2·Σ_{i≤k} log s_i``.
 
     The rank estimates the bottleneck rank ``R^(0)``; the log pseudo-determinant over the top ``k``
@@ -186,7 +189,10 @@ def jacobian_rank(model: nn.Module, inputs: torch.Tensor, *, tol: float = 1e-3, 
     Args:
         model: maps a batch of inputs to outputs, sample-wise (no cross-sample operations: BatchNorm
             must be in eval mode).
-        inputs: a few probe inputs ``(n, ...)``.
+        inputs: a few probe inputs ``(n, ...)``, or keyword inputs (a :class:`~lightning_align.measure.batch.ModelKwargs`
+            of a Hugging Face batch) differentiated with respect to their entry ``wrt`` (e.g. ``pixel_values``), the
+            other entries (an attention mask) each sample's own. Each sample runs alone (no ``vmap`` over samples).
+        wrt: the entry of keyword ``inputs`` to differentiate.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 4, bias=False))
@@ -202,13 +208,35 @@ def jacobian_rank(model: nn.Module, inputs: torch.Tensor, *, tol: float = 1e-3, 
             f"jacobian_rank needs a sample-wise model, but BatchNorm layers {mixing} are in training mode "
             "(batch statistics mix samples): call model.eval() first to use running statistics."
         )
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    n = len(inputs[wrt]) if wrt is not None else len(inputs)
     ranks, logdets = [], []
-    for x in inputs:
-        jac = torch.func.jacrev(lambda z: prediction(call_with_fresh_buffers(model, params, (z.unsqueeze(0),))).squeeze(0))(x)
-        s = singular_values(jac.reshape(jac.shape[0] if jac.ndim > x.ndim else 1, -1))
+    for i in range(n):
+        caller, x = (model, inputs[i]) if wrt is None else _KeywordInput.of(model, inputs, wrt, i)
+        params = {name: p.detach() for name, p in caller.named_parameters()}
+        jac = torch.func.jacrev(lambda z: prediction(call_with_fresh_buffers(caller, params, (z.unsqueeze(0),))).squeeze(0))(x)
+        s = singular_values(jac.reshape(-1, x.numel()))  # (outputs, inputs), whatever the outputs' shape
         rank = int((s > tol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
         top = s[: (k if k is not None else rank)]
         ranks.append(rank)
         logdets.append(float(2 * top.log().sum()) if top.numel() else 0.0)
     return ranks, logdets
+
+
+class _KeywordInput(nn.Module):
+    """``model`` called on one sample's keyword inputs with the entry ``wrt`` as the (positional) argument."""
+
+    def __init__(self, model: nn.Module, others: ModelKwargs, wrt: str) -> None:
+        super().__init__()
+        self.model, self.others, self.wrt = model, others, wrt
+
+    @classmethod
+    def of(cls, model: nn.Module, inputs: ModelKwargs, wrt: str, i: int) -> tuple[_KeywordInput, torch.Tensor]:
+        """The caller for sample ``i`` and that sample's ``wrt`` entry."""
+        one = ModelKwargs((k, v[i : i + 1] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items())
+        one.labels = None if inputs.labels is None else inputs.labels[i : i + 1]
+        return cls(model, one, wrt), inputs[wrt][i]
+
+    def forward(self, x: torch.Tensor) -> Any:
+        kwargs = ModelKwargs({**self.others, self.wrt: x})
+        kwargs.labels = self.others.labels
+        return call_model(self.model, kwargs)

@@ -19,7 +19,9 @@ How it is computed (faster than the ``vmap(jacrev)`` + einsum recipe of the PyTo
   modules): per-sample Jacobians by ``torch.func`` and a contraction.
 
 Both come from one ``vmap(jacrev)`` pass over samples that differentiates with respect to the generic
-parameters and to zero "probes" added to each structured layer's output; no weight gradient is formed.
+parameters and to zero "probes" added to each structured layer's output; no weight gradient is formed. A
+forward that ``vmap`` cannot run (it branches on values: Hugging Face's attention-mask construction, routed
+mixtures of experts) gets the same factors one sample at a time through plain autograd (:mod:`.unbatched`).
 
 Assumption: no operation mixes samples (BatchNorm must use running statistics, i.e. ``eval()``), and the
 function is deterministic (no active dropout). Both are checked, with a clear error.
@@ -38,8 +40,8 @@ before building anything and refuses what exceeds ``max_memory_gb``, naming the 
 The package, one idea per module: :mod:`.kernel` (the kernel, its product and trace), :mod:`.spectrum` (top
 eigenpairs, exact or matrix-free), :mod:`.summary` (summaries and comparisons of kernels), and the internals
 :mod:`.inspection` (what a model and its inputs allow), :mod:`.plan` (which parameter takes which path, memory
-estimates, Jacobian factors), :mod:`.contraction` (factors into kernel blocks) and :mod:`.operator` (the
-matrix-free operator and the Hutch++ trace).
+estimates, Jacobian factors; :mod:`.unbatched` when ``vmap`` cannot run the forward), :mod:`.contraction`
+(factors into kernel blocks) and :mod:`.operator` (the matrix-free operator and the Hutch++ trace).
 """
 
 from lightning_align.measure.ntk.inspection import check_sample_independent

@@ -195,6 +195,11 @@ def _slice(inputs: Any, lo: int, hi: int) -> Any:
     return map_tensors(inputs, lambda t: t[lo:hi])
 
 
+def _unfold(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A conv layer's input as patches ``(b, C·k·k, L)``: the tokens of its structured Jacobian."""
+    return nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+
+
 def _describe(inputs: Any) -> str:
     shapes = [tuple(t.shape) for t in _leaves(inputs)]
     return f"shape {shapes[0]}" if len(shapes) == 1 else f"shapes {shapes}"

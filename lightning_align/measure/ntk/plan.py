@@ -24,9 +24,11 @@ from lightning_align.measure.ntk.inspection import (
     _select_parameters,
     _slice,
     _structured_candidates,
+    _unfold,
     check_sample_independent,
 )
 from lightning_align.measure.ntk.operator import _KernelOperator
+from lightning_align.measure.ntk.unbatched import cannot_vmap, factors_one_by_one
 from lightning_align.measure.state import map_tensors
 
 #: Kept-graph memory of the matrix-free path in units of the tensors one forward saves for backward
@@ -62,6 +64,7 @@ class _Plan:
         self.dtype = torch.float32
         self.device = torch.device("cpu")
         self.graph_bytes = 0  # what one sample's forward saves for backward
+        self.batched = True  # False once vmap has refused the forward (it branches on values): one sample at a time
 
     @classmethod
     def build(
@@ -145,7 +148,18 @@ class _Plan:
 
     # -- Jacobian factors ---------------------------------------------------------------------------
     def factors(self, inputs: Any, chunk_size: int | None) -> _Factors:
-        """Per-sample generic Jacobians, structured-layer inputs and output gradients (one vmap pass)."""
+        """Per-sample generic Jacobians, structured-layer inputs and output gradients: one vmap pass, or one sample
+        at a time when vmap cannot run the forward (e.g. a Hugging Face attention mask; :mod:`.unbatched`)."""
+        if self.batched:
+            try:
+                return self._factors_vmapped(inputs, chunk_size)
+            except RuntimeError as err:
+                if not cannot_vmap(err):
+                    raise
+                self.batched = False
+        return factors_one_by_one(self, inputs)
+
+    def _factors_vmapped(self, inputs: Any, chunk_size: int | None) -> _Factors:
         model, layers = self.model, self.layers
         generic = {n: p.detach() for n, p in self.generic.items()}
         eps = {name: [torch.zeros(s, dtype=self.dtype, device=self.device) for s in layer.calls] for name, layer in layers.items()}
@@ -183,8 +197,4 @@ class _Plan:
     def operator(self, inputs: Any, traced: bool) -> _KernelOperator:
         """``v -> K v`` by ``J (Λ Jᵀ v)`` on the whole batch, the forward linearised once."""
         return _KernelOperator(self, inputs, traced)
-
-
-def _unfold(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    return nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
 
