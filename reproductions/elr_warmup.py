@@ -26,8 +26,9 @@ width 64) on the embedded 8x8 digits, full-batch plain SGD, three runs from the 
 What it shows (quick and full): the spread closes under the small LR, flips and stays wide above η*; the warm-up
 scales the first step down to η* and then stops, because η*_t jumps far above the target after that one
 step (the first step at η* itself gives the lowest layer an ELR of ``sqrt(spread)`` ≈ 70, so its weight norm
-grows ~70x: the overshoot the paper warns of); afterwards its spread stays mostly below the constant-LR run's,
-but neither run at the target LR trains (the loss stays at chance, ln 10). See docs/papers.md.
+grows ~70x: the overshoot the paper warns of); afterwards its spread reopens, lower than the constant-LR run's on
+geometric mean (the share of steps at which it is lower moves with the seed and even the thread count: the net
+is chaotic), and the warm-up run does not train (the loss stays at chance, ln 10). See docs/papers.md.
 
 JSON keys (``DIR/elr_warmup.json``):
 

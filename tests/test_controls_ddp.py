@@ -37,10 +37,11 @@ CONTROL_TAGS = ("align/control", "elr/warmup_factor")
 
 
 class NormalizedMLP(NetClassifier):
-    """``in -> [Linear -> LayerNorm -> ReLU] x 2 -> Linear``; tiny hidden init and a large LR (so ELRWarmup
-    warms up for a couple of steps), SGD with momentum and a per-step LR schedule."""
+    """``in -> [Linear -> LayerNorm -> ReLU] x 2 -> Linear``; tiny hidden init (weights and biases: they feed the
+    LayerNorm and are scale-invariant together) and a large LR (so ELRWarmup warms up for a couple of steps), SGD
+    with momentum and a per-step LR schedule."""
 
-    def __init__(self, width: int = 32, in_features: int = 8, num_classes: int = 3, lr: float = 2.0, init_scale: float = 0.003) -> None:
+    def __init__(self, width: int = 32, in_features: int = 8, num_classes: int = 3, lr: float = 2.0, init_scale: float = 0.01) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
@@ -51,6 +52,7 @@ class NormalizedMLP(NetClassifier):
         with torch.no_grad():
             for i in (0, 3):
                 self.net[i].weight.mul_(init_scale)
+                self.net[i].bias.mul_(init_scale)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)

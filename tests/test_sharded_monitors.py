@@ -2,8 +2,8 @@
 
 One pair of processes runs every sharded fit of this file in turn (a process start and Lightning's set-up cost
 more than the fits): a fit without callbacks, one with the three monitors, one with ELRWarmup (saving a
-checkpoint after step 2), its resume from that checkpoint, and a fit that RankMonitor(jacobian_points>0) must
-refuse at fit start. The same fits run in one process on the same global
+checkpoint after step 2), its resume from that checkpoint, one with ELRWarmup and EffectiveLR on a zero-initialised
+readout, and a fit that RankMonitor(jacobian_points>0) must refuse at fit start. The same fits run in one process on the same global
 batches (as in test_sharded.py). Checked: every logged value at every step equals the one-process value to 1e-5
 relative (float32 gradients, activations and norms reduced in another order: FSDP's reduce-scatter of two
 half-batch means against one mean over the whole batch; observed differences are below 2e-7), both ranks log
@@ -49,6 +49,17 @@ class SmallInitNet(ShardedNet):
             fully_shard(self, mesh=self.device_mesh["data_parallel"])
 
 
+class ZeroHeadNet(ShardedNet):
+    """ShardedNet with a zero-initialised readout: at init no weight moves the outputs, so only the test at a
+    perturbed point (each rank perturbing its slices) tells net.0 (invariant) from net.3 and the readout (not)."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.5)
+        with torch.no_grad():
+            self.net[5].weight.zero_()
+            self.net[5].bias.zero_()
+
+
 SUITES = {
     "none": lambda: [],
     "monitors": lambda: [
@@ -62,8 +73,9 @@ SUITES = {
         CoordCheck(every_n_steps=1, probe_size=32),
     ],
     "jacobian": lambda: [RankMonitor(every_n_steps=2, probe_size=32, jacobian_points=2)],
+    "zero_head": lambda: [ELRWarmup(probe_size=32), EffectiveLR(every_n_steps=1, probe_size=32)],
 }
-MODELS = {"none": ShardedNet, "monitors": ShardedNet, "warmup": SmallInitNet, "jacobian": ShardedNet}
+MODELS = {"none": ShardedNet, "monitors": ShardedNet, "warmup": SmallInitNet, "jacobian": ShardedNet, "zero_head": ZeroHeadNet}
 
 
 def fit(folder: str, suite: str, sharded: bool, save: str = "", resume: str = "") -> None:
@@ -75,7 +87,7 @@ def fit(folder: str, suite: str, sharded: bool, save: str = "", resume: str = ""
 def sharded_fits(folder: str) -> None:
     """Every sharded fit of this file, one after the other in the same 2 processes."""
     checkpoint = str(Path(folder, "warmup_step2"))  # the warm-up run saved after step 2, then resumed from there
-    for suite in ("none", "monitors", "warmup"):
+    for suite in ("none", "monitors", "warmup", "zero_head"):
         fit(str(Path(folder, suite)), suite, True, save=checkpoint if suite == "warmup" else "")
     fit(str(Path(folder, "warmup_resumed")), "warmup", True, resume=checkpoint)
     try:
@@ -88,7 +100,7 @@ def sharded_fits(folder: str) -> None:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sharded_monitors")
     run_sharded(sharded_fits, str(root / "sharded"), timeout=300)
-    for suite in ("monitors", "warmup"):
+    for suite in ("monitors", "warmup", "zero_head"):
         fit(str(root / "single" / suite), suite, False)
     return root
 
@@ -99,13 +111,13 @@ def read(runs: Path, kind: str, suite: str, rank: int = 0) -> dict[str, Any]:
 
 
 def assert_close(sharded: dict[str, dict[str, float]], single: dict[str, dict[str, float]], rel: float = 1e-5) -> None:
-    """The same tags at the same steps, the values within ``rel`` (relative, or absolute near 0)."""
+    """The same tags at the same steps, the values within ``rel`` (relative, or absolute near 0; NaN where NaN)."""
     assert sharded.keys() == single.keys()
     for step in single:
         assert sharded[step].pop("gathered") == 0, f"a parameter was left gathered at step {step}"
         assert sharded[step].keys() == single[step].keys(), step
         for key, expected in single[step].items():
-            assert sharded[step][key] == pytest.approx(expected, rel=rel, abs=rel), (step, key)
+            assert sharded[step][key] == pytest.approx(expected, rel=rel, abs=rel, nan_ok=True), (step, key)
 
 
 def test_monitors_sharded_equal_one_process_same_on_every_rank_and_leave_training_unchanged(runs: Path) -> None:
@@ -128,6 +140,15 @@ def test_elr_warmup_sharded_takes_the_same_decisions_on_every_rank_as_one_proces
     assert all(f is not None for f in factors) and sum(f < 1 for f in factors) >= 2, factors  # it acted
     assert_close(r0["steps"], single["steps"])
     # training under the warm-up: the same weights as in one process, to float32 reductions in another order
+    assert r0["weights"] == pytest.approx(single["weights"], rel=1e-5, abs=1e-6)
+
+
+def test_a_zero_readout_does_not_fool_the_sharded_scale_invariance_test(runs: Path) -> None:
+    r0, r1, single = read(runs, "sharded", "zero_head"), read(runs, "sharded", "zero_head", 1), read(runs, "single", "zero_head")
+    assert r0["steps"] == r1["steps"] and r0["weights"] == r1["weights"]
+    si = {k: v for k, v in r0["steps"]["0"].items() if k.startswith("elr/si/")}
+    assert si == {"elr/si/net.0": 1.0, "elr/si/net.3": 0.0, "elr/si/net.5": 0.0}  # as in one process
+    assert_close(r0["steps"], single["steps"])
     assert r0["weights"] == pytest.approx(single["weights"], rel=1e-5, abs=1e-6)
 
 

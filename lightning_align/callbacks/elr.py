@@ -48,7 +48,10 @@ class EffectiveLR(MeasurementCallback):
     constant LR closes it over time, but an LR above the *critical* LR ``η* = 1/sqrt(e_max·e_min)``
     (``e_ℓ = ‖g_ℓ‖/‖w_ℓ‖``) flips and widens it (Mehmeti-Göpel & Wand, ICML 2024). Scale-invariant weights
     are found once, before the first step, by scaling each weight (and its bias) on the probe batch
-    with BatchNorm using batch statistics (:func:`~lightning_align.measure.elr.detect_scale_invariance`).
+    with BatchNorm using batch statistics, and again at a perturbed point of the trainable parameters, so that
+    a zero-initialised head, adapter or readout (outputs that depend on no weight at init) cannot make every
+    weight look invariant (:func:`~lightning_align.measure.elr.detect_scale_invariance`; an info line names
+    such weights, a warning those it cannot judge).
 
     Logged after each scheduled optimizer step (weights are copied just before it):
 
@@ -69,7 +72,7 @@ class EffectiveLR(MeasurementCallback):
     weight, once. Under DDP every rank computes the same values (weights and gradients are in sync). Under
     ``ModelParallelStrategy`` (FSDP2, ``DTensor`` parameters) each rank copies only its slices and the
     norms are summed over ranks, one all-reduce per step for the gradients and one for the ELRs; the
-    scale-invariance test scales each rank's slice in place for one forward (and copies it back), and rank 0's
+    scale-invariance test scales (and perturbs) each rank's slices in place for a forward (and copies them back), and rank 0's
     findings are used on every rank.
 
     Args:
@@ -224,6 +227,8 @@ class EffectiveLR(MeasurementCallback):
                 "elr/critical_lr are not). Check the data and the model's initialization."
             )
             self.invariance = {n: ScaleInvariance(("weight",), False, math.nan) for n in self._modules}
+        else:
+            report_invariance("EffectiveLR", type(pl_module).__name__, self.invariance)
         if self.shard_layout is not None:  # the same findings on every rank (computed alike; made sure of here)
             self.invariance = trainer.strategy.broadcast(self.invariance, src=0)
         rows = [[n, "yes" if r.scale_invariant else "no", "+".join(r.params), f"{r.relative_change:.1e}"]
@@ -259,6 +264,26 @@ def outputs_finite(model: nn.Module, batch: Any) -> bool:
         map_tensors(model(batch), lambda t: finite.append(not t.is_floating_point() or bool(torch.isfinite(t).all())) or t)
     reshard(model)  # FSDP2: no gathered parameters left behind by this forward
     return all(finite)
+
+
+def report_invariance(owner: str, model_name: str, found: Mapping[str, ScaleInvariance]) -> None:
+    """Say which weights looked scale-invariant on the probe batch only (info) and which could not be tested (warning)."""
+    hidden = [n for n, r in found.items() if r.hidden]
+    if hidden:
+        rank_zero_info(
+            f"{owner}: {', '.join(hidden)} of {model_name} leave the probe outputs unchanged when scaled only because "
+            "the outputs (nearly) do not depend on them at init (a zero or tiny head, adapter, readout or gate after "
+            "them, or a zero weight); scaled again with the trainable parameters perturbed they change the outputs, so "
+            "they count as not scale-invariant."
+        )
+    unknown = [n for n, r in found.items() if math.isnan(r.relative_change)]
+    if unknown:
+        rank_zero_warn(
+            f"{owner}: cannot tell whether {', '.join(unknown)} of {model_name} are scale-invariant: the probe outputs "
+            "change neither when these weights are scaled nor when every trainable parameter is perturbed, so they "
+            "count as not scale-invariant (no elr/spread, elr/critical_lr or warm-up from them). Check that the "
+            "model's outputs depend on its trainable parameters (requires_grad) on the probe batch."
+        )
 
 
 def sharded_parameters(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:

@@ -23,6 +23,7 @@ from lightning_align.callbacks.elr import (
     grad_scale,
     layer_lrs,
     outputs_finite,
+    report_invariance,
     sharded_parameters,
     tracked_group,
     tracked_modules,
@@ -225,6 +226,7 @@ class ELRWarmup(MeasurementCallback):
                 "training, so its scale-invariant weights cannot be found and the warm-up cannot be set; check the data "
                 "(NaN inputs?) and the model's initialization, or remove ELRWarmup."
             ) from err
+        report_invariance("ELRWarmup", type(pl_module).__name__, found)
         invariant = {n: r for n, r in found.items() if r.scale_invariant}
         if not invariant:
             raise ValueError(

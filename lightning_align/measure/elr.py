@@ -19,7 +19,9 @@ per unit learning rate:
   order of the layers flips (lowest layers get the smallest ELR) and the spread widens again;
 - hyper-parameter-free warm-up: ``η_t = min(η_target, η*_t)``.
 
-Everything here is pure PyTorch; the model is never changed (see :func:`detect_scale_invariance`).
+Which weights are scale-invariant is found by :func:`detect_scale_invariance`
+(:mod:`lightning_align.measure.scale_invariance`, re-exported here). Everything here is pure PyTorch; the model
+is never changed.
 """
 
 from __future__ import annotations
@@ -27,25 +29,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Union
 
 import torch
-from torch import nn
-from torch.func import functional_call
 
-from lightning_align.measure.modules import NORMS_WITH_STATS, is_weight_layer
-from lightning_align.measure.sharded import has_sharded_parameters, is_sharded, local, reshard
-from lightning_align.measure.state import preserved_state
+from lightning_align.measure.scale_invariance import (  # noqa: F401  (re-exported: the ELR API in one module)
+    ScaleInvariance,
+    default_weight_modules,
+    detect_scale_invariance,
+    weight_group,
+)
+from lightning_align.measure.sharded import is_sharded, local
 
 #: A weight: one tensor, or several tensors that scale together (e.g. a weight and its bias).
 WeightLike = Union[torch.Tensor, Sequence[torch.Tensor]]
 #: The sum over ranks of a tensor (every rank calls it), for weights sharded over ranks (FSDP2): e.g.
 #: :meth:`lightning_align.measure.sharded.ShardLayout.all_reduce`.
 SumOverRanks = Callable[[torch.Tensor], torch.Tensor]
-
-_NORMS = (*NORMS_WITH_STATS, nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
-#: ``eps`` of the norm layers during the invariance test (see :func:`detect_scale_invariance`).
-_TEST_EPS = 1e-30
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,217 +268,3 @@ def next_elr(elr: float) -> float:
         (0.5, True)
     """
     return elr / (1.0 + elr * elr)
-
-
-# --------------------------------------------------------------------------------------------------
-# Scale-invariance detection
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ScaleInvariance:
-    """The outcome of scaling one module's weight.
-
-    Attributes:
-        params: attribute names of the module's parameters that form the weight: ``("weight",)`` when
-            the weight alone is scale-invariant (or when nothing is), ``("weight", "bias")`` when only
-            weight and bias together are (a bias before LayerNorm; a bias before BatchNorm cancels).
-        scale_invariant: whether the network function is unchanged by the scaling.
-        relative_change: ``‖f(c·w) - f(w)‖ / ‖f(w)‖`` on the batch for ``params`` (the evidence; for a
-            weight that is not invariant, the smallest change over the scalings tried).
-
-    Example::
-
-        res = detect_scale_invariance(model, x)  # {module name: ScaleInvariance}
-        [name for name, r in res.items() if r.scale_invariant]
-    """
-
-    params: tuple[str, ...]
-    scale_invariant: bool
-    relative_change: float
-
-
-def default_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear/Conv/Embedding modules of ``model`` with a trainable ``weight`` (candidates for ELRs).
-
-    Example:
-        >>> list(default_weight_modules(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))))
-        ['0', '2']
-    """
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if name and is_weight_layer(m) and isinstance(getattr(m, "weight", None), nn.Parameter)
-        and m.weight.requires_grad
-    }
-
-
-def _flat_output(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out.detach().double().flatten()
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        parts = [_flat_output(o) for o in out if isinstance(o, (torch.Tensor, tuple, list, Mapping))]
-        parts = [p for p in parts if p.numel()]
-        if parts:
-            return torch.cat(parts)
-    raise TypeError(f"detect_scale_invariance: the model returned {type(out).__name__}, which holds no tensor")
-
-
-def _rel(a: torch.Tensor, base: torch.Tensor) -> float:
-    scale = float(base.norm())
-    diff = float((a - base).norm())
-    if not math.isfinite(diff):
-        return math.inf
-    return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
-
-
-def detect_scale_invariance(
-    model: nn.Module,
-    inputs: Any,
-    modules: Mapping[str, nn.Module] | None = None,
-    *,
-    factor: float = 2.0,
-    rtol: float = 1e-3,
-) -> dict[str, ScaleInvariance]:
-    """Find the weights whose scale does not change the network function, by a direct numerical test.
-
-    For each module, its ``weight`` is multiplied by ``factor`` and the outputs ``model(inputs)`` are
-    compared with the unscaled ones; if they change, weight and bias are scaled together and compared
-    again. A relative change below ``rtol`` means scale-invariant. This catches what a graph trace
-    would (a norm after the layer, no path around it) and also what it would not (norms reached through
-    reshapes or custom code), at the price of one or two forward passes per module.
-
-    Norm layers use **batch statistics** (train mode) and dropout is off during the test: batch
-    statistics absorb the scale, which is the function SGD optimizes and for which ``g ⊥ w``; with
-    running statistics (eval mode) no weight would be scale-invariant. Flags, buffers, ``.grad`` and RNG
-    streams are restored afterwards; parameters are never written (``torch.func.functional_call``), except
-    those of a model sharded by FSDP2 (``DTensor`` parameters live in FSDP's hooks, which ``functional_call``
-    cannot override): there each rank scales its slice in place for one forward and copies it back
-    (bit-exact), every forward pass being a collective that every rank runs in the same order.
-    During the test the norm layers' ``eps`` is set to ``1e-30`` (and put back): ``eps`` breaks invariance
-    only by about ``eps/var``, which would hide small weights (variance near ``eps``) that training
-    treats as scale-invariant. With ``factor=2``, exact in floating point, an invariant weight then
-    gives (nearly) bit-identical outputs.
-
-    Args:
-        model: a module called as ``model(inputs)``.
-        inputs: a batch of inputs (more than one sample, for BatchNorm).
-        modules: name -> module to test (each with a ``weight`` parameter of ``model``); default every
-            Linear/Conv/Embedding with a trainable weight (:func:`default_weight_modules`).
-        factor: the scale applied (positive, not 1).
-        rtol: largest relative output change counted as invariant.
-
-    Returns:
-        name -> :class:`ScaleInvariance`, in the order of ``modules``.
-
-    Raises:
-        ValueError: bad ``factor``/``rtol``, a module without a ``weight`` parameter of ``model``, or a
-            model whose output is not deterministic (so the test would be meaningless).
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-        >>> found = detect_scale_invariance(net, torch.randn(16, 4))
-        >>> {name: r.scale_invariant for name, r in found.items()}
-        {'0': True, '3': False}
-    """
-    if not (factor > 0 and factor != 1 and math.isfinite(factor)):
-        raise ValueError(f"detect_scale_invariance: factor must be positive and != 1, got {factor}")
-    if not rtol > 0:
-        raise ValueError(f"detect_scale_invariance: rtol must be positive, got {rtol}")
-    modules = default_weight_modules(model) if modules is None else dict(modules)
-    reshard(model)  # FSDP2: every parameter its DTensor slice (a probe before may have left the root gathered)
-    sharded = has_sharded_parameters(model)
-    names_by_id = {id(p): n for n, p in model.named_parameters()}
-    plans: dict[str, list[tuple[tuple[str, ...], list[torch.Tensor]]]] = {}
-    for name, module in modules.items():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or id(weight) not in names_by_id:
-            raise ValueError(
-                f"detect_scale_invariance: module {name!r} ({type(module).__name__}) has no `weight` parameter "
-                f"of {type(model).__name__}; choose modules with a weight"
-            )
-        attrs = [("weight",)]
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, torch.Tensor) and id(bias) in names_by_id:
-            attrs.append(("weight", "bias"))
-        plans[name] = [(a, [getattr(module, k) for k in a]) for a in attrs]
-
-    def output() -> torch.Tensor:
-        try:
-            return _flat_output(model(inputs))
-        finally:
-            if sharded:
-                reshard(model)  # the next forward gathers the (possibly scaled) slices afresh
-
-    def scaled_output(params: list[torch.Tensor]) -> torch.Tensor:
-        if not sharded:
-            overrides = {names_by_id[id(p)]: p.detach() * factor for p in params}
-            return _flat_output(functional_call(model, overrides, (inputs,)))
-        saved = [local(p).detach().clone() for p in params]
-        try:
-            for p in params:
-                local(p).mul_(factor)
-            return output()
-        finally:
-            for p, original in zip(params, saved):
-                local(p).copy_(original)
-
-    results: dict[str, ScaleInvariance] = {}
-    saved_eps = [(m, m.eps) for m in model.modules() if isinstance(m, _NORMS)]
-    try:
-        for m, _ in saved_eps:
-            m.eps = _TEST_EPS
-        with preserved_state(model), torch.no_grad():
-            _test_modes(model)
-            results = _test_plans(output, scaled_output, type(model).__name__, plans, rtol)
-    finally:
-        for m, eps in saved_eps:
-            m.eps = eps
-    return results
-
-
-def _test_modes(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, NORMS_WITH_STATS):
-            m.train(True)
-        elif isinstance(m, nn.modules.dropout._DropoutNd):
-            m.train(False)
-
-
-def _test_plans(
-    output: Callable[[], torch.Tensor],
-    scaled_output: Callable[[list[torch.Tensor]], torch.Tensor],
-    model_name: str,
-    plans: dict[str, list[tuple[tuple[str, ...], list[torch.Tensor]]]],
-    rtol: float,
-) -> dict[str, ScaleInvariance]:
-    results: dict[str, ScaleInvariance] = {}
-    base = output()
-    noise = _rel(output(), base)
-    if noise > rtol / 10:
-        raise ValueError(
-            f"detect_scale_invariance: {model_name} gives different outputs on the same inputs "
-            f"(relative change {noise:.2e}); make the forward deterministic to test scale invariance"
-        )
-    for name, plan in plans.items():
-        smallest = math.inf
-        for attrs, params in plan:
-            change = _rel(scaled_output(params), base)
-            if change <= rtol:
-                results[name] = ScaleInvariance(attrs, True, change)
-                break
-            smallest = min(smallest, change)
-        else:
-            results[name] = ScaleInvariance(("weight",), False, smallest)
-    return results
-
-
-def weight_group(module: nn.Module, result: ScaleInvariance) -> list[torch.Tensor]:
-    """The live tensors of a module's weight as described by ``result.params``.
-
-    Example::
-
-        res = detect_scale_invariance(model, x)
-        tensors = weight_group(model.fc1, res["fc1"])  # [weight] or [weight, bias]
-    """
-    return [getattr(module, k) for k in result.params]
