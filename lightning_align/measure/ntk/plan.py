@@ -28,7 +28,7 @@ from lightning_align.measure.ntk.inspection import (
     check_sample_independent,
 )
 from lightning_align.measure.ntk.operator import _KernelOperator
-from lightning_align.measure.ntk.unbatched import cannot_vmap, factors_one_by_one
+from lightning_align.measure.ntk.unbatched import factors_one_by_one
 from lightning_align.measure.state import map_tensors
 
 #: Kept-graph memory of the matrix-free path in units of the tensors one forward saves for backward
@@ -153,10 +153,12 @@ class _Plan:
         if self.batched:
             try:
                 return self._factors_vmapped(inputs, chunk_size)
-            except RuntimeError as err:
-                if not cannot_vmap(err):
-                    raise
+            except RuntimeError as vmap_error:  # vmap's own refusals have no fixed wording: any error retries unbatched
                 self.batched = False
+                try:
+                    return factors_one_by_one(self, inputs)
+                except Exception as plain_error:  # the forward fails on its own: that is the error to show
+                    raise plain_error from vmap_error
         return factors_one_by_one(self, inputs)
 
     def _factors_vmapped(self, inputs: Any, chunk_size: int | None) -> _Factors:

@@ -1,7 +1,8 @@
 """Per-sample Jacobian factors one sample at a time, for forwards that ``vmap`` cannot run.
 
 ``vmap`` over samples needs a forward that never branches on tensor values; Hugging Face models do when they
-build attention masks (``padding_mask.all()``), and mixtures of experts when they route tokens. Here every sample
+build attention masks (``padding_mask.all()``), mixtures of experts when they route tokens, and recurrent layers
+(``nn.LSTM``/``nn.GRU``) have no batching rule for their fused kernels. Here every sample
 runs as a batch of one through plain autograd: the structured layers' outputs get a fresh zero leaf each call
 (so a layer may run a different number of times, on a different number of tokens, per sample), and one batched
 backward over the ``c`` outputs gives the generic Jacobians and the output gradients. Tokens are padded with zeros
@@ -25,16 +26,6 @@ from lightning_align.measure.state import map_tensors
 
 if TYPE_CHECKING:
     from lightning_align.measure.ntk.plan import _Layer, _Plan
-
-#: Words of the errors ``vmap`` raises on a forward it cannot batch (a branch on values, a dynamic shape).
-_VMAP_ERRORS = ("vmap", "batching rule", "data-dependent", "dynamic shape")
-
-
-def cannot_vmap(err: Exception) -> bool:
-    """Whether ``err`` is ``vmap`` refusing the forward (rather than the forward failing on its own)."""
-    message = str(err).lower()
-    return isinstance(err, RuntimeError) and any(word in message for word in _VMAP_ERRORS)
-
 
 def factors_one_by_one(plan: _Plan, inputs: Any) -> _Factors:
     """The factors of :meth:`_Plan.factors` on ``inputs``, computed sample by sample without ``vmap``."""
