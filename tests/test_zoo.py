@@ -70,11 +70,14 @@ def zoo_run(family: Family) -> ZooRun:
     return _RUNS[family.name]
 
 
-def initial_module(family: Family, dtype: torch.dtype) -> pl.LightningModule:
-    """The module as the fits start it (``fit`` seeds, then builds), in ``dtype`` where the model computes in it."""
+def oracle_dtype(family: Family) -> torch.dtype:
+    return torch.float32 if family.float32_only else torch.float64
+
+
+def initial_module(family: Family) -> pl.LightningModule:
+    """The module as the fits start it (``fit`` seeds, then builds), in the oracles' dtype."""
     pl.seed_everything(0, verbose=False)
-    module = family.module()
-    return module.to(dtype) if dtype == torch.float64 and "mixtral" not in family.name else module
+    return family.module().to(oracle_dtype(family))
 
 
 def in_dtype(batch: Any, dtype: torch.dtype) -> Any:
@@ -114,13 +117,13 @@ def model_outputs(family: Family, model: nn.Module, batch: Any) -> torch.Tensor:
     """The probe outputs NTKSpectrum differentiates: logits, sequence outputs averaged over unpadded positions."""
     if family.kind != "hf":
         return model(batch[0])
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if family.name.startswith("t5"):
-        inputs["decoder_input_ids"] = model._shift_right(batch["labels"])
+    encoder_decoder = model.config.is_encoder_decoder
+    # An encoder-decoder is given its labels: the model makes the decoder inputs itself (and a loss, unused here).
+    inputs = {k: v for k, v in batch.items() if k != "labels" or encoder_decoder}
     logits = model(**inputs).logits
     if logits.ndim < 3:
         return logits
-    mask = batch.get("attention_mask") if not family.name.startswith("t5") else None
+    mask = None if encoder_decoder else batch.get("attention_mask")  # the zoo's decoder targets are unpadded
     if mask is None:
         return logits.mean(dim=1)
     weights = mask.to(logits.dtype)[..., None]
@@ -155,8 +158,8 @@ def test_sharpness_equals_the_dense_float64_hessian(family: Family) -> None:
     run = zoo_run(family)
     sharpness = run.callback(Sharpness)
     measured = run.logger.by_step("sharpness/max_eig")[0]
-    dtype = torch.float32 if "mixtral" in family.name else torch.float64  # grouped expert matmuls take no float64
-    module = initial_module(family, dtype)
+    dtype = oracle_dtype(family)
+    module = initial_module(family)
     probe_mode(module, batchnorm_train=True)
     params = [p for p in module.parameters() if p.requires_grad]
     with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
@@ -171,8 +174,8 @@ def test_ntk_equals_explicit_jacobians(family: Family) -> None:
     run = zoo_run(family)
     ntk = run.callback(NTKSpectrum)
     logged = run.logger.at(0, "ntk/")
-    dtype = torch.float32 if "mixtral" in family.name else torch.float64
-    module = initial_module(family, dtype)
+    dtype = oracle_dtype(family)
+    module = initial_module(family)
     probe_mode(module, batchnorm_train=False)
     params = [p for p in module.parameters() if p.requires_grad]
     with warnings.catch_warnings():

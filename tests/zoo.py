@@ -88,6 +88,18 @@ def pixel_data() -> DictDataset:
     return DictDataset({"pixel_values": data.x, "labels": data.y})
 
 
+def sequence_class_data() -> DictDataset:
+    ids, mask = padded_tokens()
+    return DictDataset({"input_ids": ids, "attention_mask": mask, "labels": ids[:, 0] % 3})
+
+
+def speech_data() -> DictDataset:
+    """Log-mel-like features ``(SAMPLES, 4 bins, 8 frames)`` and 4 target tokens each (a speech recogniser's batch)."""
+    g = torch.Generator().manual_seed(0)
+    return DictDataset({"input_features": torch.randn(SAMPLES, 4, 8, generator=g),
+                        "labels": torch.randint(2, VOCAB, (SAMPLES, 4), generator=g)})
+
+
 def token_class_data() -> PairDataset:
     ids, _ = padded_tokens()
     return PairDataset(ids, ids[:, 0] % 3)
@@ -131,6 +143,8 @@ class Family:
     data: Callable[[], Dataset]
     #: The modules' output is per position (a language model): NTK and rank reduce over positions.
     sequence: bool = False
+    #: The model computes in float32 only (grouped expert matmuls): the oracles run in float32.
+    float32_only: bool = False
 
     def module(self) -> ZooModule:
         return ZooModule(self.build, self.kind)
@@ -239,6 +253,83 @@ def _torchvision_efficientnet() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 3, 1), EfficientNet(setting, dropout=0.1, stochastic_depth_prob=0.1, num_classes=3, last_channel=8))
 
 
+def _distilbert() -> nn.Module:
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    return DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=VOCAB, dim=8, n_layers=1, n_heads=2, hidden_dim=16, max_position_embeddings=SEQ, num_labels=3,
+        dropout=0.1, attention_dropout=0.1, seq_classif_dropout=0.1, pad_token_id=0,
+    ))
+
+
+def _whisper() -> nn.Module:
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    return WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=VOCAB, num_mel_bins=4, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, d_model=8, encoder_ffn_dim=16, decoder_ffn_dim=16, max_source_positions=4,
+        max_target_positions=8, dropout=0.1, decoder_start_token_id=1, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        use_cache=False,
+    ))
+
+
+def _mamba() -> nn.Module:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    return MambaForCausalLM(MambaConfig(
+        vocab_size=VOCAB, hidden_size=8, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=2, use_cache=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=1,
+    ))
+
+
+def _qwen2_moe() -> nn.Module:
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=8, moe_intermediate_size=8, shared_expert_intermediate_size=8,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=SEQ, attention_dropout=0.1, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+    ))
+
+
+def _timm_resnet() -> nn.Module:
+    from timm.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, in_chans=1, stem_width=4, channels=(4, 4, 4, 4),
+                  drop_rate=0.1, drop_path_rate=0.1)
+
+
+def _timm_swin() -> nn.Module:
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=3, embed_dim=8, depths=(1,), num_heads=(2,),
+                           window_size=2, drop_rate=0.1, drop_path_rate=0.1)
+
+
+def _torchvision_swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return nn.Sequential(nn.Conv2d(1, 3, 1), SwinTransformer(
+        patch_size=[2, 2], embed_dim=8, depths=[2], num_heads=[2], window_size=[2, 2], num_classes=3, dropout=0.1,
+        stochastic_depth_prob=0.1,
+    ))
+
+
+class RecurrentClassifier(nn.Module):
+    """Token embeddings through a recurrent layer (``nn.LSTM`` or a 2-layer ``nn.GRU`` with dropout between layers),
+    the last position's state to class logits."""
+
+    def __init__(self, kind: str = "lstm") -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.rnn = nn.LSTM(8, 8, batch_first=True) if kind == "lstm" else nn.GRU(8, 8, 2, batch_first=True, dropout=0.1)
+        self.dropout = nn.Dropout(0.1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.rnn(self.embed(ids))[0][:, -1]))
+
+
 class TorchTransformerClassifier(nn.Module):
     """``nn.TransformerEncoder`` (``nn.MultiheadAttention``, fused fast path in eval mode) over token embeddings,
     mean-pooled to class logits."""
@@ -260,11 +351,20 @@ FAMILIES: tuple[Family, ...] = (
     Family("bert_masked_lm", _bert, "hf", masked_lm_data, sequence=True),
     Family("t5_encoder_decoder", _t5, "hf", seq2seq_data, sequence=True),
     Family("hf_vit", _hf_vit, "hf", pixel_data),
-    Family("mixtral_moe", _mixtral, "hf", causal_lm_data, sequence=True),
+    Family("mixtral_moe", _mixtral, "hf", causal_lm_data, sequence=True, float32_only=True),
+    Family("qwen2_moe_shared_experts", _qwen2_moe, "hf", causal_lm_data, sequence=True, float32_only=True),
+    Family("distilbert_classifier", _distilbert, "hf", sequence_class_data),
+    Family("whisper_speech", _whisper, "hf", speech_data, sequence=True),
+    Family("mamba_ssm", _mamba, "hf", causal_lm_data, sequence=True),
     Family("gpt2_peft_lora", _gpt2_lora, "hf", causal_lm_data, sequence=True),
     Family("timm_convnext", _timm_convnext, "classify", image_data),
     Family("timm_vit", _timm_vit, "classify", image_data),
     Family("torchvision_vit", _torchvision_vit, "classify", image_data),
     Family("torchvision_efficientnet", _torchvision_efficientnet, "classify", image_data),
+    Family("timm_resnet", _timm_resnet, "classify", image_data),
+    Family("timm_swin", _timm_swin, "classify", image_data),
+    Family("torchvision_swin", _torchvision_swin, "classify", image_data),
+    Family("lstm", RecurrentClassifier, "classify", token_class_data),
+    Family("gru", lambda: RecurrentClassifier("gru"), "classify", token_class_data),
     Family("torch_transformer_encoder", TorchTransformerClassifier, "classify", token_class_data),
 )
