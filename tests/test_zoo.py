@@ -4,8 +4,8 @@ For each family (Hugging Face decoders with grouped-query attention tied and unt
 batches, an encoder-decoder, a ViT, a mixture of experts, a PEFT LoRA model, timm and torchvision convnets and
 vision transformers, torch's own ``nn.TransformerEncoder``), with dropout, drop-path and stochastic depth on:
 
-- a fit with every measurement callback at its defaults ends with bit-identical weights and optimizer state to the
-  same fit without them, and every callback logged its headline values at step 0;
+- a fit with every measurement callback at its defaults, and one measuring after every step, end with bit-identical
+  weights and optimizer state to the same fit without them, and every callback logged its headline values at step 0;
 - Sharpness's step-0 ``λmax`` equals the top eigenvalue of the dense float64 Hessian of the training loss on the
   probe (autograd, row by row), to the certified tolerance;
 - NTKSpectrum's step-0 top eigenvalue and trace equal those of ``J Jᵀ`` from explicit Jacobians (one backward per
@@ -141,6 +141,16 @@ def explicit_ntk(outputs: torch.Tensor, params: list[torch.Tensor]) -> torch.Ten
 def test_the_suite_at_defaults_leaves_training_bit_identical(family: Family) -> None:
     run = zoo_run(family)
     assert_same_training_state(run.plain, run.measured)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_measuring_at_every_step_leaves_training_bit_identical(family: Family) -> None:
+    """At the defaults a short fit measures at step 0 only; here every callback measures after every step too."""
+    every_step = [FeatureAlignment(every_n_steps=1, probe_size=8), Sharpness(every_n_steps=1, probe_size=8),
+                  NTKSpectrum(every_n_steps=1, probe_size=4), EffectiveLR(every_n_steps=1, probe_size=8),
+                  RankMonitor(every_n_steps=1, probe_size=8), CoordCheck(every_n_steps=1, probe_size=8)]
+    measured = fit(every_step, family.module, family.loader(), max_steps=STEPS)
+    assert_same_training_state(zoo_run(family).plain, measured)
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)

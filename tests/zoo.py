@@ -295,7 +295,7 @@ def _qwen2_moe() -> nn.Module:
 def _timm_resnet() -> nn.Module:
     from timm.models.resnet import BasicBlock, ResNet
 
-    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, in_chans=1, stem_width=4, channels=(4, 4, 4, 4),
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, in_chans=1, stem_type="deep", stem_width=2, channels=(4, 4, 4, 4),
                   drop_rate=0.1, drop_path_rate=0.1)
 
 
