@@ -18,6 +18,7 @@ from lightning_align.measure.batch import HF_INPUT_KEYS, ModelKwargs, batch_inpu
 from lightning_align.measure.census import matrix_stacks, take_census
 from lightning_align.measure.modules import captured_outputs, layers_on_probe, running_statistics, select_modules, weights_read
 from lightning_align.measure.rank import jacobian_rank, representation_ranks, weight_spectrum
+from lightning_align.measure.sequence import PositionMasks, counted
 from lightning_align.measure.sharded import full
 from lightning_align.schedules import MaxOverhead, ScheduleName
 
@@ -34,8 +35,9 @@ class RankMonitor(MeasurementCallback):
     ``rank/weight_stable/<layer>``, ``rank/weight_above/<layer>`` (singular values > ``threshold``),
     ``rank/weight_near_one/<layer>`` (``|s-1| <= near_one_tol``), ``rank/weight_fro_sq/<layer>``, and the
     spectrum as the TensorBoard histogram ``rank/singular_values/<layer>``. Per representation layer, on
-    the probe batch (centred): ``rank/repr_effective/<layer>`` (entropy rank),
-    ``rank/repr_participation/<layer>``, ``rank/repr_numerical/<layer>``. With ``jacobian_points > 0``:
+    the probe batch (centred; one row per sample, or, for an output per position of a Hugging Face batch's
+    sequence, one row per position that counts, padding left out: "Padded positions" in ``docs/callbacks.md``):
+    ``rank/repr_effective/<layer>`` (entropy rank), ``rank/repr_participation/<layer>``, ``rank/repr_numerical/<layer>``. With ``jacobian_points > 0``:
     ``rank/jacobian_numerical`` and ``rank/jacobian_logdet`` (mean over points).
 
     Cost: one SVD per weight and one forward plus one SVD per representation layer, every ``every_n_steps``.
@@ -161,14 +163,16 @@ class RankMonitor(MeasurementCallback):
             if self.histograms:
                 log_histogram(trainer, tag("rank", "singular_values", name), spec.singular_values)
         model = self.probe_outputs_model(pl_module)
-        with torch.no_grad(), captured_outputs(self._repr_modules) as features:
+        positions = PositionMasks(pl_module, batch, owner="RankMonitor")
+        with torch.no_grad(), captured_outputs(self._repr_modules) as features, positions.watching(self._repr_modules):
             outputs = model(batch)
         self._check_features(features, batch_size_of(batch))
         for name in self._repr_modules:
-            if not _finite(features[name]):
+            rows = counted(features[name], positions.of(name, features[name]))  # a row per counted position, or sample
+            if not _finite(rows):
                 metrics.update({tag("rank", what, name): math.nan for what in _REPR_TAGS})
                 continue
-            ranks = representation_ranks(features[name].float(), tol=self.repr_tol)
+            ranks = representation_ranks(rows.float(), tol=self.repr_tol)
             metrics[tag("rank", "repr_effective", name)] = ranks.effective_rank
             metrics[tag("rank", "repr_participation", name)] = ranks.participation_ratio
             metrics[tag("rank", "repr_numerical", name)] = ranks.numerical_rank
