@@ -147,6 +147,14 @@ class RankMonitor(MeasurementCallback):
             census, _ = take_census(pl_module, lambda: model(batch))
         if self.weights is None:  # the weights the forward reads (a tied one once), and the experts' stacks
             self._weight_modules, self._stacks = weights_read(pl_module, census), dict(census.stacks)
+            covered = {id(m.weight) for m in self._weight_modules.values()} | {id(p) for p in self._stacks.values()}
+            left = [n for n, p in pl_module.named_parameters() if p.ndim >= 2 and id(p) in census.read and id(p) not in covered]
+            if left:
+                rank_zero_info(
+                    f"RankMonitor: {left} of {type(pl_module).__name__} are read on the probe batch but are neither a layer's "
+                    "weight matrix nor a stack of matrices (e.g. nn.MultiheadAttention's in_proj_weight, a position "
+                    "embedding): no weight spectrum for them."
+                )
         self._repr_modules = layers_on_probe(pl_module, census, self.layers, self._repr_modules, "weights", owner="RankMonitor")
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
