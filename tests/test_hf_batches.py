@@ -191,11 +191,13 @@ def test_encoder_decoder_batches_reach_every_callback_with_right_values() -> Non
     handle = model.get_submodule(layer.removeprefix("model.")).register_forward_hook(lambda _m, _i, out: feats.update(h=out))
     with torch.no_grad():
         model(**coord.probe_batch)  # the model makes its decoder inputs from the labels itself
-    handle.remove()
-    assert step0[f"coord/rms/{layer}"] == pytest.approx(float(feats["h"].pow(2).mean().sqrt()), rel=1e-5)
+    counted = feats["h"][coord.probe_batch["labels"] != -100]  # a decoder layer: the positions its labels count
+    assert step0[f"coord/rms/{layer}"] == pytest.approx(float(counted.pow(2).mean().sqrt()), rel=1e-5)
     with torch.no_grad():
         model(**rank.probe_batch)
-    assert step0[f"rank/repr_effective/{layer}"] == pytest.approx(representation_ranks(feats["h"]).effective_rank, rel=1e-5)
+    handle.remove()
+    counted = feats["h"][rank.probe_batch["labels"] != -100]  # one row per counted position
+    assert step0[f"rank/repr_effective/{layer}"] == pytest.approx(representation_ranks(counted).effective_rank, rel=1e-5)
 
     double = copy.deepcopy(init.model).double().eval()
     grads = torch.autograd.grad(double(**align.probe_batch).loss, list(double.parameters()))

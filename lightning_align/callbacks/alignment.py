@@ -28,7 +28,7 @@ from lightning_align.measure.alignment import FeatureSpeedResults, feature_speed
 from lightning_align.measure.census import take_census
 from lightning_align.measure.modules import captured_outputs, layers_on_probe, select_modules
 from lightning_align.measure.optim import learning_rates_by_parameter
-from lightning_align.measure.sharded import ShardLayout, local
+from lightning_align.measure.sharded import ShardLayout, local, reshard
 from lightning_align.schedules import MaxOverhead, ScheduleName
 
 PREFIX = "module."  # parameter names of ProbeLoss / ProbeOutputs carry it
@@ -74,6 +74,7 @@ def feature_layers_on_probe(
     the default ``"features"`` layers that run on the probe and whose outputs reach the loss (one forward watched,
     then one forward and backward; the others named in one info line)."""
     census, _ = take_census(pl_module, lambda: loss_model(batch))
+    reshard(pl_module)  # FSDP2: no gathered parameters left behind by this forward (the next one writes the slices)
     layers = layers_on_probe(pl_module, census, patterns, chosen, "features", owner=owner)
     if patterns is not None or layout is not None:  # FSDP2: no backward outside the training step
         return layers

@@ -16,6 +16,7 @@ from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS, read_tens
 from lightning_align.logging import tag
 from lightning_align.measure.census import take_census
 from lightning_align.measure.modules import captured_outputs, layers_on_probe, select_modules
+from lightning_align.measure.sequence import PositionMasks, counted
 from lightning_align.schedules import MaxOverhead, ScheduleName
 
 
@@ -33,6 +34,10 @@ class CoordCheck(MeasurementCallback):
     - ``coord/l1/<layer>``: ``mean |h_t|`` (mup's statistic);
     - ``coord/delta/<layer>``: ``‖h_t − h_0‖ / ‖h_0‖`` with ``h_0`` the output at the first measurement
       (kept in the callback's state, so it survives a resume).
+
+    On a padded Hugging Face batch the statistics are over the positions that count (``attention_mask``; an
+    encoder-decoder's decoder: ``decoder_attention_mask`` or the ``labels`` other than ``-100``), padding left out:
+    see "Padded positions" in ``docs/callbacks.md``.
 
     Cost: one forward pass on the probe batch every ``every_n_steps``; ``h_0`` is kept in memory
     (probe size × layer width floats per layer).
@@ -109,7 +114,8 @@ class CoordCheck(MeasurementCallback):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
         model = self.probe_outputs_model(pl_module)
-        with torch.no_grad(), captured_outputs(self._modules) as features:
+        positions = PositionMasks(pl_module, batch, owner="CoordCheck")
+        with torch.no_grad(), captured_outputs(self._modules) as features, positions.watching(self._modules):
             model(batch)
         metrics: dict[str, torch.Tensor] = {}
         for name in self._modules:
@@ -117,7 +123,7 @@ class CoordCheck(MeasurementCallback):
                 raise RuntimeError(
                     f"CoordCheck(layers=...): layer {name!r} did not run in the forward pass on the probe batch; remove it from `layers`"
                 )
-            h = features[name].detach().float()
+            h = counted(features[name].detach().float(), positions.of(name, features[name]))  # padding left out
             h0 = self._h0.get(name)
             if h0 is not None and h0.shape != h.shape:  # e.g. a checkpoint saved without its settings
                 rank_zero_warn(

@@ -20,6 +20,7 @@ from lightning_align.figures import layer_profile
 from lightning_align.logging import log_figure, log_scalars, log_text, markdown_table, tag, tensorboard_writers
 from lightning_align.measure.elr import (
     ScaleInvariance,
+    WeightSpec,
     critical_lr,
     default_weight_modules,
     detect_scale_invariance,
@@ -28,6 +29,7 @@ from lightning_align.measure.elr import (
     grad_weight_ratios,
     weight_group,
 )
+from lightning_align.measure.scale_invariance import bias_name, module_weights, weight_of
 from lightning_align.measure.modules import select_modules
 from lightning_align.measure.optim import learning_rates_by_parameter
 from lightning_align.measure.sharded import local, reshard
@@ -79,8 +81,11 @@ class EffectiveLR(MeasurementCallback):
         every_n_steps: measure every this many optimizer steps (each measurement covers the one step
             before it). The default (50) is sparse enough to leave on (measured shares: README, "Speed and
             overhead"); use 1 to follow every step.
-        weights: module names or regexes whose ``weight`` is tracked (default: every Linear/Conv/Embedding
-            with a trainable weight).
+        weights: module names or regexes whose weights are tracked: each module's trainable ``weight`` and its other
+            trainable parameters of two or more dimensions (default: every trainable weight of a Linear/Conv/Embedding/
+            ``Conv1D`` layer or router, and every other trainable parameter of two or more dimensions, such as a stack of
+            expert matrices ``(E, out, in)``, logged whole as ``elr/<module>.<parameter>``; see "Which weights" in
+            ``docs/callbacks.md``).
         figure_every: draw the ELR profile figure every this many measurements (0, the default: never).
         scale_factor: factor used by the scale-invariance test.
         invariance_rtol: largest relative output change that still counts as scale-invariant.
@@ -143,7 +148,7 @@ class EffectiveLR(MeasurementCallback):
         self.figure_every = figure_every
         self.scale_factor = scale_factor
         self.invariance_rtol = invariance_rtol
-        self._modules: dict[str, nn.Module] = {}
+        self._modules: dict[str, WeightSpec] = {}
         self._sharded_params: dict[str, dict[str, torch.Tensor]] = {}
         self.invariance: dict[str, ScaleInvariance] | None = None
         self._before: dict[str, list[torch.Tensor]] | None = None
@@ -226,7 +231,7 @@ class EffectiveLR(MeasurementCallback):
                 "tested: every tracked weight counts as not scale-invariant (elr/<layer> is logged, elr/spread and "
                 "elr/critical_lr are not). Check the data and the model's initialization."
             )
-            self.invariance = {n: ScaleInvariance(("weight",), False, math.nan) for n in self._modules}
+            self.invariance = {n: ScaleInvariance((weight_of(s)[1],), False, math.nan) for n, s in self._modules.items()}
         else:
             report_invariance("EffectiveLR", type(pl_module).__name__, self.invariance)
         if self.shard_layout is not None:  # the same findings on every rank (computed alike; made sure of here)
@@ -286,21 +291,22 @@ def report_invariance(owner: str, model_name: str, found: Mapping[str, ScaleInva
         )
 
 
-def sharded_parameters(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    """Each tracked module's ``weight`` and ``bias`` as the sharded (``DTensor``) parameters the optimizer holds.
+def sharded_parameters(modules: Mapping[str, WeightSpec]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each tracked weight and its bias as the sharded (``DTensor``) parameters the optimizer holds.
 
     Read at fit start, when every parameter is its slice: FSDP2 swaps a module's attributes for the gathered
     tensors during a forward pass (and keeps the root module's gathered after a forward without backward),
     so ``module.weight`` read later could be the whole tensor on every rank.
     """
-    return {
-        n: {k: t for k in ("weight", "bias") if isinstance(t := getattr(m, k, None), torch.Tensor)}
-        for n, m in modules.items()
-    }
+    found = {}
+    for n, spec in modules.items():
+        module, attr = weight_of(spec)
+        found[n] = {k: t for k in (attr, bias_name(attr)) if isinstance(t := getattr(module, k, None), torch.Tensor)}
+    return found
 
 
 def tracked_group(
-    module: nn.Module, result: ScaleInvariance, sharded: Mapping[str, torch.Tensor] | None = None
+    module: WeightSpec, result: ScaleInvariance, sharded: Mapping[str, torch.Tensor] | None = None
 ) -> list[torch.Tensor]:
     """The tensors of a tracked weight (:func:`~lightning_align.measure.elr.weight_group`); under FSDP2 the
     sharded parameters recorded by :func:`sharded_parameters`."""
@@ -318,18 +324,29 @@ def check_invariance_test_args(owner: Any, scale_factor: float) -> None:
         )
 
 
-def tracked_modules(model: nn.Module, patterns: list[str] | None, owner: str) -> dict[str, nn.Module]:
-    """Modules whose weights are tracked: the named ones (each must have a trainable ``weight``) or the default."""
+def tracked_modules(model: nn.Module, patterns: list[str] | None, owner: str) -> dict[str, WeightSpec]:
+    """The weights tracked: those of the named modules (each must hold a trainable ``weight`` or a trainable parameter
+    of two or more dimensions, such as a stack of expert matrices) or the default ones (:func:`default_weight_modules`)."""
     if patterns is None:
         chosen = default_weight_modules(model)
         if not chosen:
-            raise ValueError(f"{owner}: {type(model).__name__} has no Linear/Conv/Embedding layer with a trainable weight")
+            raise ValueError(
+                f"{owner}: {type(model).__name__} has no trainable weight (of a Linear/Conv/Embedding layer, or a parameter "
+                "of two or more dimensions)"
+            )
         return chosen
-    chosen = select_modules(model, patterns, "weights", owner=owner)
-    bad = [n for n, m in chosen.items() if not (isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.requires_grad)]
+    tracked: dict[str, WeightSpec] = {}
+    bad = []
+    for name, module in select_modules(model, patterns, "weights", owner=owner).items():
+        found = module_weights(name, module)
+        tracked.update(found)
+        bad += [] if found else [name]
     if bad:
-        raise ValueError(f"{owner}: modules {bad} of {type(model).__name__} have no trainable `weight` parameter")
-    return chosen
+        raise ValueError(
+            f"{owner}: modules {bad} of {type(model).__name__} have no trainable `weight` parameter (nor a trainable "
+            "parameter of two or more dimensions, such as a stack of expert matrices); name modules that hold one"
+        )
+    return tracked
 
 
 def layer_lrs(optimizers: list[torch.optim.Optimizer], groups: Mapping[str, list[torch.Tensor]]) -> dict[str, float]:

@@ -22,7 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from typing_extensions import override
 
 from lightning_align.arguments import Bound, Count, Name, NonEmpty, Patterns, PositiveFloat, Seed
-from lightning_align.callbacks.alignment import PREFIX, measure_speeds, real_update, snapshot_trainable
+from lightning_align.callbacks.alignment import PREFIX, feature_layers_on_probe, measure_speeds, real_update, snapshot_trainable
 from lightning_align.measure.modules import select_modules
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS, describe, refusal
@@ -71,8 +71,10 @@ class FeatureSpeedControl(MeasurementCallback):
         target_speed: wanted ``‖δf‖_rms/‖f‖_rms`` per step: one value for every layer, or one per selected
             layer (in model order).
         every_n_steps: update the multipliers every this many optimizer steps.
-        layers: module names or regexes whose outputs are the controlled features (default: every Linear/Conv and
-            attention block).
+        layers: module names or regexes whose outputs are the controlled features, each of which must run on the probe
+            batch (default: every Linear/Conv/``Conv1D`` layer, attention block and mixture-of-experts block that runs on
+            the probe batch and whose output reaches the loss, as :class:`FeatureAlignment`'s; see "Which layers" in
+            ``docs/callbacks.md``). The layers controlled are saved with the plan in checkpoints.
         min_multiplier, max_multiplier: clipping range of the multipliers (relative to the scheduled lr).
         smoothing: in ``[0, 1)``: weight of the old multiplier (geometric EMA). 0 applies the formula's value
             at once, which can oscillate in deep layers (their ``cos θ`` changes with the multipliers of the
@@ -135,17 +137,15 @@ class FeatureSpeedControl(MeasurementCallback):
         self._optimizers: dict[int, torch.optim.Optimizer] = {}  # id(optimizer) -> the optimizer controlled
         self._handles: list[Any] = []
         self._before: dict[str, torch.Tensor] | None = None
+        self._plan_layers: list[str] | None = None  # the layers of a restored plan
 
     # ----------------------------------------------------------------------------------------------
     # Setup: layers, the per-layer plan, optimizer groups
     # ----------------------------------------------------------------------------------------------
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layers = select_modules(pl_module, self.layers, "features", owner="FeatureSpeedControl(layers=...)")
-        if len(self._targets) not in (1, len(self._layers)):
-            raise ValueError(
-                f"FeatureSpeedControl(target_speed=...): {len(self._targets)} targets for {len(self._layers)} layers "
-                f"{list(self._layers)}; give one value or one per layer"
-            )
+        if self.layers is not None:  # the default layers are known once the probe forward is watched (prepare)
+            self._check_targets()
         if not trainer.optimizers:
             raise ValueError("FeatureSpeedControl: the LightningModule configures no optimizer; there is no learning rate to set")
 
@@ -163,9 +163,14 @@ class FeatureSpeedControl(MeasurementCallback):
             # the optimizer state is in already (per parameter, so it survives the split); keep the multipliers
             self._check_plan(pl_module)
             self._split_groups(trainer, pl_module)
-        if not self._group_layer:  # a fresh fit: which parameters move which layer, then one group per layer
-            res = measure_speeds(self.probe_loss_model(pl_module), batch, self._layers, self.shard_layout, lr=0.0)
-            self.plan = _ownership(res)
+        if not self._group_layer:  # a fresh fit: the layers that run, which parameters move which, one group per layer
+            loss_model = self.probe_loss_model(pl_module)
+            self._layers = feature_layers_on_probe(
+                pl_module, loss_model, batch, self.layers, self._layers, "FeatureSpeedControl", self.shard_layout
+            )
+            res = measure_speeds(loss_model, batch, self._layers, self.shard_layout, lr=0.0, owner="FeatureSpeedControl")
+            self.plan = self._plan(res)
+            self._check_targets()
             self.multipliers = [1.0] * len(self.plan)
             self._split_groups(trainer, pl_module)
 
@@ -177,7 +182,43 @@ class FeatureSpeedControl(MeasurementCallback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
 
+    def _plan(self, res: FeatureSpeedResults) -> list[list[str]]:
+        """The parameters each layer owns; a default layer that owns none (its output is that of a layer inside it, as
+        an attention block's is its output projection's) is left out with an info line, a named one refused."""
+        owned = _ownership(res)
+        empty = [name for name, mine in zip(res, owned) if not mine]
+        if empty and self.layers is not None:
+            raise ValueError(
+                f"FeatureSpeedControl(layers=...): layer {empty[0]!r} has no parameters of its own (all its upstream "
+                "parameters belong to earlier layers), so its speed cannot be set; remove it from `layers`"
+            )
+        if empty:
+            rank_zero_info(
+                f"FeatureSpeedControl: the default layers {empty} have no parameters of their own (every parameter upstream "
+                "of them is upstream of an earlier layer, e.g. a block whose output is its last layer's), so their speed "
+                "cannot be set apart; they are not controlled."
+            )
+            self._layers = {n: m for n, m in self._layers.items() if n not in empty}
+        return [mine for mine in owned if mine]
+
+    def _check_targets(self) -> None:
+        if len(self._targets) not in (1, len(self._layers)):
+            default = " (the default layers that run on the probe batch and reach the loss)" if self.layers is None else ""
+            raise ValueError(
+                f"FeatureSpeedControl(target_speed=...): {len(self._targets)} targets for {len(self._layers)} layers "
+                f"{list(self._layers)}{default}; give one value or one per layer"
+            )
+
     def _check_plan(self, pl_module: nn.Module) -> None:
+        if self._plan_layers is not None:  # the layers the plan was made for (the defaults: narrowed on the probe)
+            modules = dict(pl_module.named_modules())
+            unknown = [n for n in self._plan_layers if n not in modules]
+            if unknown:
+                raise ValueError(
+                    f"FeatureSpeedControl: the checkpoint controls layers {unknown} that this model does not have; "
+                    "resume with the model of the checkpoint, or start a new fit."
+                )
+            self._layers = {n: modules[n] for n in self._plan_layers}
         names = {n for n, _ in pl_module.named_parameters()}
         missing = sorted({n for group in self.plan or [] for n in group} - names)
         if missing or len(self.plan or []) != len(self._layers):
@@ -285,12 +326,17 @@ class FeatureSpeedControl(MeasurementCallback):
         return math.nan
 
     def extra_state(self) -> dict[str, Any]:
-        return {"plan": self.plan, "multipliers": list(self.multipliers)}
+        layers = list(self._layers) if self.plan is not None else None
+        return {"plan": self.plan, "multipliers": list(self.multipliers), "plan_layers": layers}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         plan, multipliers = state.get("plan"), state.get("multipliers", [])
         if plan is not None and not (isinstance(plan, list) and all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in plan)):
             raise refusal(self, "plan", plan, "a list of parameter-name lists, one per layer")
+        layers = state.get("plan_layers")  # absent in checkpoints of older versions: the layers selected at fit start
+        if layers is not None and not (isinstance(layers, list) and all(isinstance(n, str) for n in layers) and len(layers) == len(plan or [])):
+            raise refusal(self, "plan_layers", layers, f"a list of {len(plan or [])} layer names, one per layer of the plan")
+        self._plan_layers = layers
         if not isinstance(multipliers, list) or len(multipliers) != len(plan or multipliers):
             raise refusal(self, "multipliers", multipliers, f"a list of {len(plan or [])} numbers, one per layer of the plan")
         low, high = self.min_multiplier, self.max_multiplier
@@ -317,18 +363,13 @@ class FeatureSpeedControl(MeasurementCallback):
 
 
 def _ownership(res: FeatureSpeedResults) -> list[list[str]]:
-    """Layer ``ℓ`` owns the parameters upstream of it and of no earlier layer (layers ordered by depth)."""
+    """Layer ``ℓ`` owns the parameters upstream of it and of no earlier layer (layers ordered by depth; none: empty)."""
     names = list(res)
     order = _depth_order(res)
     owned: list[list[str]] = [[] for _ in names]
     taken: set[str] = set()
     for i in order:
         mine = [p for p in res[names[i]].upstream if p not in taken]
-        if not mine:
-            raise ValueError(
-                f"FeatureSpeedControl: layer {names[i]!r} has no parameters of its own (all its upstream parameters "
-                "belong to earlier layers), so its speed cannot be set; remove it from `layers`"
-            )
         taken.update(mine)
         owned[i] = [p[len(PREFIX):] for p in mine]
     return owned

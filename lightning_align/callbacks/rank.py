@@ -18,6 +18,7 @@ from lightning_align.measure.batch import HF_INPUT_KEYS, ModelKwargs, batch_inpu
 from lightning_align.measure.census import matrix_stacks, take_census
 from lightning_align.measure.modules import captured_outputs, layers_on_probe, running_statistics, select_modules, weights_read
 from lightning_align.measure.rank import jacobian_rank, representation_ranks, weight_spectrum
+from lightning_align.measure.sequence import PositionMasks, counted
 from lightning_align.measure.sharded import full
 from lightning_align.schedules import MaxOverhead, ScheduleName
 
@@ -34,8 +35,9 @@ class RankMonitor(MeasurementCallback):
     ``rank/weight_stable/<layer>``, ``rank/weight_above/<layer>`` (singular values > ``threshold``),
     ``rank/weight_near_one/<layer>`` (``|s-1| <= near_one_tol``), ``rank/weight_fro_sq/<layer>``, and the
     spectrum as the TensorBoard histogram ``rank/singular_values/<layer>``. Per representation layer, on
-    the probe batch (centred): ``rank/repr_effective/<layer>`` (entropy rank),
-    ``rank/repr_participation/<layer>``, ``rank/repr_numerical/<layer>``. With ``jacobian_points > 0``:
+    the probe batch (centred; one row per sample, or, for an output per position of a Hugging Face batch's
+    sequence, one row per position that counts, padding left out: "Padded positions" in ``docs/callbacks.md``):
+    ``rank/repr_effective/<layer>`` (entropy rank), ``rank/repr_participation/<layer>``, ``rank/repr_numerical/<layer>``. With ``jacobian_points > 0``:
     ``rank/jacobian_numerical`` and ``rank/jacobian_logdet`` (mean over points).
 
     Cost: one SVD per weight and one forward plus one SVD per representation layer, every ``every_n_steps``.
@@ -145,6 +147,14 @@ class RankMonitor(MeasurementCallback):
             census, _ = take_census(pl_module, lambda: model(batch))
         if self.weights is None:  # the weights the forward reads (a tied one once), and the experts' stacks
             self._weight_modules, self._stacks = weights_read(pl_module, census), dict(census.stacks)
+            covered = {id(m.weight) for m in self._weight_modules.values()} | {id(p) for p in self._stacks.values()}
+            left = [n for n, p in pl_module.named_parameters() if p.ndim >= 2 and id(p) in census.read and id(p) not in covered]
+            if left:
+                rank_zero_info(
+                    f"RankMonitor: {left} of {type(pl_module).__name__} are read on the probe batch but are neither a layer's "
+                    "weight matrix nor a stack of matrices (e.g. nn.MultiheadAttention's in_proj_weight, a position "
+                    "embedding): no weight spectrum for them."
+                )
         self._repr_modules = layers_on_probe(pl_module, census, self.layers, self._repr_modules, "weights", owner="RankMonitor")
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
@@ -161,14 +171,16 @@ class RankMonitor(MeasurementCallback):
             if self.histograms:
                 log_histogram(trainer, tag("rank", "singular_values", name), spec.singular_values)
         model = self.probe_outputs_model(pl_module)
-        with torch.no_grad(), captured_outputs(self._repr_modules) as features:
+        positions = PositionMasks(pl_module, batch, owner="RankMonitor")
+        with torch.no_grad(), captured_outputs(self._repr_modules) as features, positions.watching(self._repr_modules):
             outputs = model(batch)
         self._check_features(features, batch_size_of(batch))
         for name in self._repr_modules:
-            if not _finite(features[name]):
+            rows = counted(features[name], positions.of(name, features[name]))  # a row per counted position, or sample
+            if not _finite(rows):
                 metrics.update({tag("rank", what, name): math.nan for what in _REPR_TAGS})
                 continue
-            ranks = representation_ranks(features[name].float(), tol=self.repr_tol)
+            ranks = representation_ranks(rows.float(), tol=self.repr_tol)
             metrics[tag("rank", "repr_effective", name)] = ranks.effective_rank
             metrics[tag("rank", "repr_participation", name)] = ranks.participation_ratio
             metrics[tag("rank", "repr_numerical", name)] = ranks.numerical_rank

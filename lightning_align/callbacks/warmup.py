@@ -9,7 +9,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 
 from typing_extensions import override
 
@@ -28,7 +27,7 @@ from lightning_align.callbacks.elr import (
     tracked_group,
     tracked_modules,
 )
-from lightning_align.measure.elr import ScaleInvariance, critical_lr, detect_scale_invariance, grad_weight_ratios
+from lightning_align.measure.elr import ScaleInvariance, WeightSpec, critical_lr, detect_scale_invariance, grad_weight_ratios
 from lightning_align.measure.sharded import ShardLayout, local
 
 
@@ -62,8 +61,8 @@ class ELRWarmup(MeasurementCallback):
 
     Args:
         every_n_steps: how often to log the factor (the warm-up itself acts at every step).
-        weights: module names or regexes among which scale-invariant weights are sought (default: every
-            Linear/Conv/Embedding with a trainable weight).
+        weights: module names or regexes among which scale-invariant weights are sought (default: every trainable
+            weight, stacks of expert matrices included, as in :class:`EffectiveLR`).
         scale_factor, invariance_rtol: the scale-invariance test (see :class:`EffectiveLR`).
         probe_size, probe_seed, name: shared by every callback; see "Arguments every callback shares" in
             ``docs/callbacks.md`` (the probe batch is used only by the scale-invariance test).
@@ -111,7 +110,7 @@ class ELRWarmup(MeasurementCallback):
         self.done = False
         self.factor = math.nan
         self._final_logged = False
-        self._modules: dict[str, nn.Module] = {}
+        self._modules: dict[str, WeightSpec] = {}
         self._sharded_params: dict[str, dict[str, torch.Tensor]] = {}
         self._invariant: dict[str, ScaleInvariance] | None = None
         self._scaled: list[tuple[dict[str, Any], float, float]] = []

@@ -44,6 +44,7 @@ from torch.func import functional_call, jvp, vjp
 from lightning_align.measure.autodiff import batch_statistics_without_update, math_attention
 from lightning_align.measure.batch import batch_inputs, batch_targets
 from lightning_align.measure.modules import captured_outputs, select_modules
+from lightning_align.measure.sequence import PositionMasks, counted
 from lightning_align.measure.sharded import ShardLayout, local, reshard
 from lightning_align.measure.state import preserved_state
 
@@ -80,7 +81,8 @@ class FeatureSpeed:
         feature_rms: ``‖f‖_rms``.
         update_rms: ``‖δf‖_rms``.
         backward_norm: ``‖b‖`` (Euclidean norm of ``dL/df`` over the whole batch).
-        numel: number of entries of ``f`` on the batch (the RMS denominator is its square root).
+        numel: number of entries of ``f`` on the batch (the RMS denominator is its square root); on a padded Hugging
+            Face batch every quantity is over the positions that count (:class:`~lightning_align.measure.sequence.PositionMasks`).
         upstream: names of the parameters upstream of ``f`` (those counted in ``loss_decrease``).
 
     Example::
@@ -191,6 +193,7 @@ def feature_speed(
         True
     """
     mods = resolve_modules(model, modules, owner=f"{owner}({argument}=...)")
+    positions = PositionMasks(model, batch, owner=owner)
     names = _param_names(model)
     _check_names(update, names, "update")
     _check_names(params, names, "params")
@@ -200,7 +203,7 @@ def feature_speed(
         trainable = [n for n in point if _trainable(model, n)]
         leaves = {n: (point[n].detach().requires_grad_(True) if n in trainable else point[n].detach()) for n in point}
         buffers = dict(model.named_buffers())
-        with captured_outputs(mods) as feats:
+        with captured_outputs(mods) as feats, positions.watching(mods):
             loss = _loss(functional_call(model, {**leaves, **buffers}, (_model_input(loss_fn, batch),)), loss_fn, batch)
         _check_captured(mods, feats, owner, argument)
         f = [feats[n] for n in mods]
@@ -222,7 +225,7 @@ def feature_speed(
     results.loss_decrease = float(sum(param_dec.values()))
     results.param_loss_decrease = param_dec
     for name, fi, bi, dfi, up in zip(mods, f, backs, dfs, upstream):
-        results[name] = _speed(fi.detach(), bi, dfi, sum(param_dec[n] for n in up), tuple(up))
+        results[name] = _speed(*_counted(positions, name, fi.detach(), bi, dfi), sum(param_dec[n] for n in up), tuple(up))
     return results
 
 
@@ -279,6 +282,7 @@ def finite_difference_feature_speed(
         owner, argument: as in :func:`feature_speed`.
     """
     mods = resolve_modules(model, modules, owner=f"{owner}({argument}=...)")
+    positions = PositionMasks(model, batch, owner=owner)
     named = dict(model.named_parameters())
     _check_names(update, set(named), "update")
     _check_names(params, set(named), "params")
@@ -298,7 +302,7 @@ def finite_difference_feature_speed(
             for n in trainable:
                 named[n].grad = None
             leaves: dict[int, str] = {}
-            with captured_outputs(mods) as feats, _leaf_names(model, leaves):
+            with captured_outputs(mods) as feats, _leaf_names(model, leaves), positions.watching(mods):
                 loss = model(batch)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("feature_speed: the loss must be a scalar tensor (a mean over the batch)")
@@ -346,7 +350,7 @@ def finite_difference_feature_speed(
     results.param_loss_decrease = param_dec
     rough = []
     for name, fi, bi, dfi, up, spread in zip(mods, f, backs, dfs, upstream, spreads):
-        results[name] = _speed(fi.detach(), bi.detach(), dfi, sum(param_dec[n] for n in up), tuple(up))
+        results[name] = _speed(*_counted(positions, name, fi.detach(), bi.detach(), dfi), sum(param_dec[n] for n in up), tuple(up))
         if spread > FD_SPREAD_LIMIT:  # the difference quotient has not converged: no value rather than a wrong one
             rough.append(f"{name} ({spread:.1e})")
             results[name] = replace(results[name], cos_angle=math.nan, speed=math.nan, predicted_speed=math.nan)
@@ -657,6 +661,12 @@ def _feature_changes(features: list[torch.Tensor], leaves: list[torch.Tensor], d
     inner = sum((g * d).sum() for g, d in pairs)
     changes = torch.autograd.grad(inner, cotangents, allow_unused=True)
     return [torch.zeros_like(f).detach() if c is None else c.detach() for f, c in zip(features, changes)]
+
+
+def _counted(positions: PositionMasks, name: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """``f``, ``b`` and ``δf`` of a layer at the positions that count (a padded Hugging Face batch: padding left out)."""
+    mask = positions.of(name, tensors[0])
+    return [counted(t, mask) for t in tensors]
 
 
 def _speed(f: torch.Tensor, b: torch.Tensor, df: torch.Tensor, loss_decrease: float, upstream: tuple[str, ...]) -> FeatureSpeed:

@@ -35,6 +35,7 @@ import torch
 
 from lightning_align.measure.scale_invariance import (  # noqa: F401  (re-exported: the ELR API in one module)
     ScaleInvariance,
+    WeightSpec,
     default_weight_modules,
     detect_scale_invariance,
     weight_group,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ _TEST_EPS = 1e-30
 #: Seed of the perturbed point (the same point at every call, on every rank).
 _PERTURBATION_SEED = 0
 
+#: A tracked weight: a module (its ``weight``, with its ``bias``) or ``(module, parameter name)`` (that parameter, with
+#: the bias of the same name, see :func:`bias_name`): a stack of expert matrices, ``in_proj_weight``.
+WeightSpec = Union[nn.Module, tuple[nn.Module, str]]
 #: name -> the ways to scale a module's weight: (attribute names, the tensors), tried in order.
 Plans = dict[str, list[tuple[tuple[str, ...], list[torch.Tensor]]]]
 
@@ -43,7 +46,8 @@ class ScaleInvariance:
     Attributes:
         params: attribute names of the module's parameters that form the weight: ``("weight",)`` when
             the weight alone is scale-invariant (or when nothing is), ``("weight", "bias")`` when only
-            weight and bias together are (a bias before LayerNorm; a bias before BatchNorm cancels).
+            weight and bias together are (a bias before LayerNorm; a bias before BatchNorm cancels); for a weight
+            tracked as ``(module, name)``, ``(name,)`` or ``(name, <its bias>)``.
         scale_invariant: whether the network function is unchanged by the scaling.
         relative_change: the evidence: the largest relative output change over the two points tested for an
             invariant weight; for one that is not, the smallest change over the scalings tried; NaN when the
@@ -63,19 +67,53 @@ class ScaleInvariance:
     hidden: bool = False
 
 
-def default_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear/Conv/Embedding modules of ``model`` with a trainable ``weight`` (candidates for ELRs).
+def default_weight_modules(model: nn.Module) -> dict[str, WeightSpec]:
+    """The weights tracked by default (candidates for ELRs): every trainable ``weight`` of a Linear/Conv/Embedding/
+    ``Conv1D`` layer or of any module whose ``weight`` is a matrix (a router), under the module's name, and every
+    other trainable parameter of two or more dimensions a module holds (a stack of expert matrices ``(E, out, in)``,
+    ``nn.MultiheadAttention``'s ``in_proj_weight``, a position embedding), as ``(module, parameter name)`` under
+    ``<module>.<parameter>``. Vectors (biases, norm gains) are not weights of their own: a bias is scaled with its
+    weight when only both together are scale-invariant.
 
     Example:
         >>> list(default_weight_modules(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))))
         ['0', '2']
+        >>> list(default_weight_modules(nn.Sequential(nn.MultiheadAttention(4, 2))))
+        ['0.in_proj_weight', '0.out_proj']
     """
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if name and is_weight_layer(m) and isinstance(getattr(m, "weight", None), nn.Parameter)
-        and m.weight.requires_grad
-    }
+    chosen: dict[str, WeightSpec] = {}
+    for name, module in model.named_modules():
+        chosen.update(module_weights(name, module, named=False))
+    return chosen
+
+
+def module_weights(name: str, module: nn.Module, *, named: bool = True) -> dict[str, WeightSpec]:
+    """The trainable weights ``module`` holds itself (see :func:`default_weight_modules`). ``named``: the module was
+    named by the user, so any trainable ``weight`` counts (a norm's gain too); else only a weight layer's or a matrix."""
+    own = {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
+    weight = own.get("weight")
+    chosen: dict[str, WeightSpec] = {}
+    if name and weight is not None and (named or is_weight_layer(module) or weight.ndim >= 2):
+        chosen[name] = module
+    tensors = [k for k, p in own.items() if k != "weight" and p.ndim >= 2]
+    biases = {bias_name(k) for k in (["weight"] if chosen else []) + tensors}
+    for k in tensors:
+        if k not in biases:
+            chosen[f"{name}.{k}" if name else k] = (module, k)
+    return chosen
+
+
+def weight_of(spec: WeightSpec) -> tuple[nn.Module, str]:
+    """``(module, parameter name)`` of a tracked weight: a module stands for its ``weight``."""
+    return spec if isinstance(spec, tuple) else (spec, "weight")
+
+
+def bias_name(weight: str) -> str:
+    """The name of the bias that goes with a weight: ``bias`` for ``weight``, ``in_proj_bias`` for ``in_proj_weight``,
+    ``gate_up_proj_bias`` for ``gate_up_proj``."""
+    if weight == "weight":
+        return "bias"
+    return weight[: -len("weight")] + "bias" if weight.endswith("_weight") else weight + "_bias"
 
 
 def _flat_output(out: Any) -> torch.Tensor:
@@ -103,16 +141,16 @@ def _rel(a: torch.Tensor, base: torch.Tensor, scale: float | None = None) -> flo
 def detect_scale_invariance(
     model: nn.Module,
     inputs: Any,
-    modules: Mapping[str, nn.Module] | None = None,
+    modules: Mapping[str, WeightSpec] | None = None,
     *,
     factor: float = 2.0,
     rtol: float = 1e-3,
 ) -> dict[str, ScaleInvariance]:
     """Find the weights whose scale does not change the network function, by a direct numerical test.
 
-    For each module, its ``weight`` is multiplied by ``factor`` and the outputs ``model(inputs)`` are
-    compared with the unscaled ones; if they change, weight and bias are scaled together and compared
-    again. A relative change below ``rtol`` means scale-invariant. This catches what a graph trace
+    For each weight (a module's ``weight``, or a parameter such as a stack of expert matrices, scaled whole), it is
+    multiplied by ``factor`` and the outputs ``model(inputs)`` are compared with the unscaled ones; if they change,
+    weight and bias are scaled together and compared again. A relative change below ``rtol`` means scale-invariant. This catches what a graph trace
     would (a norm after the layer, no path around it) and also what it would not (norms reached through
     reshapes or custom code), at the price of one or two forward passes per module.
 
@@ -139,8 +177,9 @@ def detect_scale_invariance(
     Args:
         model: a module called as ``model(inputs)``.
         inputs: a batch of inputs (more than one sample, for BatchNorm).
-        modules: name -> module to test (each with a ``weight`` parameter of ``model``); default every
-            Linear/Conv/Embedding with a trainable weight (:func:`default_weight_modules`).
+        modules: name -> weight to test: a module (its ``weight``, a parameter of ``model``) or ``(module, parameter
+            name)``; default every trainable weight (:func:`default_weight_modules`: layers' weights, routers, stacks of
+            expert matrices, other parameters of two or more dimensions).
         factor: the scale applied (positive, not 1).
         rtol: largest relative output change counted as invariant.
 
@@ -184,17 +223,18 @@ def detect_scale_invariance(
 
 def _plans(model: nn.Module, modules: Mapping[str, nn.Module], names_by_id: Mapping[int, str]) -> Plans:
     plans: Plans = {}
-    for name, module in modules.items():
-        weight = getattr(module, "weight", None)
+    for name, spec in modules.items():
+        module, attr = weight_of(spec)
+        weight = getattr(module, attr, None)
         if not isinstance(weight, torch.Tensor) or id(weight) not in names_by_id:
             raise ValueError(
-                f"detect_scale_invariance: module {name!r} ({type(module).__name__}) has no `weight` parameter "
+                f"detect_scale_invariance: module {name!r} ({type(module).__name__}) has no `{attr}` parameter "
                 f"of {type(model).__name__}; choose modules with a weight"
             )
-        attrs = [("weight",)]
-        bias = getattr(module, "bias", None)
+        attrs = [(attr,)]
+        bias = getattr(module, bias_name(attr), None)
         if isinstance(bias, torch.Tensor) and id(bias) in names_by_id:
-            attrs.append(("weight", "bias"))
+            attrs.append((attr, bias_name(attr)))
         plans[name] = [(a, [getattr(module, k) for k in a]) for a in attrs]
     return plans
 
@@ -237,7 +277,7 @@ def _test_plans(outputs: _Outputs, model_name: str, plans: Plans, rtol: float) -
                 break
             smallest, hidden = min(smallest, change1), True
         else:
-            results[name] = ScaleInvariance(("weight",), False, smallest, hidden)
+            results[name] = ScaleInvariance(plan[0][0], False, smallest, hidden)
     return results
 
 
@@ -319,12 +359,12 @@ class _Outputs:
             self._move(False)
 
 
-def weight_group(module: nn.Module, result: ScaleInvariance) -> list[torch.Tensor]:
-    """The live tensors of a module's weight as described by ``result.params``.
+def weight_group(spec: WeightSpec, result: ScaleInvariance) -> list[torch.Tensor]:
+    """The live tensors of a tracked weight (a module, or ``(module, parameter name)``) as described by ``result.params``.
 
     Example::
 
         res = detect_scale_invariance(model, x)
         tensors = weight_group(model.fc1, res["fc1"])  # [weight] or [weight, bias]
     """
-    return [getattr(module, k) for k in result.params]
+    return [getattr(weight_of(spec)[0], k) for k in result.params]

@@ -5,11 +5,16 @@ for a decoder or an encoder (1: a token, 0: padding), and for an encoder-decoder
 decoder's, the ``decoder_attention_mask`` or else the ``labels`` other than ``-100``. ``"mean"`` averages over
 those positions, ``"last"`` takes the last of them in each sequence (right or left padding alike), ``"all"``
 keeps every position and is refused when some are padding (padding rows would enter the kernel).
+
+The same rule picks the positions of every layer output that count in the per-position statistics of CoordCheck,
+RankMonitor and the feature speeds (:class:`PositionMasks`, :func:`counted`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -37,7 +42,7 @@ def padding_key(model: nn.Module, batch: Any, length: int, how: str, owner: str 
     if not (isinstance(batch, Mapping) and any(k in batch for k in HF_INPUT_KEYS)):
         return None
     keys = ("decoder_attention_mask", "labels") if seq2seq_model(model) is not None else ("attention_mask",)
-    key = next((k for k in keys if isinstance(batch.get(k), torch.Tensor) and batch[k].ndim == 2), None)
+    key = _mask_key(batch, keys)
     if key is None or bool(output_mask(batch, key).all()):
         return None
     if batch[key].shape[1] != length:
@@ -53,6 +58,10 @@ def padding_key(model: nn.Module, batch: Any, length: int, how: str, owner: str 
             "without padding."
         )
     return key
+
+
+def _mask_key(batch: Mapping[str, Any], keys: tuple[str, ...]) -> str | None:
+    return next((k for k in keys if isinstance(batch.get(k), torch.Tensor) and batch[k].ndim == 2), None)
 
 
 def output_mask(batch: Mapping[str, Any], key: str) -> torch.Tensor:
@@ -95,3 +104,127 @@ class SequenceReduced(nn.Module):
         if out.ndim < 3:
             return out
         return reduce_sequence(out, self.how, None if self.padding is None else output_mask(batch, self.padding))
+
+
+class PositionMasks:
+    """Which positions of each layer output count on ``batch``: :func:`padding_key`'s rule, for every layer.
+
+    A Hugging Face batch marks up to two sequences: the model's output sequence (a decoder's or an encoder's:
+    ``attention_mask``; an encoder-decoder's decoder: ``decoder_attention_mask``, else ``labels`` other than ``-100``;
+    no mask: every position of ``input_ids``) and an encoder-decoder's input sequence (its ``attention_mask``). A
+    layer output is per position of one when it is ``(n, T, ...)`` with ``T`` that sequence's length, or ``(n·T, ...)``
+    (positions flattened, as a mixture of experts routes tokens); an output shared by the samples, ``(1, T, ...)`` or
+    ``(T, ...)`` (a position embedding) or ``(T, T, ...)`` (a relative position bias), counts the positions that some
+    sequence counts (a pair: both). When both sequences have that length, the encoder's
+    is the one of a layer that ran inside the encoder or whose (first) input is the encoder's output (a cross-attention's
+    key and value projections; not the cross-attention, whose output is per decoder position): see :meth:`watching`. Other outputs (per sample ``(n, c)``, pooled, not per sample) have no positions: all count.
+    A batch that is not a Hugging Face mapping marks none.
+
+    Example:
+        >>> batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}
+        >>> PositionMasks(nn.Identity(), batch).of("layer", torch.zeros(2, 3, 4)).sum().item()
+        5
+    """
+
+    def __init__(self, model: nn.Module, batch: Any, owner: str = "lightning_align") -> None:
+        self.owner = owner
+        self.sequences: dict[str, torch.Tensor] = {}  # "output" / "encoder" -> (n, T) bool
+        self.encoder: nn.Module | None = None
+        self.encoder_side: set[str] = set()  # layers that ran inside the encoder or read its output
+        if not (isinstance(batch, Mapping) and any(k in batch for k in HF_INPUT_KEYS)):
+            return
+        seq2seq = seq2seq_model(model)
+        inputs = _positions(batch, ("attention_mask",), ("input_ids", "inputs_embeds"))
+        decoder = _positions(batch, ("decoder_attention_mask", "labels"), ("decoder_input_ids", "decoder_inputs_embeds"))
+        found = {"output": inputs} if seq2seq is None else {"output": decoder, "encoder": inputs}
+        self.sequences = {k: v for k, v in found.items() if v is not None}
+        if seq2seq is not None:
+            get = getattr(seq2seq, "get_encoder", None)
+            self.encoder = get() if callable(get) else getattr(seq2seq, "encoder", None)
+
+    def of(self, name: str, out: torch.Tensor) -> torch.Tensor | None:
+        """The bool mask of ``out``'s counted positions (``(n, T)`` or, flattened, ``(n·T,)``), ``None``: all count."""
+        matches = {side: m for side, seq in self.sequences.items() if (m := _matching(out, seq)) is not None}
+        if len(matches) > 1:
+            return matches["encoder" if name in self.encoder_side else "output"]
+        if matches:
+            return next(iter(matches.values()))
+        padded = [seq for seq in self.sequences.values() if not bool(seq.all()) and out.ndim >= 3 and out.shape[0] == seq.shape[0]]
+        if padded:
+            warnings.warn(
+                f"{self.owner}: the output of {name!r} has shape {tuple(out.shape)}, whose positions the batch's padding mask "
+                f"({padded[0].shape[1]} positions) does not mark, so its padded positions, if any, are counted; name "
+                "layers with an output per position of the input or output sequence in `layers`.",
+                stacklevel=2,
+            )
+        return None
+
+    @contextlib.contextmanager
+    def watching(self, modules: Mapping[str, nn.Module]) -> Iterator[None]:
+        """Inside, each forward records which of ``modules`` run inside an encoder-decoder's encoder or take its output as
+        their first input (last call wins). Nothing to watch for other models."""
+        if self.encoder is None or "encoder" not in self.sequences:
+            yield
+            return
+        depth, outputs = [0], set()
+
+        def record(name: str, args: Any, kwargs: Any) -> None:
+            first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+            read = first is not None and _pointer(first) in outputs  # its input is the encoder's output
+            (self.encoder_side.add if depth[0] or read else self.encoder_side.discard)(name)
+
+        def leave(_m: nn.Module, _a: Any, out: Any) -> None:
+            depth[0] -= 1
+            outputs.update(_pointer(t) for t in _tensors(out))
+
+        handles = [m.register_forward_hook(lambda _m, a, k, _o, n=n: record(n, a, k), with_kwargs=True) for n, m in modules.items()]
+        handles.append(self.encoder.register_forward_pre_hook(lambda *_: depth.__setitem__(0, depth[0] + 1)))
+        handles.append(self.encoder.register_forward_hook(leave, always_call=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def counted(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``out`` at the positions that count: ``out[mask]``, one row per counted position (``mask`` from
+    :meth:`PositionMasks.of`); ``out`` itself when ``mask`` is ``None``."""
+    return out if mask is None else out[mask.to(out.device)]
+
+
+def _positions(batch: Mapping[str, Any], mask_keys: tuple[str, ...], id_keys: tuple[str, ...]) -> torch.Tensor | None:
+    key = _mask_key(batch, mask_keys)
+    if key is not None:
+        return output_mask(batch, key)
+    ids = next((batch[k] for k in id_keys if isinstance(batch.get(k), torch.Tensor) and batch[k].ndim >= 2), None)
+    return None if ids is None else torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
+
+
+def _matching(out: torch.Tensor, seq: torch.Tensor) -> torch.Tensor | None:
+    """The mask of ``out``'s entries at counted positions of ``seq`` ``(n, L)``, read from ``out``'s shape (see
+    :class:`PositionMasks`), or ``None`` when ``out`` is not per position of ``seq``."""
+    n, length = seq.shape
+    if out.ndim >= 3 and tuple(out.shape[:2]) == (n, length):
+        return seq
+    if out.ndim >= 2 and length > 1 and out.shape[0] == n * length:
+        return seq.reshape(-1)
+    if out.ndim < 2 or out.shape[0] == n:  # per sample
+        return None
+    anywhere = seq.any(dim=0)  # an output shared by the samples: the positions some sequence counts
+    if out.ndim >= 3 and tuple(out.shape[:2]) == (1, length):
+        return anywhere[None]
+    if out.ndim >= 3 and tuple(out.shape[:2]) == (length, length):
+        return anywhere[:, None] & anywhere[None, :]
+    return anywhere if out.shape[0] == length else None
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    return [t for t in values if isinstance(t, torch.Tensor)]
+
+
+def _pointer(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    return t.data_ptr(), tuple(t.shape)
