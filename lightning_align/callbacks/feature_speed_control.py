@@ -22,7 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from typing_extensions import override
 
 from lightning_align.arguments import Bound, Count, Name, NonEmpty, Patterns, PositiveFloat, Seed
-from lightning_align.callbacks.alignment import PREFIX, measure_speeds, real_update, snapshot_trainable
+from lightning_align.callbacks.alignment import PREFIX, SpeedRoute, measure_speeds, real_update, snapshot_trainable
 from lightning_align.measure.modules import select_modules
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS, describe, refusal
@@ -135,6 +135,7 @@ class FeatureSpeedControl(MeasurementCallback):
         self._optimizers: dict[int, torch.optim.Optimizer] = {}  # id(optimizer) -> the optimizer controlled
         self._handles: list[Any] = []
         self._before: dict[str, torch.Tensor] | None = None
+        self._route = SpeedRoute()
 
     # ----------------------------------------------------------------------------------------------
     # Setup: layers, the per-layer plan, optimizer groups
@@ -164,7 +165,8 @@ class FeatureSpeedControl(MeasurementCallback):
             self._check_plan(pl_module)
             self._split_groups(trainer, pl_module)
         if not self._group_layer:  # a fresh fit: which parameters move which layer, then one group per layer
-            res = measure_speeds(self.probe_loss_model(pl_module), batch, self._layers, self.shard_layout, lr=0.0)
+            res = measure_speeds(self.probe_loss_model(pl_module), batch, self._layers, self.shard_layout, self._route, lr=0.0,
+                                 owner="FeatureSpeedControl")
             self.plan = _ownership(res)
             self.multipliers = [1.0] * len(self.plan)
             self._split_groups(trainer, pl_module)
@@ -241,7 +243,8 @@ class FeatureSpeedControl(MeasurementCallback):
         if self._before is not None and trainer.global_step > 0:
             update, point = real_update(pl_module, self._before)
             self._before = None
-            res = measure_speeds(self.probe_loss_model(pl_module), batch, self._layers, self.shard_layout, update=update, params=point)
+            res = measure_speeds(self.probe_loss_model(pl_module), batch, self._layers, self.shard_layout, self._route,
+                                 update=update, params=point, owner="FeatureSpeedControl")
             for name, r in res.items():
                 metrics[tag("align", "control_speed", name)] = r.speed
                 metrics[tag("align", "control_cos", name)] = r.cos_angle
