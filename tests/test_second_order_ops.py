@@ -255,6 +255,34 @@ def test_hardsigmoid_runs_as_its_exact_twice_differentiable_form_inside_the_bloc
         torch.autograd.grad(g.sum(), x)
 
 
+class ChunkedHead(nn.Module):
+    """Linear-tanh, then ``nn.LinearCrossEntropyLoss`` on its chunked path (its gradient computed in the forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(5, 5)
+        self.loss = nn.LinearCrossEntropyLoss(5, 7, options=nn.LinearCrossEntropyOptions())
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.loss(torch.tanh(self.body(batch[0])), batch[1])
+
+
+def test_chunked_linear_cross_entropy_is_differentiated_twice_on_its_reference_path() -> None:
+    torch.manual_seed(0)
+    net, batch = ChunkedHead().double(), (torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 7, (8,)))
+    with hessian_operator(net, lambda loss, _: loss, (batch, None), method="double_backward") as op:
+        measured = torch.stack([op(e) for e in torch.eye(op.dim, dtype=torch.float64)], 1)
+    names, shapes = zip(*[(n, p.shape) for n, p in net.named_parameters()])
+
+    def reference(v: torch.Tensor) -> torch.Tensor:
+        p = dict(zip(names, [c.view(s) for c, s in zip(v.split([s.numel() for s in shapes]), shapes)]))
+        hidden = torch.tanh(F.linear(batch[0], p["body.weight"], p["body.bias"]))
+        return F.cross_entropy(F.linear(hidden, p["loss.linear.weight"]), batch[1])
+
+    dense = torch.autograd.functional.hessian(reference, torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+    assert torch.allclose(measured, dense, atol=1e-10)
+
+
 def test_once_differentiable_backward_is_found_in_the_graph() -> None:
     x = torch.randn(3, requires_grad=True)
     assert once_differentiable_functions([OnceTanh.apply(x).sum()]) == ["OnceTanh's @once_differentiable backward"]

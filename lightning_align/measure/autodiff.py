@@ -3,8 +3,8 @@
 - :func:`math_attention`: ``scaled_dot_product_attention`` on its math backend; the fused (flash /
   memory-efficient / CPU) kernels have no forward-mode AD and no double backward (pytorch#116350, #128971).
 - :func:`twice_differentiable`: math attention, and every op that has no double backward but an exact
-  twice-differentiable equivalent (``hardsigmoid``) run as that equivalent; for probes that differentiate a
-  gradient. :func:`missing_double_backward` and :func:`once_differentiable_functions` name what is left.
+  twice-differentiable equivalent (``hardsigmoid``, chunked ``linear_cross_entropy``) run as that equivalent; for
+  probes that differentiate a gradient. :func:`missing_double_backward` and :func:`once_differentiable_functions` name what is left.
 - :func:`batch_statistics_without_update`: train-mode BatchNorm normalises with batch statistics (the
   objective being optimized) without its in-place running-statistics update, which ``torch.func``
   transforms cannot run (pytorch#85533) and which a measurement must not do anyway.
@@ -41,6 +41,12 @@ def _hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
     return input.copy_(out) if inplace else out
 
 
+def _linear_cross_entropy(*args: Any, options: Any = None, **kwargs: Any) -> Tensor:
+    """``F.linear_cross_entropy`` on its reference path (``options=None``): the same loss; the chunked path computes
+    its gradient inside the forward, so a double backward through it silently misses terms."""
+    return F.linear_cross_entropy(*args, options=None, **kwargs)
+
+
 #: Ops without a double backward in torch 2.14 and the exact equivalent each runs as inside
 #: :func:`twice_differentiable` (Python functions, and the bindings code may call directly).
 EQUIVALENTS: dict[Callable[..., Any], Callable[..., Any]] = {
@@ -48,6 +54,8 @@ EQUIVALENTS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch._C._nn.hardsigmoid: _hardsigmoid,
     torch._C._nn.hardsigmoid_: lambda input: _hardsigmoid(input, inplace=True),
 }
+if hasattr(F, "linear_cross_entropy"):  # torch >= 2.14 (nn.LinearCrossEntropyLoss calls it)
+    EQUIVALENTS[F.linear_cross_entropy] = _linear_cross_entropy
 
 
 class _Equivalents(TorchFunctionMode):
