@@ -191,6 +191,8 @@ def feature_speed(
         ValueError: a module pattern matching nothing, a module not run by the forward pass or whose
             output does not reach the loss, unknown parameter names in ``update``/``params``/``lrs``,
             or an update of the wrong shape.
+        NoDoubleBackward: (a ``RuntimeError``) ``J·Δθ`` goes through an op without a double backward, naming it
+            (:func:`finite_difference_feature_speed` measures such a model; the callbacks switch to it).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
