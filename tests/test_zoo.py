@@ -2,12 +2,14 @@
 
 For each family (Hugging Face decoders with grouped-query attention tied and untied, a masked-LM encoder on padded
 batches, an encoder-decoder, a ViT, a mixture of experts, a PEFT LoRA model, timm and torchvision convnets and
-vision transformers, torch's own ``nn.TransformerEncoder``), with dropout, drop-path and stochastic depth on:
+vision transformers, a MobileNetV3 with hardsigmoid gates, torch's own ``nn.TransformerEncoder``), with dropout,
+drop-path and stochastic depth on:
 
 - a fit with every measurement callback at its defaults, and one measuring after every step, end with bit-identical
   weights and optimizer state to the same fit without them, and every callback logged its headline values at step 0;
 - Sharpness's step-0 ``λmax`` equals the top eigenvalue of the dense float64 Hessian of the training loss on the
-  probe (autograd, row by row), to the certified tolerance;
+  probe (autograd, row by row; ``nn.Hardsigmoid``, which has no double backward, written as its clamp form), to
+  the certified tolerance;
 - NTKSpectrum's step-0 top eigenvalue and trace equal those of ``J Jᵀ`` from explicit Jacobians (one backward per
   output entry, float64), with the padding mask's positions left out of the position mean.
 
@@ -101,6 +103,22 @@ def training_loss(family: Family, model: nn.Module, batch: Any) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
 
 
+class ClampHardsigmoid(nn.Module):
+    """``nn.Hardsigmoid`` as ``clamp(x/6 + 1/2, 0, 1)``: the same function, with the double backward torch's lacks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x / 6 + 0.5, 0, 1)
+
+
+def twice_differentiable(module: nn.Module) -> nn.Module:
+    """``module`` with every ``nn.Hardsigmoid`` replaced by :class:`ClampHardsigmoid` (for the dense Hessian)."""
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Hardsigmoid):
+                setattr(parent, name, ClampHardsigmoid())
+    return module
+
+
 def dense_hessian(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     """The Hessian of ``loss``, every row by a batched backward through the gradient (float64 from float64 params)."""
     grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
@@ -169,7 +187,7 @@ def test_sharpness_equals_the_dense_float64_hessian(family: Family) -> None:
     sharpness = run.callback(Sharpness)
     measured = run.logger.by_step("sharpness/max_eig")[0]
     dtype = oracle_dtype(family)
-    module = initial_module(family)
+    module = twice_differentiable(initial_module(family))
     probe_mode(module, batchnorm_train=True)
     params = [p for p in module.parameters() if p.requires_grad]
     with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():

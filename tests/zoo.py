@@ -330,6 +330,15 @@ class RecurrentClassifier(nn.Module):
         return self.head(self.dropout(self.rnn(self.embed(ids))[0][:, -1]))
 
 
+def _torchvision_mobilenet_v3() -> nn.Module:
+    from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3
+
+    # Squeeze-excitation gated by nn.Hardsigmoid, which has no double backward in torch (the probes run its clamp form).
+    setting = [InvertedResidualConfig(4, 3, 8, 4, True, "HS", 2, 1, 1.0),
+               InvertedResidualConfig(4, 3, 8, 8, False, "RE", 1, 1, 1.0)]
+    return nn.Sequential(nn.Conv2d(1, 3, 1), MobileNetV3(setting, last_channel=8, num_classes=3, dropout=0.1))
+
+
 class TorchTransformerClassifier(nn.Module):
     """``nn.TransformerEncoder`` (``nn.MultiheadAttention``, fused fast path in eval mode) over token embeddings,
     mean-pooled to class logits."""
@@ -361,6 +370,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("timm_vit", _timm_vit, "classify", image_data),
     Family("torchvision_vit", _torchvision_vit, "classify", image_data),
     Family("torchvision_efficientnet", _torchvision_efficientnet, "classify", image_data),
+    Family("torchvision_mobilenet_v3", _torchvision_mobilenet_v3, "classify", image_data),
     Family("timm_resnet", _timm_resnet, "classify", image_data),
     Family("timm_swin", _timm_swin, "classify", image_data),
     Family("torchvision_swin", _torchvision_swin, "classify", image_data),

@@ -11,6 +11,7 @@ reasonable learning rate; ``1/√depth`` residual branches keep it. See
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,7 +25,8 @@ from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.checkpoint_state import read_int
 from lightning_align.figures import layer_profile
 from lightning_align.logging import log_figure, tag, tensorboard_writers
-from lightning_align.measure.alignment import FeatureSpeedResults, feature_speed, finite_difference_feature_speed
+from lightning_align.measure.alignment import FD_SPREAD_LIMIT, FeatureSpeedResults, feature_speed, finite_difference_feature_speed
+from lightning_align.measure.autodiff import NoDoubleBackward
 from lightning_align.measure.census import take_census
 from lightning_align.measure.modules import captured_outputs, layers_on_probe, select_modules
 from lightning_align.measure.optim import learning_rates_by_parameter
@@ -55,15 +57,49 @@ def optimizer_lrs(trainer: pl.Trainer, model: nn.Module) -> dict[str, float]:
     return {PREFIX + n: by_id.get(id(p), 0.0) for n, p in model.named_parameters()}
 
 
+@dataclass
+class SpeedRoute:
+    """How one callback gets ``J·Δθ`` on unsharded parameters: exactly (a double vjp) until an op without a double
+    backward shows (``missing``), then by finite differences of the forward; each said once."""
+
+    missing: str | None = None
+    warned_rough: bool = False
+
+
 def measure_speeds(
-    loss_model: nn.Module, batch: Any, layers: Mapping[str, nn.Module], layout: ShardLayout | None, **kwargs: Any
+    loss_model: nn.Module, batch: Any, layers: Mapping[str, nn.Module], layout: ShardLayout | None,
+    route: SpeedRoute | None = None, **kwargs: Any,
 ) -> FeatureSpeedResults:
     """:func:`feature_speed` (``loss_model(batch)`` is the loss), or under FSDP2 (``layout``) its finite-difference
-    form through the model's own passes (``update``/``params``: this rank's slices). ``owner`` (a keyword: the
-    callback's name) is named with its ``layers`` argument in errors."""
-    if layout is None:
-        return feature_speed(loss_model, None, batch, layers, argument="layers", **kwargs)
-    return finite_difference_feature_speed(loss_model, batch, layers, layout, argument="layers", **kwargs)
+    form through the model's own passes (``update``/``params``: this rank's slices). With a ``route``, a model whose
+    ``J·Δθ`` has no double backward gets the finite-difference form too, with one warning naming the op (instead of
+    the error). ``owner`` (a keyword: the callback's name) is named with its ``layers`` argument in errors."""
+    if layout is not None:
+        return finite_difference_feature_speed(loss_model, batch, layers, layout, argument="layers", **kwargs)
+    owner = kwargs.get("owner", "feature_speed")
+    if route is None or route.missing is None:
+        try:
+            return feature_speed(loss_model, None, batch, layers, argument="layers", **kwargs)
+        except NoDoubleBackward as err:
+            if route is None:
+                raise
+            route.missing = err.op
+            rank_zero_warn(
+                f"{owner}: the feature changes J·Δθ differentiate a gradient, and {err.op} has no double backward (torch "
+                f"{torch.__version__.split('+')[0]}), so they are central finite differences of the forward from now on "
+                f"(4 forwards at θ ± h·Δθ, Richardson-extrapolated; a layer whose J·Δθ moves by more than {FD_SPREAD_LIMIT:g} "
+                "when the step is halved is logged as NaN). Write that op in a twice-differentiable form for exact values."
+            )
+    res = finite_difference_feature_speed(loss_model, batch, layers, None, argument="layers", warn=False, **kwargs)
+    if res.rough and not route.warned_rough:
+        route.warned_rough = True
+        rank_zero_warn(
+            f"{owner}: the finite-difference J·Δθ (no double backward through {route.missing}) changes by more than "
+            f"{FD_SPREAD_LIMIT:g} relative when its step is halved at {', '.join(res.rough)}: the features are not smooth "
+            "at that scale (e.g. ReLU units switching), so their cos, speed and predicted speed are NaN (this is said "
+            f"once). Write {route.missing} in a twice-differentiable form, or use smooth activations, to measure them."
+        )
+    return res
 
 
 def feature_layers_on_probe(
@@ -186,6 +222,7 @@ class FeatureAlignment(MeasurementCallback):
         self._layers: dict[str, nn.Module] = {}
         self._before: dict[str, torch.Tensor] | None = None
         self._first_cos: dict[str, float] = {}
+        self._route = SpeedRoute()
 
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layers = select_modules(pl_module, self.layers, "features", owner="FeatureAlignment(layers=...)")
@@ -225,10 +262,12 @@ class FeatureAlignment(MeasurementCallback):
         if self._before is not None and trainer.global_step > 0:
             update, point = real_update(pl_module, self._before)
             self._before = None
-            return measure_speeds(loss_model, batch, self._layers, self.shard_layout, update=update, params=point, owner="FeatureAlignment")
+            return measure_speeds(loss_model, batch, self._layers, self.shard_layout, self._route, update=update, params=point,
+                                  owner="FeatureAlignment")
         self._before = None
         lrs = optimizer_lrs(trainer, pl_module)
-        return measure_speeds(loss_model, batch, self._layers, self.shard_layout, lr=1.0, lrs=lrs, owner="FeatureAlignment")
+        return measure_speeds(loss_model, batch, self._layers, self.shard_layout, self._route, lr=1.0, lrs=lrs,
+                              owner="FeatureAlignment")
 
     def extra_state(self) -> dict[str, Any]:
         return {"num_measurements": self.num_measurements}

@@ -22,7 +22,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from typing_extensions import override
 
 from lightning_align.arguments import Bound, Count, Name, NonEmpty, Patterns, PositiveFloat, Seed
-from lightning_align.callbacks.alignment import PREFIX, feature_layers_on_probe, measure_speeds, real_update, snapshot_trainable
+from lightning_align.callbacks.alignment import (
+    PREFIX,
+    SpeedRoute,
+    feature_layers_on_probe,
+    measure_speeds,
+    real_update,
+    snapshot_trainable,
+)
 from lightning_align.measure.modules import select_modules
 from lightning_align.callbacks.base import BatchNormMode, MeasurementCallback
 from lightning_align.callbacks.checkpoint_state import PROBE_SETTINGS, describe, refusal
@@ -138,6 +145,7 @@ class FeatureSpeedControl(MeasurementCallback):
         self._handles: list[Any] = []
         self._before: dict[str, torch.Tensor] | None = None
         self._plan_layers: list[str] | None = None  # the layers of a restored plan
+        self._route = SpeedRoute()
 
     # ----------------------------------------------------------------------------------------------
     # Setup: layers, the per-layer plan, optimizer groups
@@ -168,7 +176,8 @@ class FeatureSpeedControl(MeasurementCallback):
             self._layers = feature_layers_on_probe(
                 pl_module, loss_model, batch, self.layers, self._layers, "FeatureSpeedControl", self.shard_layout
             )
-            res = measure_speeds(loss_model, batch, self._layers, self.shard_layout, lr=0.0, owner="FeatureSpeedControl")
+            res = measure_speeds(loss_model, batch, self._layers, self.shard_layout, self._route, lr=0.0,
+                                 owner="FeatureSpeedControl")
             self.plan = self._plan(res)
             self._check_targets()
             self.multipliers = [1.0] * len(self.plan)
@@ -282,7 +291,8 @@ class FeatureSpeedControl(MeasurementCallback):
         if self._before is not None and trainer.global_step > 0:
             update, point = real_update(pl_module, self._before)
             self._before = None
-            res = measure_speeds(self.probe_loss_model(pl_module), batch, self._layers, self.shard_layout, update=update, params=point)
+            res = measure_speeds(self.probe_loss_model(pl_module), batch, self._layers, self.shard_layout, self._route,
+                                 update=update, params=point, owner="FeatureSpeedControl")
             for name, r in res.items():
                 metrics[tag("align", "control_speed", name)] = r.speed
                 metrics[tag("align", "control_cos", name)] = r.cos_angle

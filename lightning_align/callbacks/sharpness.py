@@ -63,8 +63,8 @@ class Sharpness(MeasurementCallback):
     - ``sharpness/eos_ratio``: ``lr_x_max_eig / threshold`` (1 = at the edge of stability);
     - ``sharpness/max_eig_residual``: Ritz residual of ``max_eig`` (an error bound);
     - ``sharpness/matvecs``: Hessian-vector products used by this measurement;
-    - ``sharpness/fd_consistency`` (FSDP2 only): relative change of the top Rayleigh quotient when the
-      finite-difference step is halved;
+    - ``sharpness/fd_consistency`` (FSDP2, or finite-difference products on one process): relative change of the
+      top Rayleigh quotient when the finite-difference step is halved;
     - ``sharpness/probe_loss``: the loss on the probe batch;
     - ``sharpness/trace``, ``sharpness/trace_stderr`` (``trace=True``);
     - ``sharpness/density`` (``density=True``): the SLQ spectral density as a TensorBoard figure.
@@ -115,8 +115,12 @@ class Sharpness(MeasurementCallback):
         trace_basis: Lanczos steps of the trace's exact low-rank part.
         density_steps: Lanczos steps per density vector.
         density_vectors: random vectors of the density.
-        method: Hessian-vector product method (``"auto"``, ``"double_backward"``, ``"forward"``; see
-            :func:`~lightning_align.measure.operators.hessian_operator`).
+        method: Hessian-vector product method (``"auto"``, ``"double_backward"``, ``"forward"``,
+            ``"finite_difference"``; see :func:`~lightning_align.measure.operators.hessian_operator`). ``"auto"``:
+            double backward; through an op that has none (``embedding_bag``, a ``@once_differentiable`` custom
+            function; ``hardsigmoid`` and attention run as exact equivalents) forward-over-reverse where it is
+            exact and runs, else central finite differences of two gradients for the rest of the fit, checked as
+            under FSDP2 (``sharpness/fd_consistency``; NaN above 1e-3), with one warning naming the op.
         gradient_check: warm starts also take the current loss gradient as a start direction (the first step is
             a Rayleigh-Ritz on the previous top vector and the gradient: one more product, two more when the top
             vector moved, because Lanczos then restarts from that step's Ritz vector). A warm start can stop, within
@@ -230,6 +234,8 @@ class Sharpness(MeasurementCallback):
         self._use_preconditioner = False
         self._refine64: Any = None
         self._warned_rough = False
+        self._fallback: Method | None = None  # the products "auto" fell back to, kept for the rest of the fit
+        self._missing: str | None = None  # the op without a double backward that made it fall back
         self.last_density: SpectralDensity | None = None
 
     # ----------------------------------------------------------------------------------------------
@@ -292,18 +298,28 @@ class Sharpness(MeasurementCallback):
         reduce = (lambda t: self.all_reduce_mean(trainer, t)) if trainer.world_size > 1 else None
         generator = torch.Generator().manual_seed(self.seed + trainer.global_step)
         loss_model = self.probe_loss_model(pl_module)
+        method = self._fallback or self.method  # "auto" left double backward once (an op without one): not again
         with contextlib.ExitStack() as stack:
             try:
-                op = stack.enter_context(hessian_operator(loss_model, _identity_loss, (batch, None), method=self.method, reduce=reduce))
+                op = stack.enter_context(
+                    hessian_operator(loss_model, _identity_loss, (batch, None), method=method, reduce=reduce, owner="Sharpness")
+                )
             except ValueError as err:
                 raise ValueError(str(err) if str(err).startswith("Sharpness") else f"Sharpness on {type(pl_module).__name__}: {err}") from err
             loss = float(op.loss if reduce is None else reduce(op.loss.reshape(1)))  # same decision on every rank
             if not math.isfinite(loss):
                 return self._nan_metrics(trainer, loss)
             self._refine64 = None
-            if self.high_precision and reduce is None:  # a float64 Rayleigh-Ritz step (one process: no all-reduce)
+            if self.high_precision and reduce is None and method != "finite_difference":  # a float64 Rayleigh-Ritz step
                 self._refine64 = lambda vectors: float64_rayleigh_ritz(loss_model, _identity_loss, (batch, None), vectors)
+            previous = self._vectors
             metrics = self._eigs(trainer, op, generator)
+            if self.method == "auto" and op.method != "double_backward":  # an op without a double backward: for the fit
+                self._fallback, self._missing = op.method, op.missing or self._missing
+            if op.method == "finite_difference":
+                metrics, rough = self._step_halving_check(trainer, op, previous, loss, metrics)
+                if rough:
+                    return metrics
             if self.trace:
                 est = trace_estimate(op, op.dim, self.trace_samples, self.trace_basis, generator, op.dtype, op.device)
                 metrics[tag("sharpness", "trace")] = est.value
@@ -326,28 +342,40 @@ class Sharpness(MeasurementCallback):
                 return self._nan_metrics(trainer, loss)
             self._refine64 = None
             previous = self._vectors
-            metrics = self._eigs(trainer, op, generator)
-            if self._vectors is None or self._vectors is previous:  # not converged: nothing to check (the residual says so)
-                metrics[tag("sharpness", "fd_consistency")] = math.nan
-            else:
-                consistency = op.consistency(self._vectors[:, 0])
-                metrics[tag("sharpness", "fd_consistency")] = consistency
-                if consistency > FD_CONSISTENCY_LIMIT:
-                    return self._rough_loss(trainer, loss, consistency, metrics)
+            metrics, _ = self._step_halving_check(trainer, op, previous, loss, self._eigs(trainer, op, generator))
             metrics[tag("sharpness", "matvecs")] = op.num_matvecs
             metrics[tag("sharpness", "probe_loss")] = loss
         return metrics
+
+    def _step_halving_check(self, trainer: pl.Trainer, op: Any, previous: torch.Tensor | None, loss: float,
+                            metrics: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Finite-difference products: ``sharpness/fd_consistency`` on the new top vector, and whether it is above
+        ``FD_CONSISTENCY_LIMIT`` (every eigenvalue NaN then, one warning); NaN when Lanczos did not converge (the
+        residual says so)."""
+        if self._vectors is None or self._vectors is previous:
+            metrics[tag("sharpness", "fd_consistency")] = math.nan
+            return metrics, False
+        consistency = op.consistency(self._vectors[:, 0])
+        metrics[tag("sharpness", "fd_consistency")] = consistency
+        metrics[tag("sharpness", "matvecs")] = op.num_matvecs
+        if consistency > FD_CONSISTENCY_LIMIT:
+            return self._rough_loss(trainer, loss, consistency, metrics), True
+        return metrics, False
 
     def _rough_loss(self, trainer: pl.Trainer, loss: float, consistency: float, measured: dict[str, Any]) -> dict[str, Any]:
         """Every eigenvalue tag NaN, with one warning: finite differences do not resolve this loss's Hessian."""
         if not self._warned_rough:
             self._warned_rough = True
+            why, remedy = ("(FSDP2)", "strategy='ddp' (exact products)") if self.shard_layout is not None else (
+                (f"(no double backward through {self._missing})", f"{self._missing} in a twice-differentiable form (exact)")
+                if self._missing else ("(method='finite_difference')", "method='auto' (exact products where it can)")
+            )
             rank_zero_warn(
-                f"Sharpness (FSDP2): the finite-difference Hessian-vector products change by {consistency:.1e} (more "
+                f"Sharpness {why}: the finite-difference Hessian-vector products change by {consistency:.1e} (more "
                 f"than {FD_CONSISTENCY_LIMIT:g}) when their step is halved, on the top eigenvector at step "
                 f"{trainer.global_step}: the loss is not smooth at the step's scale (piecewise-linear activations such "
                 "as ReLU switch between θ ± h·v), so the eigenvalues are logged as NaN. Use smooth activations (GELU, "
-                "SiLU, tanh) or strategy='ddp' (exact products) to measure sharpness on this model."
+                f"SiLU, tanh) or {remedy} to measure sharpness on this model."
             )
         metrics = self._nan_metrics(trainer, loss)
         metrics[tag("sharpness", "fd_consistency")] = consistency

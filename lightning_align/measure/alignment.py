@@ -41,7 +41,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 
-from lightning_align.measure.autodiff import batch_statistics_without_update, math_attention
+from lightning_align.measure.autodiff import (
+    NoDoubleBackward,
+    batch_statistics_without_update,
+    math_attention,
+    missing_double_backward,
+    once_differentiable_functions,
+    twice_differentiable,
+)
 from lightning_align.measure.batch import batch_inputs, batch_targets
 from lightning_align.measure.modules import captured_outputs, select_modules
 from lightning_align.measure.sequence import PositionMasks, counted
@@ -120,6 +127,8 @@ class FeatureSpeedResults(dict):
     loss: float = math.nan
     loss_decrease: float = math.nan
     param_loss_decrease: dict[str, float]
+    #: finite differences only: ``"name (spread)"`` of the layers whose ``J·Δθ`` did not converge (their values NaN).
+    rough: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,6 +193,8 @@ def feature_speed(
         ValueError: a module pattern matching nothing, a module not run by the forward pass or whose
             output does not reach the loss, unknown parameter names in ``update``/``params``/``lrs``,
             or an update of the wrong shape.
+        NoDoubleBackward: (a ``RuntimeError``) ``J·Δθ`` goes through an op without a double backward, naming it
+            (:func:`finite_difference_feature_speed` measures such a model; the callbacks switch to it).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
@@ -198,7 +209,7 @@ def feature_speed(
     _check_names(update, names, "update")
     _check_names(params, names, "params")
     _check_names(lrs, names, "lrs")
-    with preserved_state(model), batch_statistics_without_update(model), torch.enable_grad(), math_attention():
+    with preserved_state(model), batch_statistics_without_update(model), torch.enable_grad(), twice_differentiable():
         point = _evaluation_point(model, params)
         trainable = [n for n in point if _trainable(model, n)]
         leaves = {n: (point[n].detach().requires_grad_(True) if n in trainable else point[n].detach()) for n in point}
@@ -219,7 +230,7 @@ def feature_speed(
             n: -float(torch.vdot(pgrads[n].flatten(), delta[n].flatten())) if pgrads[n] is not None else 0.0
             for n in trainable
         }
-        dfs = _feature_changes(f, [leaves[n] for n in trainable], [delta[n] for n in trainable])
+        dfs = _feature_changes(f, [leaves[n] for n in trainable], [delta[n] for n in trainable], owner)
     results = FeatureSpeedResults()
     results.loss = float(loss.detach())
     results.loss_decrease = float(sum(param_dec.values()))
@@ -243,6 +254,7 @@ def finite_difference_feature_speed(
     richardson: bool = True,
     owner: str = "feature_speed",
     argument: str = "modules",
+    warn: bool = True,
 ) -> FeatureSpeedResults:
     """:func:`feature_speed` through the model's own forward and backward, for parameters sharded by FSDP2.
 
@@ -269,7 +281,8 @@ def finite_difference_feature_speed(
       of another ``fully_shard`` unit used without calling that unit is not found (FSDP2 would not gather it).
 
     The batch is the same on every rank (FSDP averages identical gradients), so every value is the one-process
-    value on that batch, on every rank. Works unsharded too (``layout=None``: whole tensors).
+    value on that batch, on every rank. Works unsharded too (``layout=None``: whole tensors, gradients by
+    ``torch.autograd.grad``): the route for a model with an op that has no double backward.
 
     Args:
         model: called as ``model(batch)``, returns the scalar loss (e.g. a ``ProbeLoss``).
@@ -280,6 +293,7 @@ def finite_difference_feature_speed(
         step: relative size of the perturbation ``h·Δθ``.
         richardson: combine two steps (4 forwards instead of 2, error ``O(h⁴)``).
         owner, argument: as in :func:`feature_speed`.
+        warn: warn when a layer's ``J·Δθ`` has not converged (NaN values; listed in ``results.rough`` either way).
     """
     mods = resolve_modules(model, modules, owner=f"{owner}({argument}=...)")
     positions = PositionMasks(model, batch, owner=owner)
@@ -309,15 +323,10 @@ def finite_difference_feature_speed(
             _check_captured(mods, feats, owner, argument)
             f = [feats[n] for n in mods]
             upstream = _upstream_params(f, {i: n for i, n in leaves.items() if n in trainable}, order=trainable)
-            for t in f:
-                if t.requires_grad:
-                    t.retain_grad()
-            loss.backward()
-            backs = [t.grad for t in f]
+            backs, pgrads = _loss_backward(loss, f, {n: named[n] for n in trainable}, layout)
             for name, b in zip(mods, backs):
                 if b is None:
                     raise ValueError(_unreached(owner, argument, name))
-            pgrads = {n: None if named[n].grad is None else local(named[n].grad).detach() for n in trainable}
             delta = {}
             for n in trainable:
                 if update is not None:
@@ -354,7 +363,8 @@ def finite_difference_feature_speed(
         if spread > FD_SPREAD_LIMIT:  # the difference quotient has not converged: no value rather than a wrong one
             rough.append(f"{name} ({spread:.1e})")
             results[name] = replace(results[name], cos_angle=math.nan, speed=math.nan, predicted_speed=math.nan)
-    if rough:
+    results.rough = tuple(rough)
+    if rough and warn:
         warnings.warn(
             "feature_speed (sharded): J·Δθ changes by more than "
             f"{FD_SPREAD_LIMIT:g} relative when the finite-difference step is halved at {', '.join(rough)}: the "
@@ -575,6 +585,25 @@ def _fsdp_roots(model: nn.Module) -> list[nn.Module]:
     return roots
 
 
+def _loss_backward(
+    loss: torch.Tensor, features: list[torch.Tensor], params: Mapping[str, torch.Tensor], layout: ShardLayout | None,
+) -> tuple[list[torch.Tensor | None], dict[str, torch.Tensor | None]]:
+    """``dL/df`` for every feature and ``{name: ∇L}`` (this rank's slices): sharded, FSDP2's own backward (its
+    reduce-scatter); otherwise ``torch.autograd.grad`` (no ``.grad`` written, no gradient-accumulation hook run)."""
+    if layout is None:
+        wanted = [t for t in features if t.requires_grad]
+        inputs = wanted + list(params.values())
+        grads = list(torch.autograd.grad(loss, inputs, allow_unused=True)) if loss.requires_grad else [None] * len(inputs)
+        pulled = iter(grads[: len(wanted)])
+        backs = [next(pulled) if t.requires_grad else None for t in features]
+        return backs, {n: None if g is None else g.detach() for n, g in zip(params, grads[len(wanted):])}
+    for t in features:
+        if t.requires_grad:
+            t.retain_grad()
+    loss.backward()
+    return [t.grad for t in features], {n: None if p.grad is None else local(p.grad).detach() for n, p in params.items()}
+
+
 def _write(slices: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor], layout: ShardLayout | None, model: nn.Module) -> None:
     """Copy ``values`` into the (local slices of the) parameters; under FSDP2 free the gathered copies first, so
     the next forward gathers the new values."""
@@ -644,7 +673,9 @@ def _update(
     return delta
 
 
-def _feature_changes(features: list[torch.Tensor], leaves: list[torch.Tensor], delta: list[torch.Tensor]) -> list[torch.Tensor]:
+def _feature_changes(
+    features: list[torch.Tensor], leaves: list[torch.Tensor], delta: list[torch.Tensor], owner: str
+) -> list[torch.Tensor]:
     """``δf_i = J_i·Δθ`` for every feature at once, on the forward graph already built.
 
     A double vjp: ``g(u) = Σ_i J_iᵀ u_i`` (one backward with ``create_graph``, linear in the dummy
@@ -652,14 +683,28 @@ def _feature_changes(features: list[torch.Tensor], leaves: list[torch.Tensor], d
     forward-mode pass (``torch.func.jvp``) gives, reuses the forward of the backward pass, and avoids
     forward-mode AD's one-off set-up (0.15-0.5 s per process: TorchScript decompositions compiled at the
     first ``make_dual``).
+
+    Raises:
+        NoDoubleBackward: an op on the way from the parameters to the features has no double backward
+            (:func:`~lightning_align.measure.autodiff.missing_double_backward`), or a ``@once_differentiable`` one,
+            through which the second pass would silently miss terms.
     """
+    cut = once_differentiable_functions(features)
+    if cut:
+        raise _no_double_backward(owner, ", ".join(cut))
     cotangents = [torch.zeros_like(f, requires_grad=True) for f in features]
-    pulled = torch.autograd.grad(features, leaves, grad_outputs=cotangents, create_graph=True, allow_unused=True)
-    pairs = [(g, d) for g, d in zip(pulled, delta) if g is not None and g.requires_grad]
-    if not pairs:
-        return [torch.zeros_like(f).detach() for f in features]
-    inner = sum((g * d).sum() for g, d in pairs)
-    changes = torch.autograd.grad(inner, cotangents, allow_unused=True)
+    try:
+        pulled = torch.autograd.grad(features, leaves, grad_outputs=cotangents, create_graph=True, allow_unused=True)
+        pairs = [(g, d) for g, d in zip(pulled, delta) if g is not None and g.requires_grad]
+        if not pairs:
+            return [torch.zeros_like(f).detach() for f in features]
+        inner = sum((g * d).sum() for g, d in pairs)
+        changes = torch.autograd.grad(inner, cotangents, allow_unused=True)
+    except (RuntimeError, NotImplementedError) as err:
+        missing = missing_double_backward(err)
+        if missing is None:
+            raise
+        raise _no_double_backward(owner, missing) from err
     return [torch.zeros_like(f).detach() if c is None else c.detach() for f, c in zip(features, changes)]
 
 
@@ -667,6 +712,15 @@ def _counted(positions: PositionMasks, name: str, *tensors: torch.Tensor) -> lis
     """``f``, ``b`` and ``δf`` of a layer at the positions that count (a padded Hugging Face batch: padding left out)."""
     mask = positions.of(name, tensors[0])
     return [counted(t, mask) for t in tensors]
+
+
+def _no_double_backward(owner: str, op: str) -> NoDoubleBackward:
+    return NoDoubleBackward(
+        f"{owner}: the feature changes J·Δθ differentiate a gradient, and {op} has no double backward (torch "
+        f"{torch.__version__.split('+')[0]}); use finite_difference_feature_speed (central differences of the forward; "
+        "the callbacks switch to it by themselves) or write that op in a twice-differentiable form.",
+        op,
+    )
 
 
 def _speed(f: torch.Tensor, b: torch.Tensor, df: torch.Tensor, loss_decrease: float, upstream: tuple[str, ...]) -> FeatureSpeed:

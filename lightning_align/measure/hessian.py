@@ -153,7 +153,8 @@ def float64_rayleigh_ritz(model: nn.Module, loss_fn: LossFn, batch: Any, vectors
     the Hessian-vector products carry no float32 rounding: the Rayleigh quotient of a Ritz vector with
     residual ``r`` from a float32 Lanczos run is then within ``~r²/gap`` of the eigenvalue, where the float32
     products alone stop at ~1e-7-1e-6 relative (``benchmarks/sharpness.py``). One float64 forward and
-    ``create_graph`` backward, then one float64 product per column.
+    ``create_graph`` backward, then one float64 product per column. Raises ``RuntimeError`` through an op without
+    a double backward (``NoDoubleBackward`` for an ``@once_differentiable`` one, which would be silently wrong).
 
     Args:
         vectors: ``(n, k)`` columns over the trainable parameters (``named_parameters()`` order).
@@ -170,7 +171,8 @@ def float64_rayleigh_ritz(model: nn.Module, loss_fn: LossFn, batch: Any, vectors
     """
     from torch.func import functional_call
 
-    from lightning_align.measure.autodiff import batch_statistics_without_update, math_attention
+    from lightning_align.measure.autodiff import NoDoubleBackward, batch_statistics_without_update, twice_differentiable
+    from lightning_align.measure.autodiff import once_differentiable_functions
     from lightning_align.measure.operators import _split_batch, check_scalar_loss
     from lightning_align.measure.state import map_tensors, preserved_state
 
@@ -180,8 +182,10 @@ def float64_rayleigh_ritz(model: nn.Module, loss_fn: LossFn, batch: Any, vectors
     buffers = {n: b.detach().double() if b.is_floating_point() else b.detach().clone() for n, b in model.named_buffers()}
     inputs, targets = map_tensors(_split_batch(batch), lambda t: t.double() if t.is_floating_point() else t)
     leaves = list(p64.values())
-    with preserved_state(model), torch.enable_grad(), math_attention(), batch_statistics_without_update(model):
+    with preserved_state(model), torch.enable_grad(), twice_differentiable(), batch_statistics_without_update(model):
         loss = check_scalar_loss(loss_fn(functional_call(model, {**buffers, **others, **p64}, (inputs,)), targets))
+        if cut := once_differentiable_functions([loss]):
+            raise NoDoubleBackward(f"float64_rayleigh_ritz: no double backward through {', '.join(cut)}", cut[0])
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         used = [(g, leaf) for g, leaf in zip(grads, leaves) if g is not None and g.requires_grad]
         values, residuals = [], []

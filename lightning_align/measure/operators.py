@@ -1,9 +1,9 @@
 """Hessian-vector and Gauss-Newton-vector products of a scalar loss, on flat parameter vectors.
 
-Two ways to get ``H v`` (see :func:`hessian_operator` for the choice and why double backward is the
+Three ways to get ``H v`` (see :func:`hessian_operator` for the choice and why double backward is the
 default): double backward (one ``backward(create_graph=True)`` kept alive, then one extra backward per
-product) and forward-over-reverse (``jvp(jacrev(L))`` over ``torch.func.functional_call`` with the
-parameters and buffers passed explicitly, no kept graph; the method curvlinops uses).
+product), forward-over-reverse (``jvp(jacrev(L))`` over ``torch.func.functional_call`` with the parameters
+and buffers passed explicitly, no kept graph; the method curvlinops uses), and finite differences of gradients.
 
 BatchNorm in training mode (``bn_mode="train"``, the objective actually optimised) normalises with
 batch statistics. Its in-place running-statistic update cannot run under ``torch.func`` transforms
@@ -23,16 +23,17 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.func import jacrev, jvp, vjp
 
-from lightning_align.measure.autodiff import batch_statistics_without_update, call_with_fresh_buffers, math_attention
+from lightning_align.measure.autodiff import batch_statistics_without_update, call_with_fresh_buffers
+from lightning_align.measure.autodiff import once_differentiable_functions, twice_differentiable
 from lightning_align.measure.state import preserved_state
 
-Method = Literal["auto", "forward", "double_backward"]
+Method = Literal["auto", "forward", "double_backward", "finite_difference"]
 LossFn = Callable[[Any, Any], Tensor]
 Reduce = Callable[[Tensor], Tensor]
 
@@ -100,10 +101,13 @@ class FlatOperator:
         matvec: ``v -> A v`` on ``(dim,)`` vectors of ``dtype`` on ``device``.
         params: the parameters the vector indexes (see :class:`FlatParams`).
         loss: the loss value at the current parameters (detached scalar).
-        method: ``"forward"`` or ``"double_backward"`` (for the Hessian; ``"ggn"`` for Gauss-Newton).
+        method: ``"forward"``, ``"double_backward"``, ``"finite_difference"`` (``"ggn"`` for Gauss-Newton); with
+            ``"auto"``, the one in use after the first product.
         gradient: the flat loss gradient when it came for free (double backward), else ``None``. The top
             Hessian eigenvectors are close to the gradient's span early in training (Gur-Ari et al. 2018),
             so it is a good cold start for Lanczos.
+        missing: the op without a double backward that made ``"auto"`` leave double backward, else ``None``.
+        step_check: what :meth:`consistency` calls (finite-difference products only).
 
     Example::
 
@@ -117,6 +121,8 @@ class FlatOperator:
     method: str
     num_matvecs: int = 0
     gradient: Tensor | None = None
+    missing: str | None = None
+    step_check: Callable[[Tensor], float] | None = None
 
     @property
     def dim(self) -> int:
@@ -138,6 +144,15 @@ class FlatOperator:
     def __call__(self, v: Tensor) -> Tensor:
         self.num_matvecs += 1
         return self.matvec(v)
+
+    def consistency(self, y: Tensor) -> float:
+        """Finite-difference products only: ``|ρ(h/2) − ρ(h)| / |ρ(h)|`` for the Rayleigh quotient of ``y`` with
+        the step halved (two more products; :meth:`~lightning_align.measure.sharded.FiniteDifferenceHessian.
+        consistency`): ~1e-5 where the loss is smooth at the step's scale, 1e-2 and more where it is not."""
+        if self.step_check is None:
+            raise ValueError(f"consistency: the {self.method!r} products have no finite-difference step to halve")
+        self.num_matvecs += 2
+        return self.step_check(y)
 
 
 def check_scalar_loss(loss: Any, where: str = "loss_fn") -> Tensor:
@@ -177,6 +192,7 @@ def hessian_operator(
     *,
     method: Method = "auto",
     reduce: Reduce | None = None,
+    owner: str = "hessian_operator",
 ) -> Iterator[FlatOperator]:
     """Open the Hessian of ``loss_fn(model(inputs), targets)`` as a flat operator ``v -> H v``.
 
@@ -185,9 +201,11 @@ def hessian_operator(
         loss_fn: ``loss_fn(model(inputs), targets) -> scalar`` (``inputs`` is passed as one argument).
         batch: ``(inputs, targets)``.
         method: ``"double_backward"`` (one ``create_graph`` backward kept, one backward per product),
-            ``"forward"`` (forward-over-reverse ``jvp(jacrev(L))``, no kept graph), or ``"auto"``:
-            double backward, falling back to forward-over-reverse (with a warning) for ops that have
-            no double backward. Double backward is the default because it is exact for every op with
+            ``"forward"`` (forward-over-reverse ``jvp(jacrev(L))``, no kept graph), ``"finite_difference"`` (central
+            differences of two gradients; :meth:`FlatOperator.consistency` checks a result), or ``"auto"``: double
+            backward, and through an op without one (``embedding_bag``, an ``@once_differentiable`` backward;
+            ``hardsigmoid`` and attention run as exact equivalents) what :mod:`~lightning_align.measure.fallback`
+            says, with one warning naming the op. Double backward is the default because it is exact for every op with
             a double backward and 1.8-3.6x faster per product on CPU (the forward pass and the first
             backward are paid once). Forward-over-reverse is wrong in one place in torch 2.14: the
             forward-mode derivative of the weight gradient of ``F.layer_norm``, and of ``F.batch_norm``
@@ -198,13 +216,15 @@ def hessian_operator(
             BatchNorm (running statistics), GroupNorm, RMSNorm and norms without a trainable weight are
             exact and allowed.
         reduce: applied to every product (e.g. an all-reduce mean over DDP ranks).
+        owner: who is asking (named in warnings and errors: a callback passes its name).
 
     Yields:
         A :class:`FlatOperator`. Buffers, ``.grad``, flags and RNG are restored on exit.
 
     Raises:
-        ValueError: no trainable parameters, a loss that is not a scalar, ``"forward"`` on a model
-            with a LayerNorm, or a BatchNorm/InstanceNorm using batch statistics, whose weight is trainable.
+        ValueError: no trainable parameters, a loss that is not a scalar, ``"forward"`` on a model with a LayerNorm,
+            or a BatchNorm/InstanceNorm using batch statistics, whose weight is trainable; ``"double_backward"``
+            through an op without a double backward (at the first product).
 
     Example:
         >>> net = nn.Linear(3, 1)
@@ -214,19 +234,22 @@ def hessian_operator(
         >>> hv.shape
         torch.Size([4])
     """
-    if method not in ("auto", "forward", "double_backward"):
-        raise ValueError(f"method must be 'auto', 'forward' or 'double_backward', got {method!r}")
+    if method not in get_args(Method):
+        raise ValueError(f"{owner}: method must be one of {', '.join(map(repr, get_args(Method)))}, got {method!r}")
     params = FlatParams.of(model)
     inputs, targets = _split_batch(batch)
     if method == "forward":
         _refuse_affine_norms(model)
-    with preserved_state(model), torch.enable_grad(), math_attention():
+    with preserved_state(model), torch.enable_grad(), twice_differentiable(), contextlib.ExitStack() as stack:
+        problem = (model, loss_fn, inputs, targets, params)
         if method == "forward":
-            op = _forward_operator(model, loss_fn, inputs, targets, params)
-        elif method == "double_backward":
-            op = _double_backward_operator(model, loss_fn, inputs, targets, params)
+            op = _forward_operator(*problem)
         else:
-            op = _auto_operator(model, loss_fn, inputs, targets, params)
+            from lightning_align.measure.fallback import auto_operator, finite_difference_operator  # it imports this module
+            if method == "finite_difference":
+                op = finite_difference_operator(*problem, stack, reduce)
+            else:
+                op = auto_operator(*problem, stack, reduce, owner, fall_back=method == "auto")
         op.matvec = _with_reduce(op.matvec, reduce)
         if op.gradient is not None and reduce is not None:
             op.gradient = reduce(op.gradient)  # the same start vector on every rank
@@ -277,7 +300,7 @@ def _forward_operator(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: A
     grad_fn = jacrev(loss_of)  # not grad(): jvp(grad(mse_loss)) hits "ZeroTensors are immutable" (torch 2.14)
 
     def matvec(v: Tensor) -> Tensor:
-        with batch_statistics_without_update(model), math_attention():
+        with batch_statistics_without_update(model), twice_differentiable():
             _, hv = jvp(grad_fn, (p0,), (params.unflatten(v.to(params.dtype)),))
         return params.flatten(hv)
 
@@ -298,12 +321,12 @@ def _double_backward_operator(
     used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     used_grads = [grads[i] for i in used]
     sizes = [t.numel() for t in params.tensors]
-
-    if not used:
+    cut = once_differentiable_functions([loss])  # a double backward through one would be silently wrong
+    if not used and not cut:
         warnings.warn(
-            "lightning_align: the gradient does not depend on the parameters (a loss linear in them, or an op "
-            "whose backward is not differentiable, e.g. @once_differentiable): double backward gives H = 0; "
-            "if the loss is not linear in the parameters, try method='forward'.",
+            "lightning_align: the gradient does not depend on the parameters (a loss linear in them, or an op whose "
+            "backward is not differentiable): double backward gives H = 0; if the loss is not linear in the "
+            "parameters, try method='finite_difference'.",
             stacklevel=3,
         )
 
@@ -319,38 +342,8 @@ def _double_backward_operator(
     return FlatOperator(
         matvec=matvec, params=params, loss=loss.detach(), method="double_backward",
         gradient=params.flatten([None if g is None else g.detach() for g in grads]),
+        missing=", ".join(cut) if cut else None,
     )
-
-
-def _auto_operator(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, params: FlatParams) -> FlatOperator:
-    """Double backward; forward-over-reverse if the graph has an op without a double backward.
-
-    The switch happens on the first product (where a missing double backward shows), so no product is wasted.
-    """
-    op = _double_backward_operator(model, loss_fn, inputs, targets, params)
-    state = {"op": op, "checked": False}
-
-    def matvec(v: Tensor) -> Tensor:
-        if state["checked"]:
-            return state["op"].matvec(v)
-        try:
-            out = state["op"].matvec(v)
-        except (NotImplementedError, RuntimeError) as err:
-            message = str(err).lower()
-            if not any(hint in message for hint in ("derivative", "not implemented", "double backward", "twice")):
-                raise
-            warnings.warn(
-                f"lightning_align: double backward is not available ({str(err)[:200]}); using the "
-                "forward-over-reverse HVP. Pass method='forward' to silence this.",
-                stacklevel=2,
-            )
-            _refuse_affine_norms(model)
-            state["op"] = _forward_operator(model, loss_fn, inputs, targets, params)
-            out = state["op"].matvec(v)
-        state["checked"] = True
-        return out
-
-    return FlatOperator(matvec=matvec, params=params, loss=op.loss, method="auto", gradient=op.gradient)
 
 
 def hvp(model: nn.Module, loss_fn: LossFn, batch: Any, vector: Tensor, *, method: Method = "auto") -> Tensor:

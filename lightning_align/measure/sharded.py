@@ -145,8 +145,10 @@ class FiniteDifferenceHessian:
     third derivative than a random one (a tiny GPT-2: λmax 6% off at 1e-2, 6e-4 at 1e-3).
     ``richardson=True`` combines the steps ``h`` and ``h/2`` (``(4 D(h/2) − D(h)) / 3``, error ``O(h⁴)``,
     default ``step = 2 ε^(1/5)``) at twice the cost. The parameters are written in
-    place and copied back from a saved copy after every gradient (bit-exact); ``.grad`` is cleared for the
-    evaluations (the caller restores it: :func:`finite_difference_hessian`).
+    place and copied back from a saved copy after every gradient (bit-exact); sharded, ``.grad`` is cleared for the
+    evaluations (the caller restores it: :func:`finite_difference_hessian`); not sharded, the gradients come from
+    ``torch.autograd.grad`` (``.grad`` untouched; also the products of a one-process Hessian through an op without
+    a double backward, :func:`~lightning_align.measure.operators.hessian_operator`).
 
     Works on plain and on sharded parameters (vectors are then the concatenated local slices, and
     :attr:`layout` sums inner products over ranks). ``dim`` is the local size; ``global_dim`` the whole one.
@@ -230,6 +232,13 @@ class FiniteDifferenceHessian:
                 local(p).copy_(saved)
 
     def _gradient(self) -> tuple[Tensor, Tensor]:
+        if self.layout is None:  # plain tensors: no .grad written, no gradient-accumulation hook run (DDP's, a user's)
+            with torch.enable_grad():
+                loss = self.loss_of()
+                grads = torch.autograd.grad(loss, self.tensors, allow_unused=True) if loss.requires_grad else None
+            parts = [torch.zeros(size, dtype=self.dtype, device=self.device) if g is None else g.detach().reshape(-1)
+                     for g, size in zip(grads or [None] * len(self._sizes), self._sizes)]
+            return loss.detach(), torch.cat(parts)
         for p in self.tensors:
             p.grad = None
         with torch.enable_grad():

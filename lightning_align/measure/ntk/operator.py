@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp
 
-from lightning_align.measure.autodiff import call_with_fresh_buffers, math_attention
+from lightning_align.measure.autodiff import call_with_fresh_buffers, math_attention, twice_differentiable
 
 if TYPE_CHECKING:
     from lightning_align.measure.ntk.plan import _Plan
@@ -41,7 +41,7 @@ class _KernelOperator:
             return call_with_fresh_buffers(model, {**frozen, **dict(zip(names, values))}, (inputs,)).reshape(n, c)
 
         self._f = f
-        with torch.enable_grad(), math_attention():
+        with torch.enable_grad(), twice_differentiable():  # the graph a symbolic JVP differentiates twice
             self.out = f(self.primals)
         self._symbolic: tuple[Tensor, list[Tensor], list[int]] | None = None
         self._functional = False
@@ -126,7 +126,7 @@ class _KernelOperator:
     def _jvp_symbolic(self, tangents: list[Tensor | None], zero: Tensor) -> Tensor:
         if self._symbolic is None:
             c = torch.zeros_like(self.out, requires_grad=True)
-            with torch.enable_grad(), math_attention():
+            with torch.enable_grad(), twice_differentiable():
                 g = torch.autograd.grad(self.out, self.primals, c, create_graph=True, allow_unused=True)
             used = [i for i, t in enumerate(g) if t is not None and t.requires_grad]
             self._symbolic = (c, [g[i] for i in used], used)
