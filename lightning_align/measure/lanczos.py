@@ -704,12 +704,14 @@ def _block_lanczos(
 
 
 def _next_block(rem: Tensor, basis: _Basis, generator: torch.Generator | None, tiny: float) -> tuple[Tensor, Tensor]:
-    """QR of the remainder rows: the next orthonormal block and ``B`` (float64, on the host); directions that
-    vanished (an invariant subspace) are replaced by random ones orthogonal to everything so far, with zero coupling."""
-    q, r = torch.linalg.qr(rem.T)
-    r64 = r.double().cpu()
-    rows = q.T.contiguous()
-    dead = (r64.diagonal().abs() <= tiny * max(1.0, rem.shape[0] ** 0.5)).tolist()
+    """The next orthonormal block and ``B`` (float64, on the host) with ``rem = Bᵀ rows``, from an SVD of the remainder
+    rows (``B = diag(σ) Vᵀ``); directions that vanished (an invariant subspace: ``σ`` ~ 0) are replaced by random ones
+    orthogonal to everything so far, with zero coupling. Not a QR: when a column of the remainder vanishes, R's
+    row for it still couples the later columns to an arbitrary direction, and zeroing it would break the recurrence."""
+    u, sigma, vh = torch.linalg.svd(rem.T, full_matrices=False)
+    r64 = (sigma[:, None] * vh).double().cpu()
+    rows = u.T.contiguous()
+    dead = (sigma.double().cpu() <= tiny * max(1.0, rem.shape[0] ** 0.5)).tolist()
     if any(dead):
         fresh = []
         for i, row in enumerate(rows):
