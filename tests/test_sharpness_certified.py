@@ -101,6 +101,18 @@ def test_no_silent_miss_over_240_hard_starts_where_the_committed_path_misses() -
     assert max(products) <= 600
 
 
+def test_no_silent_miss_on_the_device_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same on the path CUDA takes (each product queued before the stopping test reads the last one)."""
+    from lightning_align.measure import lanczos
+
+    monkeypatch.setattr(lanczos, "_AHEAD_DEVICES", ("cuda", "cpu"))
+    for case in ("crossing", "hidden_outlier", "negative_bottom"):
+        for seed in range(1, 9, 2):
+            c = _case(case, seed)
+            res = _solve(c, seed)
+            assert res.certified and not _missed(res.top.values.tolist(), c["spec"].flip(0)[: c["k_top"]].tolist(), 1.0)
+
+
 def test_without_the_check_the_solve_misses() -> None:
     """A mutant whose check certifies at once misses on these starts: the check is what makes them safe."""
     original = certified_module._Runner.check
