@@ -54,9 +54,9 @@ class Recorded(Sharpness):
         self.rows: list[dict[str, Any]] = []
         self._pre_products = 0
 
-    def _preconditioned(self, op: Any, d: Any, common: dict[str, Any]) -> float | None:
+    def _preconditioned(self, trainer: pl.Trainer, op: Any, d: Any, generator: torch.Generator) -> float | None:
         before = op.num_matvecs
-        out = super()._preconditioned(op, d, common)
+        out = super()._preconditioned(trainer, op, d, generator)
         self._pre_products = op.num_matvecs - before
         return out
 
@@ -74,7 +74,7 @@ class Recorded(Sharpness):
         if self.reference != "none":
             loss_model = self.probe_loss_model(pl_module)
             with hessian_operator(loss_model, lambda out, _t: out, (batch, None)) as op:
-                init = None if self.reference == "cold" else self._vectors
+                init = None if self.reference == "cold" else self._warm.vectors
                 ref = lanczos_eigs(op, op.dim, tol=1e-6, max_matvecs=400, init=init, dtype=torch.float64,
                                    generator=torch.Generator().manual_seed(123))
             row["error"] = abs(lam - float(ref.values[0])) / abs(float(ref.values[0]))

@@ -20,8 +20,9 @@ from lightning_align.logging import log_figure, new_figure, tag
 from lightning_align.measure.hessian import SpectralDensity, float64_rayleigh_ritz, spectral_density, trace_estimate
 from lightning_align.measure.optim import ADAM_LIKE, adam_preconditioner, lr_preconditioner, stability_threshold
 from lightning_align.measure.operators import FlatOperator, Method, hessian_operator
-from lightning_align.measure.sharded import finite_difference_hessian
-from lightning_align.measure.lanczos import WARM_START_NOISE, LanczosResult, _refined, lanczos_eigs, lanczos_extremes
+from lightning_align.measure.sharded import finite_difference_hessian, local
+from lightning_align.measure.warm_start import WarmStart, operator_key
+from lightning_align.measure.certified import CertifiedEigs, certified_extremes
 from lightning_align.schedules import MaxOverhead, ScheduleName
 
 
@@ -40,9 +41,10 @@ class Sharpness(MeasurementCallback):
     ``lr · λ_max(P^{-1} H)`` with ``P = diag(sqrt(v̂) + eps)``, compared with ``2 (1 + β1) / (1 - β1)``
     (Cohen et al. 2022).
 
-    Eigenvalues come from Lanczos with full re-orthogonalisation on Hessian-vector products, stopped
-    on the Ritz residual, warm-started from the previous top/bottom vectors (kept in the callback's
-    ``state_dict``, so a resumed run stays warm). Top and bottom come from one Krylov space. The
+    Eigenvalues come from Lanczos with full re-orthogonalisation on Hessian-vector products, warm-started from
+    the previous top/bottom vectors (kept in the callback's ``state_dict``, so a resumed run stays warm), and are
+    *certified*: reported only when a check can tell they are the top (bottom) ones to ``tol``, NaN otherwise
+    (below). Top and bottom come from one Krylov space. The
     Hessian is that of the training objective: BatchNorm uses batch statistics (buffers restored;
     ``bn_mode="eval"`` for running statistics), dropout is off. Under DDP the probe is split over
     ranks and every product all-reduced, so every rank logs the same values.
@@ -61,10 +63,11 @@ class Sharpness(MeasurementCallback):
       ``2 (1 + μ)`` with momentum ``μ`` (``2 (1 + μ) / (1 + 2μ)`` Nesterov), ``2 (1 + β1) / (1 - β1)``
       for Adam (38 at β1 = 0.9);
     - ``sharpness/eos_ratio``: ``lr_x_max_eig / threshold`` (1 = at the edge of stability);
-    - ``sharpness/max_eig_residual``: Ritz residual of ``max_eig`` (an error bound);
-    - ``sharpness/matvecs``: Hessian-vector products used by this measurement;
-    - ``sharpness/fd_consistency`` (FSDP2, or finite-difference products on one process): relative change of the
-      top Rayleigh quotient when the finite-difference step is halved;
+    - ``sharpness/max_eig_residual``: Ritz residual ``‖H y - θ y‖`` of ``max_eig`` (the stop test's quantity);
+    - ``sharpness/certified``: 1 when every eigenvalue of the measurement is certified, 0 when some are NaN;
+    - ``sharpness/matvecs``: Hessian-vector products used by this measurement (checks and recoveries included);
+    - ``sharpness/fd_consistency`` (FSDP2, or finite-difference products on one process): relative change of the top Rayleigh quotient when the
+      finite-difference step is halved;
     - ``sharpness/probe_loss``: the loss on the probe batch;
     - ``sharpness/trace``, ``sharpness/trace_stderr`` (``trace=True``);
     - ``sharpness/density`` (``density=True``): the SLQ spectral density as a TensorBoard figure.
@@ -81,18 +84,24 @@ class Sharpness(MeasurementCallback):
     eigenvalues are logged as NaN, with a warning. ``trace``, ``density`` and ``gradient_check`` are refused
     there.
 
-    Warm estimates: a measurement starts from the previous top vector, with a perturbation of a quarter of
-    ``tol`` (so that it cannot push the residual past ``tol`` by itself). The first product gives that
-    vector's Rayleigh quotient and Ritz residual; when the residual is within ``tol`` (the top vector has not
-    moved) the measurement stops there, otherwise the same Lanczos run goes on until it is (the top vector
-    moved; nothing is thrown away). The reported ``max_eig_residual`` bounds the distance to the nearest
-    eigenvalue either way; see ``gradient_check`` for the case where that eigenvalue is no longer the top.
+    Certified values (:mod:`~lightning_align.measure.certified`): a residual says an eigenvalue lies near a Ritz
+    value, not that none lies above it (a warm start from a vector that another eigenvalue has just overtaken, or
+    a gradient almost orthogonal to the top, converges on the second one). Each solve (``λ_max`` with ``k``,
+    ``min_eig``, and the preconditioned one) runs Lanczos until the residuals' norm is ``<= tol · |λ_max| / 2``,
+    then a check: Lanczos on the rest of the spectrum (the found vectors projected out) from a fresh random vector,
+    until a bound on where the rest can lie (it holds with probability ``>= 0.998`` whatever the spectrum) shows
+    every reported value within ``tol · |λ_max|`` of its eigenvalue. A check that finds a larger direction, or
+    next values it cannot separate in time, adds them to the solve, which restarts from all of them (at most
+    twice). A value that cannot be certified in ``max_matvecs`` products per run is logged as NaN, with one
+    warning per fit naming the step and the remedy; never the second eigenvalue in place of the first.
 
-    Cost per measurement: one forward and one ``create_graph`` backward, then one backward per product;
-    a warm start needs one product in a smooth run, more as the top eigenvector moves (``max_matvecs`` caps it);
-    twice that for Adam; plus ``trace_basis + trace_samples`` for the trace and ``density_steps · density_vectors``
-    for the density; ``min_eig=True`` about doubles it (the bottom of the spectrum converges slowest). Measured
-    products per estimate and shares of training time: ``docs/speed.md``.
+    Cost per measurement: one forward and one ``create_graph`` backward, then one backward per product: the
+    main run (a warm start: a few products in a smooth run, more as the top eigenvector moves) and the check
+    (~10-20 products where the top stands out, up to ``max_matvecs`` where the next eigenvalues crowd it; none
+    when the parameters and gradient are those of the last certified measurement); twice that for Adam; plus
+    ``trace_basis + trace_samples`` for the trace and ``density_steps · density_vectors`` for the density;
+    ``min_eig=True`` about doubles it. Measured products per estimate, before and after certification, and
+    shares of training time: ``docs/speed.md``.
 
     Args:
         every_n_steps: measure every this many optimizer steps (and at step 0). The default (1000) is sparse
@@ -104,13 +113,14 @@ class Sharpness(MeasurementCallback):
         density: log the spectral density figure (stochastic Lanczos quadrature).
         preconditioned: the Adam-preconditioned sharpness: ``None`` = when the (single) optimizer is
             Adam or AdamW, ``True`` = required (error otherwise), ``False`` = never.
-        tol: Ritz residual tolerance relative to the largest ``|λ|``. The residual bounds the eigenvalue
-            error; for a top eigenvalue separated by a gap the error is about ``residual² / gap``, so the
-            default 1e-2 typically gives ``λ_max`` to ~1e-4 relative (see ``benchmarks/sharpness.py``);
-            ``min_eig`` (often inside a cluster near 0) is accurate to ~``tol · λ_max``.
-        max_matvecs: most Hessian-vector products per Lanczos run.
-        warm_start: start Lanczos from the previous eigenvectors (and, before there are any, from the
-            loss gradient, which lies close to the top eigenvectors); False: random starts.
+        tol: every logged eigenvalue is certified within ``tol · |λ_max|`` of the true one (``λ_max`` lies in
+            ``[max_eig, max_eig + tol · |max_eig|]``; ``min_eig``: ``tol · max(|λ_max|, |λ_min|)``), else NaN; the
+            Lanczos runs stop when the residual norm is ``<= tol · |λ_max| / 2``. For a top eigenvalue separated by
+            a gap the error is about ``residual² / gap``, so the default 1e-2 typically gives ``λ_max`` to ~1e-4
+            relative (see ``benchmarks/sharpness.py``).
+        max_matvecs: most Hessian-vector products per Lanczos run (the main run, the check, each recovery).
+        warm_start: start Lanczos from the previous eigenvectors (and, before there are any, from the loss
+            gradient, which lies close to the top eigenvectors, mixed with a random vector); False: random starts.
         trace_samples: Hutchinson samples of the trace.
         trace_basis: Lanczos steps of the trace's exact low-rank part.
         density_steps: Lanczos steps per density vector.
@@ -123,12 +133,9 @@ class Sharpness(MeasurementCallback):
             under FSDP2 (``sharpness/fd_consistency``; NaN above 1e-3), with one warning naming the op.
         gradient_check: warm starts also take the current loss gradient as a start direction (the first step is
             a Rayleigh-Ritz on the previous top vector and the gradient: one more product, two more when the top
-            vector moved, because Lanczos then restarts from that step's Ritz vector). A warm start can stop, within
-            ``tol``, on an eigenvalue that another direction has just overtaken (the residual bounds the distance to
-            *an* eigenvalue); the gradient leans towards the new top and catches some of these crossings (the
-            quickstart at ``every_n_steps=1000``: a 12% error at one of five measurements, gone), not all (the
-            example ResNet at a tenth of its learning rate: 3% and 1% at two of ten, either way). ``warm_start=False``
-            avoids them at the cost of a cold start (7-21 products on the examples; ``docs/speed.md``).
+            vector moved). The gradient leans towards a new top, so the main run more often finds an eigenvalue
+            that has overtaken the previous top itself instead of the check finding it (the check is there either
+            way: this only moves products between the two).
         high_precision: Lanczos vectors in float64 and a final Rayleigh-Ritz step on each Ritz vector with the
             Hessian evaluated in float64 (float64 copies of the parameters, buffers and inputs: one float64 forward,
             backward and product; the model is untouched), reporting its true residual. With ``tol <= 1e-4`` it gives
@@ -229,8 +236,11 @@ class Sharpness(MeasurementCallback):
         self.gradient_check = bool(gradient_check)
         self.high_precision = bool(high_precision)
         self.seed = seed
-        self._vectors: torch.Tensor | None = None  # (n, k [+1]) previous top [and bottom] eigenvectors
-        self._pre_vectors: torch.Tensor | None = None  # (n, 1) previous preconditioned top eigenvector
+        self._warm = WarmStart()  # previous top [and bottom] eigenvectors, more columns, the certificate
+        self._pre_warm = WarmStart()  # the same for the preconditioned top eigenvector
+        self._certified = True
+        self._warned_uncertified = False
+        self._loss = math.nan  # the probe loss of the measurement running (in the operator's fingerprint)
         self._use_preconditioner = False
         self._refine64: Any = None
         self._warned_rough = False
@@ -270,14 +280,14 @@ class Sharpness(MeasurementCallback):
         if self.shard_layout is not None:
             self._validate_sharded()
             return
-        for name in ("_vectors", "_pre_vectors"):
-            vec = getattr(self, name)
+        for name in ("_warm", "_pre_warm"):
+            vec = getattr(self, name).vectors
             if vec is not None and vec.shape[0] != n:
                 rank_zero_warn(
                     f"Sharpness: the saved warm-start vectors have {vec.shape[0]} entries but {owner} has {n} "
                     "trainable parameters; starting cold."
                 )
-                setattr(self, name, None)
+                setattr(self, name, WarmStart())
 
     def _validate_sharded(self) -> None:
         """What the finite-difference route on sharded parameters cannot do, refused at fit start."""
@@ -306,13 +316,13 @@ class Sharpness(MeasurementCallback):
                 )
             except ValueError as err:
                 raise ValueError(str(err) if str(err).startswith("Sharpness") else f"Sharpness on {type(pl_module).__name__}: {err}") from err
-            loss = float(op.loss if reduce is None else reduce(op.loss.reshape(1)))  # same decision on every rank
+            loss = self._loss = float(op.loss if reduce is None else reduce(op.loss.reshape(1)))  # the same on every rank
             if not math.isfinite(loss):
                 return self._nan_metrics(trainer, loss)
             self._refine64 = None
             if self.high_precision and reduce is None and method != "finite_difference":  # a float64 Rayleigh-Ritz step
                 self._refine64 = lambda vectors: float64_rayleigh_ritz(loss_model, _identity_loss, (batch, None), vectors)
-            previous = self._vectors
+            previous = self._warm.vectors
             metrics = self._eigs(trainer, op, generator)
             if self.method == "auto" and op.method != "double_backward":  # an op without a double backward: for the fit
                 self._fallback, self._missing = op.method, op.missing or self._missing
@@ -337,11 +347,11 @@ class Sharpness(MeasurementCallback):
         loss_model = self.probe_loss_model(pl_module)
         params = [p for p in pl_module.parameters() if p.requires_grad]
         with finite_difference_hessian(lambda: loss_model(batch), params, self.shard_layout, richardson=self.high_precision) as op:
-            loss = float(self.all_reduce_mean(trainer, op.loss.reshape(1)))
+            loss = self._loss = float(self.all_reduce_mean(trainer, op.loss.reshape(1)))
             if not math.isfinite(loss):
                 return self._nan_metrics(trainer, loss)
             self._refine64 = None
-            previous = self._vectors
+            previous = self._warm.vectors
             metrics, _ = self._step_halving_check(trainer, op, previous, loss, self._eigs(trainer, op, generator))
             metrics[tag("sharpness", "matvecs")] = op.num_matvecs
             metrics[tag("sharpness", "probe_loss")] = loss
@@ -352,10 +362,10 @@ class Sharpness(MeasurementCallback):
         """Finite-difference products: ``sharpness/fd_consistency`` on the new top vector, and whether it is above
         ``FD_CONSISTENCY_LIMIT`` (every eigenvalue NaN then, one warning); NaN when Lanczos did not converge (the
         residual says so)."""
-        if self._vectors is None or self._vectors is previous:
+        if self._warm.vectors is None or self._warm.vectors is previous:
             metrics[tag("sharpness", "fd_consistency")] = math.nan
             return metrics, False
-        consistency = op.consistency(self._vectors[:, 0])
+        consistency = op.consistency(self._warm.vectors[:, 0])
         metrics[tag("sharpness", "fd_consistency")] = consistency
         metrics[tag("sharpness", "matvecs")] = op.num_matvecs
         if consistency > FD_CONSISTENCY_LIMIT:
@@ -386,141 +396,119 @@ class Sharpness(MeasurementCallback):
         if self.shard_layout is not None:  # each rank's slice: a resumed sharded run starts its Lanczos cold
             return {}
         state: dict[str, Any] = {}
-        if self._vectors is not None:
-            state["vectors"] = self._vectors.detach().cpu()
-        if self._pre_vectors is not None:
-            state["preconditioned_vectors"] = self._pre_vectors.detach().cpu()
+        state.update(self._warm.state(""))
+        state.update(self._pre_warm.state("preconditioned_"))
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._vectors = read_tensor(self, state.get("vectors"), "vectors", ndim=2)
-        self._pre_vectors = read_tensor(self, state.get("preconditioned_vectors"), "preconditioned_vectors", ndim=2)
+        keys = [f"{prefix}{what}" for prefix in ("", "preconditioned_") for what in ("vectors", "extra_vectors")]
+        checked = {key: read_tensor(self, state.get(key), key, ndim=2) for key in keys}
+        self._warm, self._pre_warm = WarmStart.of(checked, ""), WarmStart.of(checked, "preconditioned_")
+        self._warned_uncertified = False
 
     # ----------------------------------------------------------------------------------------------
-    def _init(self, saved: torch.Tensor | None, op: FlatOperator) -> torch.Tensor | None:
-        """Warm start from the last vectors; cold, from the loss gradient (cuts the products by ~1/3)."""
-        if not self.warm_start:
-            return None
-        if saved is not None and saved.shape[0] != op.dim:  # the trainable set changed (e.g. a backbone unfrozen)
-            rank_zero_info(
-                f"Sharpness: the trainable parameters changed ({saved.shape[0]} -> {op.dim} entries); "
-                "the warm start restarts from the loss gradient"
-            )
-            saved = self._vectors = self._pre_vectors = None
-        start = saved if saved is not None else op.gradient
-        return None if start is None else start.to(device=op.device, dtype=self._dtype(op))
-
     def _dtype(self, op: FlatOperator) -> torch.dtype:
         return torch.float64 if self.high_precision else op.dtype
 
-    def _start_args(self, saved: torch.Tensor | None, op: FlatOperator) -> dict[str, Any]:
-        """``init`` and its perturbation: a quarter of ``tol`` from previous eigenvectors (so that a warm estimate
-        can stop after one product), the default from the gradient or a random start."""
-        warm = self.warm_start and saved is not None and saved.shape[0] == op.dim
-        return {"init": self._init(saved, op), "init_noise": min(WARM_START_NOISE, self.tol / 4) if warm else WARM_START_NOISE}
+    def _solve(
+        self, trainer: pl.Trainer, op: FlatOperator, matvec: Any, warm: WarmStart, k: int, bottom: int, generator: torch.Generator,
+        sentinel: torch.Tensor | None = None, extra: list[torch.Tensor | None] = (), refine: Any = False, what: str = "λmax",
+    ) -> CertifiedEigs:
+        """One certified solve (:func:`~lightning_align.measure.certified.certified_extremes`), warm-started from and
+        kept in ``warm``; an uncertified one warns once per fit."""
+        all_reduce = getattr(op, "all_reduce", None)
+        # the operator's fingerprint: the parameters, the gradient and the loss on the probe, the same on every rank
+        key = operator_key([*map(local, op.tensors), op.gradient, torch.tensor([self._loss]), *extra], all_reduce)
+        res = certified_extremes(
+            matvec, op.dim, k, bottom, tol=self.tol, max_matvecs=self.max_matvecs, generator=generator, dtype=self._dtype(op),
+            device=op.device, warm=warm.start(op.dim) if self.warm_start else None,
+            cold=op.gradient if self.warm_start else None, sentinel=sentinel if self.gradient_check else None,
+            all_reduce=all_reduce, global_dim=getattr(op, "global_dim", None),
+            refine=refine, key=key, previous=warm.certificate,
+        )
+        warm.keep(res, op.dtype)
+        self._certified &= res.certified
+        if not res.certified and not self._warned_uncertified:
+            self._warned_uncertified = True
+            remedy = ("Look for NaN/inf in the loss's derivatives on the probe batch." if "non-finite" in res.reason else
+                      f"Raise max_matvecs (now {self.max_matvecs}, per Lanczos run) or tol.")
+            rank_zero_warn(
+                f"Sharpness: {what} at step {trainer.global_step} is logged as NaN: it could not be certified as the top "
+                f"eigenvalue to tol={self.tol:g} ({res.reason}). {remedy} Warned once per fit."
+            )
+        return res
 
     def _eigs(self, trainer: pl.Trainer, op: FlatOperator, generator: torch.Generator) -> dict[str, Any]:
-        common = dict(
-            tol=self.tol, max_matvecs=self.max_matvecs, generator=generator, dtype=self._dtype(op), device=op.device,
-            refine=self.high_precision and self._refine64 is None, all_reduce=getattr(op, "all_reduce", None),
-        )
-        top, bottom = self._solve(op, op, self._vectors, op.gradient, self.k, self.min_eig, common)
-        if self._refine64 is not None:
-            top, bottom = self._refined64(top, op), None if bottom is None else self._refined64(bottom, op)
-        metrics: dict[str, Any] = {tag("sharpness", "max_eig"): float(top.values[0])}
+        if self._warm.vectors is not None and self._warm.vectors.shape[0] != op.dim:  # e.g. a backbone unfrozen
+            rank_zero_info(
+                f"Sharpness: the trainable parameters changed ({self._warm.vectors.shape[0]} -> {op.dim} entries); "
+                "the warm start restarts from the loss gradient"
+            )
+            self._warm, self._pre_warm = WarmStart(), WarmStart()
+        self._certified = True
+        res = self._solve(trainer, op, op, self._warm, self.k, int(self.min_eig), generator, op.gradient, refine=self._refine(op))
+        value = (lambda x: float(x)) if res.certified else (lambda x: math.nan)
+        metrics: dict[str, Any] = {tag("sharpness", "max_eig"): value(res.top.values[0])}
         for i in range(1, self.k):
-            metrics[tag("sharpness", f"eig_{i + 1}")] = float(top.values[i])
-        metrics[tag("sharpness", "max_eig_residual")] = float(top.residuals[0])
-        if bottom is not None:
-            metrics[tag("sharpness", "min_eig")] = float(bottom.values[0])
-        if top.converged and (bottom is None or bottom.converged):
-            vectors = top.vectors if bottom is None else torch.cat([top.vectors, bottom.vectors], dim=1)
-            self._vectors = vectors.detach().to(op.dtype)
-        optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
-        if optimizer is None:
-            return metrics
+            metrics[tag("sharpness", f"eig_{i + 1}")] = value(res.top.values[i])
+        metrics[tag("sharpness", "max_eig_residual")] = float(res.top.residuals[0])
+        if res.bottom is not None:
+            metrics[tag("sharpness", "min_eig")] = value(res.bottom.values[0])
+        optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None  # several: no LR tags
+        if optimizer is not None:
+            metrics.update(self._lr_sharpness(trainer, op, optimizer, value(res.top.values[0]), generator))
+        metrics[tag("sharpness", "certified")] = float(self._certified)
+        return metrics
+
+    def _lr_sharpness(
+        self, trainer: pl.Trainer, op: FlatOperator, optimizer: torch.optim.Optimizer, top: float, generator: torch.Generator
+    ) -> dict[str, Any]:
+        """``lr_x_max_eig``, ``threshold``, ``eos_ratio`` (and ``preconditioned_max_eig`` for Adam)."""
         threshold = stability_threshold(optimizer)
+        metrics: dict[str, Any] = {}
+        lr = float(optimizer.param_groups[0]["lr"])
         if self._use_preconditioner:
-            lr_x = self._preconditioned(op, adam_preconditioner(optimizer, op.tensors), common)
+            lr_x = self._preconditioned(trainer, op, adam_preconditioner(optimizer, op.tensors), generator)
             if lr_x is None:
                 return metrics
-            metrics[tag("sharpness", "preconditioned_max_eig")] = lr_x / float(optimizer.param_groups[0]["lr"])
+            metrics[tag("sharpness", "preconditioned_max_eig")] = lr_x / lr
         else:
             d = lr_preconditioner(optimizer, op.tensors)  # None: one lr for every parameter
-            lr_x = float(optimizer.param_groups[0]["lr"]) * float(top.values[0]) if d is None else self._preconditioned(op, d, common)
+            lr_x = lr * top if d is None else self._preconditioned(trainer, op, d, generator)
         metrics[tag("sharpness", "lr_x_max_eig")] = lr_x
         metrics[tag("sharpness", "threshold")] = threshold
         metrics[tag("sharpness", "eos_ratio")] = lr_x / threshold
         return metrics
 
-    def _refined64(self, res: LanczosResult, op: FlatOperator) -> LanczosResult:
-        """``res`` with the Rayleigh quotients and true residuals of its vectors under the float64 Hessian."""
-        if not res.converged or self._refine64 is None:
-            return res
-        try:
-            values, residuals = self._refine64(res.vectors)
-        except (RuntimeError, TypeError) as err:  # e.g. a module that mixes dtypes internally
-            rank_zero_warn(f"Sharpness(high_precision=True): the float64 refinement failed ({err}); refining in float32")
-            self._refine64 = None
-            values, residuals = res.values, res.residuals
-        op.num_matvecs += res.vectors.shape[1]
-        order = torch.argsort(values, descending=bool(res.values[0] >= res.values[-1]))
-        return LanczosResult(values[order], res.vectors[:, order], res.num_matvecs + res.vectors.shape[1], residuals[order],
-                             res.krylov_trace, res.basis)
+    def _refine(self, op: FlatOperator) -> Any:
+        """The final Rayleigh-Ritz step: in float64 through the model (one process), else on ``op``, or none."""
+        if self._refine64 is None:
+            return self.high_precision
 
-    def _solve(
-        self, matvec: Any, op: FlatOperator, saved: torch.Tensor | None, sentinel: torch.Tensor | None, k: int,
-        extremes: bool, common: dict[str, Any],
-    ) -> tuple[LanczosResult, LanczosResult | None]:
-        """Top ``k`` (and bottom) eigenpairs of ``matvec``, warm-started from ``saved``.
+        def refine64(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+            if self._refine64 is None:
+                return None
+            try:
+                out = self._refine64(vectors)
+            except (RuntimeError, TypeError) as err:  # e.g. a module that mixes dtypes internally
+                rank_zero_warn(f"Sharpness(high_precision=True): the float64 refinement failed ({err}); refining in float32")
+                self._refine64 = None
+                return None
+            op.num_matvecs += vectors.shape[1]
+            return out
 
-        Warm, with a ``sentinel`` direction (the loss gradient, which leans towards the top eigenvectors): one
-        block step on ``[saved, sentinel]`` first (a Rayleigh-Ritz on their span: ``k + 1`` products, ``k + 2``
-        with the bottom), accepted when its residuals are within ``tol``; otherwise Lanczos goes on from that
-        step's Ritz vectors. A larger eigenvalue that has appeared along the gradient shows in the first step,
-        where the previous vector alone can stop on the old one (``benchmarks/sharpness_warm.py``).
-        """
-        start = self._start_args(saved, op)
+        return refine64
 
-        def run(**kwargs: Any) -> tuple[LanczosResult, LanczosResult | None]:
-            if extremes:
-                return lanczos_extremes(matvec, op.dim, k_top=k, k_bottom=1, **kwargs)
-            return lanczos_eigs(matvec, op.dim, k=k, which="LA", **kwargs), None
-
-        warm = self.warm_start and saved is not None and saved.shape[0] == op.dim
-        if not (warm and sentinel is not None and self.gradient_check):
-            return run(**start, **common)
-        init = start["init"].reshape(op.dim, -1)
-        block = torch.cat([init, sentinel.to(init).reshape(-1, 1)], 1)
-        first_steps = min(block.shape[1], self.max_matvecs)
-        quick = {**common, "max_matvecs": first_steps, "refine": False}
-        first = run(init=block, init_noise=start["init_noise"], block=True, **quick)
-        results = [r for r in first if r is not None]
-        scale = max(float(r.values.abs().max()) for r in results)
-        done = all(r.converged and bool((r.residuals <= self.tol * scale).all()) for r in results)
-        if done or first_steps >= self.max_matvecs:
-            if not common.get("refine"):
-                return first
-            refined = _refined(matvec, results, common["dtype"])
-            return refined[0], refined[1] if extremes else None
-        vectors = torch.cat([r.vectors for r in results], 1) if all(r.converged for r in results) else init
-        rest = run(init=vectors, init_noise=start["init_noise"], **{**common, "max_matvecs": self.max_matvecs - first_steps})
-        for r in rest:
-            if r is not None:
-                r.num_matvecs += first[0].num_matvecs
-        return rest
-
-    def _preconditioned(self, op: FlatOperator, d: torch.Tensor | None, common: dict[str, Any]) -> float | None:
-        """``λ_max(D H D)`` by Lanczos, warm-started; ``None`` without ``D`` (before Adam's first step)."""
+    def _preconditioned(self, trainer: pl.Trainer, op: FlatOperator, d: torch.Tensor | None, generator: torch.Generator) -> float | None:
+        """``λ_max(D H D)``, certified and warm-started; ``None`` without ``D`` (before Adam's first step)."""
         if d is None:
             return None
-        d = d.to(device=op.device, dtype=common["dtype"])
+        d = d.to(device=op.device, dtype=self._dtype(op))
         sentinel = None if op.gradient is None else d * op.gradient.to(d)
-        precise = {**common, "refine": self.high_precision}  # float32 Rayleigh-Ritz: D H D has no float64 operator here
-        res, _ = self._solve(lambda v: d * op(d * v), op, self._pre_vectors, sentinel, 1, False, precise)
-        if res.converged:
-            self._pre_vectors = res.vectors.detach().to(op.dtype)
-        return float(res.values[0])
+        # float32 Rayleigh-Ritz: D H D has no float64 operator here
+        res = self._solve(trainer, op, lambda v: d * op(d * v), self._pre_warm, 1, 0, generator, sentinel, [d],
+                          self.high_precision, "the preconditioned λmax")
+        return float(res.top.values[0]) if res.certified else math.nan
 
     def _log_density(self, trainer: pl.Trainer, op: FlatOperator, generator: torch.Generator) -> None:
         dens = spectral_density(
@@ -549,6 +537,7 @@ class Sharpness(MeasurementCallback):
         for i in range(1, self.k):
             metrics[tag("sharpness", f"eig_{i + 1}")] = nan
         metrics[tag("sharpness", "max_eig_residual")] = nan
+        metrics[tag("sharpness", "certified")] = 0.0
         if self.min_eig:
             metrics[tag("sharpness", "min_eig")] = nan
         if self.trace:

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_align.measure.operators import FlatOperator, FlatParams, LossFn, Method, Reduce, hessian_operator
-from lightning_align.measure.lanczos import LanczosResult, Which, lanczos_eigs, lanczos_extremes, lanczos_tridiagonal
+from lightning_align.measure.certified import certified_eigs, certified_pair
+from lightning_align.measure.lanczos import LanczosResult, Which, lanczos_tridiagonal
 # The optimizer side of the sharpness lives in measure/optim.py; re-exported here, where callers import it.
 from lightning_align.measure.optim import ADAM_LIKE, adam_preconditioner, lr_preconditioner, stability_threshold  # noqa: F401
 
@@ -61,6 +62,12 @@ def _preconditioned(op: FlatOperator, preconditioner: Tensor | None) -> Any:
     return lambda v: d * op(d * v)
 
 
+def _solve_args(op: FlatOperator, tol: float, max_matvecs: int, init: Tensor | None, generator: torch.Generator | None) -> dict[str, Any]:
+    """Warm from ``init`` (perturbed by 1%), else a random start."""
+    warm = None if init is None else init.detach().to(device=op.device, dtype=op.dtype).reshape(op.dim, -1)
+    return dict(tol=tol, max_matvecs=max_matvecs, generator=_default_generator(generator), dtype=op.dtype, device=op.device, warm=warm)
+
+
 def hessian_eigs(
     model: nn.Module,
     loss_fn: LossFn,
@@ -83,8 +90,10 @@ def hessian_eigs(
         batch: ``(inputs, targets)``.
         k: number of eigenpairs.
         which: ``"LA"`` largest first (sharpness), ``"SA"`` smallest first, ``"LM"`` largest magnitude.
-        tol: Ritz residual tolerance relative to the largest ``|λ|`` (see :func:`lanczos_eigs`).
-        max_matvecs: most Hessian-vector products.
+        tol: every value within ``tol · |λ|`` of its eigenvalue (``λ`` the top one; ``"SA"``: the bottom one), certified by
+            :func:`~lightning_align.measure.certified.certified_extremes` (a second Lanczos run from a random vector on
+            the rest of the spectrum); values that cannot be certified in ``max_matvecs`` are NaN, with a warning.
+        max_matvecs: most Hessian-vector products of each Lanczos run (``num_matvecs`` counts all of them).
         init: warm start: previous ``vectors`` ``(n, j)`` or one ``(n,)`` vector.
         generator: random stream of the start vector (default: a fixed seed, so results repeat).
         reduce: applied to every product (an all-reduce mean under DDP; identity otherwise).
@@ -108,10 +117,8 @@ def hessian_eigs(
     """
     with hessian_operator(model, loss_fn, batch, method=method, reduce=reduce) as op:
         _check_k(k, op)
-        return lanczos_eigs(
-            _preconditioned(op, preconditioner), op.dim, k=k, which=which, tol=tol, max_matvecs=max_matvecs,
-            init=init, generator=_default_generator(generator), dtype=op.dtype, device=op.device,
-        )
+        args = _solve_args(op, tol, max_matvecs, init, generator)
+        return certified_eigs(_preconditioned(op, preconditioner), op.dim, k, which, "hessian_eigs", **args)
 
 
 def hessian_extremes(
@@ -139,11 +146,8 @@ def hessian_extremes(
     """
     with hessian_operator(model, loss_fn, batch, method=method, reduce=reduce) as op:
         _check_k(k_top + k_bottom, op)
-        return lanczos_extremes(
-            _preconditioned(op, preconditioner), op.dim, k_top=k_top, k_bottom=k_bottom, tol=tol,
-            max_matvecs=max_matvecs, init=init, generator=_default_generator(generator), dtype=op.dtype,
-            device=op.device,
-        )
+        args = _solve_args(op, tol, max_matvecs, init, generator)
+        return certified_pair(_preconditioned(op, preconditioner), op.dim, k_top, k_bottom, "hessian_extremes", **args)  # type: ignore
 
 
 def float64_rayleigh_ritz(model: nn.Module, loss_fn: LossFn, batch: Any, vectors: Tensor) -> tuple[Tensor, Tensor]:

@@ -50,6 +50,8 @@ from torch import Tensor
 
 Which = Literal["LA", "SA", "LM"]
 Reduce = Callable[[Tensor], Tensor]
+#: A stopping test ``stop(theta, residuals, m) -> ratio`` (stop at ``ratio <= 1``): see :func:`lanczos_eigs`.
+Stop = Callable[[np.ndarray, np.ndarray, int], float]
 
 #: Relative norm of the random perturbation mixed into a warm start, so that a start vector that is
 #: (almost) an exact eigenvector cannot end the Krylov space at once and hide a larger eigenvalue.
@@ -71,6 +73,8 @@ class LanczosResult:
         krylov_trace: ``tr(Qᵀ A Q)`` over the Krylov basis ``Q`` (the sum of the recurrence's ``α``),
             the exact part of a Hutch++ trace estimate.
         basis: the ``(m, n)`` orthonormal Krylov basis when asked (``keep_basis=True``), else ``None``.
+        certified: ``None`` from plain Lanczos; from a certified solve (:mod:`lightning_align.measure.certified`)
+            whether the values are the extreme ones to ``tol`` (they are NaN when not).
 
     Example:
         >>> a = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
@@ -85,6 +89,7 @@ class LanczosResult:
     residuals: Tensor
     krylov_trace: float = math.nan
     basis: Tensor | None = None
+    certified: bool | None = None
 
     @property
     def converged(self) -> bool:
@@ -110,6 +115,8 @@ def lanczos_eigs(
     keep_basis: bool = False,
     block: bool = False,
     all_reduce: Reduce | None = None,
+    deflate: Tensor | None = None,
+    stop: Stop | None = None,
 ) -> LanczosResult:
     """``k`` extreme eigenpairs of a symmetric operator by Lanczos with full re-orthogonalisation.
 
@@ -146,6 +153,12 @@ def lanczos_eigs(
             every vector and ``dim`` is the local slice's size): sums a tensor of partial inner products over
             the ranks (in place or not; the result is used). Every rank must call with the same arguments.
             ``None``: the vectors are whole. Not with ``block``.
+        deflate: ``(dim, j)`` orthonormal columns ``Y``: Lanczos on ``(I - Y Yᵀ) A (I - Y Yᵀ)`` in the orthogonal
+            complement of ``Y`` (every new vector, start and restarts included, is orthogonalised against ``Y``
+            too): what is left of the spectrum once ``Y``'s eigenpairs are found. Not with ``block``.
+        stop: replaces the residual test: ``stop(theta, residuals, m)`` with the ascending Ritz values, their
+            residuals ``β |s_m|`` (numpy arrays) and the products so far; the run stops when it returns a number
+            ``<= 1`` (its value, like the residual over its tolerance, tells the device path when a stop is near).
 
     Returns:
         A :class:`LanczosResult`.
@@ -165,8 +178,9 @@ def lanczos_eigs(
         device = init.device if init is not None else torch.device("cpu")
     device = torch.device(device)
     steps = max_matvecs if all_reduce is not None else min(max_matvecs, dim)  # a local slice may be smaller than k
-    space = _Space(all_reduce)
-    results = _run(matvec, dim, init, [(k, which)], tol, steps, generator, dtype, device, init_noise, min_matvecs, keep_basis, block, space)
+    space = _Space(all_reduce, deflate, dtype, device)
+    results = _run(matvec, dim, init, [(k, which)], tol, steps, generator, dtype, device, init_noise, min_matvecs, keep_basis, block, space,
+                   stop)
     return _refined(matvec, results, dtype, space)[0] if refine else results[0]
 
 
@@ -187,6 +201,8 @@ def lanczos_extremes(
     refine: bool = False,
     block: bool = False,
     all_reduce: Reduce | None = None,
+    deflate: Tensor | None = None,
+    stop: Stop | None = None,
 ) -> tuple[LanczosResult, LanczosResult]:
     """The ``k_top`` largest and ``k_bottom`` smallest eigenpairs from one Krylov space.
 
@@ -213,8 +229,8 @@ def lanczos_extremes(
     steps = max(max_matvecs, k_top + k_bottom)
     steps = steps if all_reduce is not None else min(steps, dim)
     wants = [(k_top, "LA"), (k_bottom, "SA")]
-    space = _Space(all_reduce)
-    results = _run(matvec, dim, init, wants, tol, steps, generator, dtype, device, init_noise, min_matvecs, False, block, space)
+    space = _Space(all_reduce, deflate, dtype, device)
+    results = _run(matvec, dim, init, wants, tol, steps, generator, dtype, device, init_noise, min_matvecs, False, block, space, stop)
     top, bottom = _refined(matvec, results, dtype, space) if refine else results
     return top, bottom
 
@@ -234,16 +250,19 @@ def _run(
     keep_basis: bool,
     block: bool,
     space: _Space,
+    stop: Stop | None = None,
 ) -> list[LanczosResult]:
     min_steps = min(max(min_matvecs, 1), steps)
-    if block and space.split:
-        raise ValueError("lanczos_eigs: block=True is not available for vectors split over processes (all_reduce)")
+    if block and (space.split or space.locked is not None):
+        raise ValueError("lanczos_eigs: block=True is not available with deflate or for vectors split over processes (all_reduce)")
     if block and init is not None:
         rows = _start_block(dim, init, generator, dtype, device, init_noise)
         if rows is not None and rows.shape[0] <= steps:
-            return _block_lanczos(matvec, rows, wants, tol, steps, generator, min_steps, keep_basis)
+            return _block_lanczos(matvec, rows, wants, tol, steps, generator, min_steps, keep_basis, stop)
     start = _start_vector(dim, init, generator, dtype, device, init_noise, space)
-    return _lanczos(matvec, start, wants, tol, steps, generator, min_steps, keep_basis, space)
+    if space.locked is not None:
+        start = space.deflated(start)
+    return _lanczos(matvec, start, wants, tol, steps, generator, min_steps, keep_basis, space, stop)
 
 
 def _check_args(dim: int, k: int, which: str, tol: float, max_matvecs: int, split: bool = False) -> None:
@@ -304,10 +323,21 @@ def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
 
 class _Space:
     """Inner products of vectors that are whole (``all_reduce=None``) or split over processes (each rank holds a
-    slice; partial sums are added over the ranks by ``all_reduce``)."""
+    slice; partial sums are added over the ranks by ``all_reduce``), in the orthogonal complement of the
+    orthonormal columns ``deflate`` when given (kept as rows, :attr:`locked`)."""
 
-    def __init__(self, all_reduce: Reduce | None) -> None:
+    def __init__(
+        self, all_reduce: Reduce | None, deflate: Tensor | None = None, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.all_reduce = all_reduce
+        self.locked = None if deflate is None else deflate.detach().to(device=device, dtype=dtype).reshape(deflate.shape[0], -1).T.contiguous()
+
+    def deflated(self, v: Tensor) -> Tensor:
+        """``v`` with its components along :attr:`locked` removed (twice: twice is enough)."""
+        for _ in range(2):
+            v = v - self.locked.T @ self.sum(self.locked @ v)
+        return v
 
     @property
     def split(self) -> bool:
@@ -374,8 +404,8 @@ class _Basis:
         raise IndexError(j)
 
     def project_out(self, w: Tensor) -> Tensor:
-        """One classical Gram-Schmidt pass: ``w - Q Qᵀ w`` (block by block)."""
-        blocks = self.filled()
+        """One classical Gram-Schmidt pass: ``w - Q Qᵀ w`` (block by block), the space's locked rows included."""
+        blocks = self.filled() if self.space.locked is None else [self.space.locked, *self.filled()]
         coeffs = [q @ w for q in blocks]  # all coefficients from the same w: classical GS
         if self.space.split and blocks:  # one all-reduce for the whole pass
             coeffs = list(self.space.sum(torch.cat(coeffs)).split([q.shape[0] for q in blocks]))
@@ -412,8 +442,9 @@ def _lanczos(
     min_steps: int = 1,
     keep_basis: bool = False,
     space: _Space | None = None,
+    stop: Stop | None = None,
 ) -> list[LanczosResult]:
-    """Run Lanczos until every ``(k, which)`` in ``wants`` has converged Ritz pairs; one result each.
+    """Run Lanczos until every ``(k, which)`` in ``wants`` has converged Ritz pairs (or ``stop`` says so); one result each.
 
     One host read per product (``α``, ``β`` and the finiteness test together); a second
     Gram-Schmidt pass, with one more read, only when the first removed most of the vector. Split
@@ -422,7 +453,7 @@ def _lanczos(
     """
     space = space or _Space(None)
     if start.device.type in _AHEAD_DEVICES:
-        return _lanczos_ahead(matvec, start, wants, tol, max_steps, generator, min_steps, keep_basis, space)
+        return _lanczos_ahead(matvec, start, wants, tol, max_steps, generator, min_steps, keep_basis, space, stop)
     dim, dtype, device = start.numel(), start.dtype, start.device
     need = sum(k for k, _ in wants)  # both ends wanted: as many distinct Ritz values as asked in all
     tiny = 10 * torch.finfo(dtype).eps
@@ -448,7 +479,7 @@ def _lanczos(
             beta = float(space.norm(w))
         alphas.append(alpha)
         m = j + 1
-        theta_np, s_np, scale, picks_np, _ = _ritz_test(alphas, betas, beta, wants, tol, m, need, min_steps, max_steps)
+        theta_np, s_np, scale, picks_np, _ = _ritz_test(alphas, betas, beta, wants, tol, m, need, min_steps, max_steps, stop)
         if picks_np is not None:
             return _finish(basis, theta_np, s_np, picks_np, beta, m, alphas, keep_basis)
         if beta <= tiny * scale * math.sqrt(m):
@@ -474,6 +505,7 @@ def _lanczos_ahead(
     min_steps: int,
     keep_basis: bool,
     space: _Space,
+    stop: Stop | None = None,
 ) -> list[LanczosResult]:
     """:func:`_lanczos` for vectors on an asynchronous device: the product of step ``j + 1`` is queued before the
     host reads step ``j``'s scalars, so the device never waits for the host's stopping test.
@@ -529,7 +561,7 @@ def _lanczos_ahead(
         if not finite or not math.isfinite(alpha):
             return [_nan_result(k, dim, m, dtype, device) for k, _ in wants]
         alphas.append(alpha)
-        theta_np, s_np, scale, picks_np, ratio = _ritz_test(alphas, betas, beta, wants, tol, m, need, min_steps, max_steps)
+        theta_np, s_np, scale, picks_np, ratio = _ritz_test(alphas, betas, beta, wants, tol, m, need, min_steps, max_steps, stop)
         if picks_np is not None:
             return _finish(basis, theta_np, s_np, picks_np, beta, m, alphas, keep_basis)
         if m >= need:
@@ -587,19 +619,25 @@ def _may_stop(progress: list[float], m: int, need: int, min_steps: int) -> bool:
 
 def _ritz_test(
     alphas: list[float], betas: list[float], beta: float, wants: list[tuple[int, str]], tol: float, m: int, need: int,
-    min_steps: int, max_steps: int,
+    min_steps: int, max_steps: int, stop: Stop | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float, list[np.ndarray] | None, float]:
     """Ritz values and vectors of the tridiagonal matrix (ascending), the spectral scale, the wanted indices
-    when the run stops here (``None`` otherwise) and the largest wanted residual over ``tol · scale``."""
+    when the run stops here (``None`` otherwise) and the largest wanted residual over ``tol · scale`` (or what
+    ``stop`` returns)."""
     theta_np, s_np = _tridiagonal_eigh_np(alphas, betas)  # numpy: ~10x less overhead than torch at this size
     scale = max(float(np.abs(theta_np).max()), 1e-30)
     if m < need:
         return theta_np, s_np, scale, None, math.inf
     last = np.abs(s_np[-1])
     picks_np = [_wanted_np(theta_np, k, which) for k, which in wants]
-    worst = max(float((beta * last[idx]).max()) for idx in picks_np)
-    ratio = worst / (tol * scale) if tol > 0 else math.inf
-    if m >= min_steps and (all(bool((beta * last[idx] <= tol * scale).all()) for idx in picks_np) or m == max_steps):
+    if stop is not None:
+        ratio = float(stop(theta_np, beta * last, m))
+        done = ratio <= 1.0
+    else:
+        worst = max(float((beta * last[idx]).max()) for idx in picks_np)
+        ratio = worst / (tol * scale) if tol > 0 else math.inf
+        done = all(bool((beta * last[idx] <= tol * scale).all()) for idx in picks_np)
+    if m >= min_steps and (done or m == max_steps):
         return theta_np, s_np, scale, picks_np, ratio
     return theta_np, s_np, scale, None, ratio
 
@@ -646,6 +684,7 @@ def _block_lanczos(
     generator: torch.Generator | None,
     min_steps: int = 1,
     keep_basis: bool = False,
+    stop: Stop | None = None,
 ) -> list[LanczosResult]:
     """Block Lanczos from the orthonormal rows ``block`` ``(b, n)``: ``b`` products per block step.
 
@@ -695,7 +734,11 @@ def _block_lanczos(
         if (m >= need and m >= min_steps) or done:
             picks = [_wanted(theta, min(k, m), which) for k, which in wants]
             residuals = [(b_j @ last[:, idx]).norm(dim=0) for idx in picks]
-            if done or all(bool((r <= tol * scale).all()) for r in residuals):
+            if stop is not None:
+                converged = stop(theta.numpy(), (b_j @ last).norm(dim=0).numpy(), m) <= 1.0
+            else:
+                converged = all(bool((r <= tol * scale).all()) for r in residuals)
+            if done or converged:
                 trace = float(sum(float(d.diagonal().sum()) for d in diag))
                 kept = basis.stacked() if keep_basis else None
                 return [_result(basis, theta, s, idx, r, m, trace, kept) for idx, r in zip(picks, residuals)]
@@ -704,12 +747,14 @@ def _block_lanczos(
 
 
 def _next_block(rem: Tensor, basis: _Basis, generator: torch.Generator | None, tiny: float) -> tuple[Tensor, Tensor]:
-    """QR of the remainder rows: the next orthonormal block and ``B`` (float64, on the host); directions that
-    vanished (an invariant subspace) are replaced by random ones orthogonal to everything so far, with zero coupling."""
-    q, r = torch.linalg.qr(rem.T)
-    r64 = r.double().cpu()
-    rows = q.T.contiguous()
-    dead = (r64.diagonal().abs() <= tiny * max(1.0, rem.shape[0] ** 0.5)).tolist()
+    """The next orthonormal block and ``B`` (float64, on the host) with ``rem = Bᵀ rows``, from an SVD of the remainder
+    rows (``B = diag(σ) Vᵀ``); directions that vanished (an invariant subspace: ``σ`` ~ 0) are replaced by random ones
+    orthogonal to everything so far, with zero coupling. Not a QR: when a column of the remainder vanishes, R's
+    row for it still couples the later columns to an arbitrary direction, and zeroing it would break the recurrence."""
+    u, sigma, vh = torch.linalg.svd(rem.T, full_matrices=False)
+    r64 = (sigma[:, None] * vh).double().cpu()
+    rows = u.T.contiguous()
+    dead = (sigma.double().cpu() <= tiny * max(1.0, rem.shape[0] ** 0.5)).tolist()
     if any(dead):
         fresh = []
         for i, row in enumerate(rows):
