@@ -180,14 +180,16 @@ def ours_top(model: nn.Module, batch, tol: float, init=None, seed: int = 0, loss
         res = hessian_eigs(model, loss, batch, k=1, tol=tol, max_matvecs=200, init=init,
                            generator=torch.Generator().manual_seed(seed))
         return float(res.values[0]), res.num_matvecs, res.vectors
+    from lightning_align.measure.certified import certified_extremes
     from lightning_align.measure.hessian import float64_rayleigh_ritz
-    from lightning_align.measure.lanczos import lanczos_eigs
 
-    with hessian_operator(model, loss, batch) as op:  # what Sharpness(high_precision=True) runs
-        res = lanczos_eigs(op, op.dim, tol=tol, max_matvecs=200, init=op.gradient if init is None else init,
-                           generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    values, _ = float64_rayleigh_ritz(model, loss, batch, res.vectors)
-    return float(values[0]), res.num_matvecs + 1, res.vectors
+    with hessian_operator(model, loss, batch) as op:  # what Sharpness(high_precision=True) runs: certified, float64
+        res = certified_extremes(
+            op, op.dim, tol=tol, max_matvecs=200, generator=torch.Generator().manual_seed(seed), dtype=torch.float64,
+            device=op.device, warm=init, cold=op.gradient if init is None else None,
+            refine=lambda vectors: float64_rayleigh_ritz(model, loss, batch, vectors),
+        )
+    return float(res.top.values[0]), res.num_matvecs, res.top.vectors
 
 
 def curvlinops_top(model: nn.Module, batch, tol: float, loss=F.cross_entropy) -> tuple[float, int]:
