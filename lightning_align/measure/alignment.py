@@ -44,6 +44,7 @@ from torch.func import functional_call, jvp, vjp
 from lightning_align.measure.autodiff import (
     NoDoubleBackward,
     batch_statistics_without_update,
+    graph_nodes,
     math_attention,
     missing_double_backward,
     once_differentiable_functions,
@@ -525,18 +526,8 @@ def _upstream_params(features: list[torch.Tensor], by_id: dict[int, str], order:
     order = {n: i for i, n in enumerate(by_id.values() if order is None else order)}
     out = []
     for f in features:
-        found: set[str] = set()
-        seen: set[Any] = set()
-        stack = [f.grad_fn] if f.grad_fn is not None else []
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            var = getattr(node, "variable", None)
-            if var is not None and id(var) in by_id:
-                found.add(by_id[id(var)])
-            stack.extend(nxt for nxt, _ in node.next_functions)
+        leaves = (getattr(node, "variable", None) for node in graph_nodes([f]))
+        found = {by_id[id(var)] for var in leaves if var is not None and id(var) in by_id}
         out.append(sorted(found, key=order.__getitem__))
     return out
 

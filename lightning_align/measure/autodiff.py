@@ -126,6 +126,15 @@ def once_differentiable_functions(outputs: Sequence[Tensor]) -> list[str]:
     double backward like any other.
     """
     found: dict[str, None] = {}
+    for node in graph_nodes(outputs):
+        cls = getattr(node, "_forward_cls", None)
+        if getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE:
+            found[f"{cls.__name__}'s @once_differentiable backward"] = None
+    return list(found)
+
+
+def graph_nodes(outputs: Sequence[Tensor]) -> Iterator[Any]:
+    """Every autograd node of the graphs of ``outputs``, each once (depth first from their ``grad_fn``)."""
     seen: set[Any] = set()
     stack = [t.grad_fn for t in outputs if isinstance(t, Tensor) and t.grad_fn is not None]
     while stack:
@@ -133,11 +142,8 @@ def once_differentiable_functions(outputs: Sequence[Tensor]) -> list[str]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        cls = getattr(node, "_forward_cls", None)
-        if getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE:
-            found[f"{cls.__name__}'s @once_differentiable backward"] = None
+        yield node
         stack.extend(nxt for nxt, _ in node.next_functions)
-    return list(found)
 
 
 @contextlib.contextmanager
